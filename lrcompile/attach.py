@@ -1,0 +1,71 @@
+"""Where factors live on the user's model, and how they are kept fresh.
+
+Backend path: the user's modules stay as they are; a site's factors are registered as a child module of the
+site's module (`fc.lrcompile`, or `blk.lrcompile_w` for a functional call with parameter `w`), so they appear in
+`model.parameters()` and `state_dict()`, an optimizer built afterwards trains them, and a recompile (or a
+second graph that calls the same module) finds and reuses them instead of factorising again.
+
+Freshness: a site records the dense weight's `_version` and its factors' versions when the factors are made.
+If the weight moved (e.g. `load_state_dict`) while the factors did not, the factors are recomputed in place;
+if the factors moved (training), they are the truth and are kept.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .structures import Structure
+
+PREFIX = "lrcompile"
+
+
+def child_name(module: nn.Module, weight: torch.Tensor) -> str:
+    if getattr(module, "weight", None) is weight:
+        return PREFIX
+    for name, p in module.named_parameters(recurse=True):
+        if p is weight:
+            return f"{PREFIX}_{name.replace('.', '_')}"
+    return f"{PREFIX}_w{id(weight):x}"
+
+
+def attached(module: nn.Module, weight: torch.Tensor) -> Optional[Structure]:
+    child = getattr(module, child_name(module, weight), None)
+    return child if isinstance(child, Structure) else None
+
+
+def attach(module: nn.Module, weight: torch.Tensor, struct: Structure) -> str:
+    name = child_name(module, weight)
+    module.add_module(name, struct)
+    return name
+
+
+def record_versions(struct: Structure, weight: torch.Tensor) -> None:
+    struct._lrc_weight_version = weight._version
+    struct._lrc_factor_versions = tuple(t._version for t in struct.tensors())
+
+
+def same_config(struct: Structure, cls: type, cfg) -> bool:
+    return type(struct) is cls and struct.cfg == cfg
+
+
+class Feed:
+    """Supplies one site's factors to a compiled graph on every call, repairing stale factors first."""
+
+    def __init__(self, struct: Structure, weight: Optional[torch.Tensor], transposed: bool, stats=None):
+        self.struct = struct
+        self.weight = weight  # stored parameter the factors came from (None: installed, nothing to track)
+        self.transposed = transposed
+        self.stats = stats
+        if weight is not None and not hasattr(struct, "_lrc_weight_version"):
+            record_versions(struct, weight)
+
+    def tensors(self) -> list[torch.Tensor]:
+        w = self.weight
+        if w is not None and w._version != self.struct._lrc_weight_version:
+            trained = tuple(t._version for t in self.struct.tensors()) != self.struct._lrc_factor_versions
+            if not trained and self.struct.compressing:
+                self.struct.refit(w.detach().T if self.transposed else w.detach(), self.stats)
+            record_versions(self.struct, w)
+        return self.struct.tensors()

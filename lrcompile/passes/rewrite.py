@@ -1,0 +1,71 @@
+"""FX pass: replace each chosen site's call by its family's `functional`, factors entering as new graph inputs.
+
+Dynamo's own graph is never mutated (it reads its placeholders' metadata after the backend returns): the pass
+copies the graph and rewrites the copy.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+from ..sites import Site
+from ..structures import Structure
+
+
+def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
+    graph = fx.Graph()
+    val_map: dict = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    new = fx.GraphModule(gm, graph)
+    new.meta = dict(getattr(gm, "meta", {}))
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = dict(gm._param_name_to_source)
+    for old, nn_ in val_map.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            nn_._dynamo_source = old._dynamo_source
+    return new, val_map
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"\W", "_", name).strip("_") or "root"
+
+
+def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple[Site, Structure]]) -> tuple[fx.GraphModule, list[Structure]]:
+    """Returns the rewritten copy and the structures whose tensors the new trailing inputs expect, in order."""
+    new, val_map = _copy(gm)
+    graph = new.graph
+    last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    inputs: dict[int, list[fx.Node]] = {}
+    order: list[Structure] = []
+    for site, struct in chosen:
+        if id(struct) not in inputs:  # a module called twice is one set of factors
+            phs = []
+            with graph.inserting_after(last_ph):
+                for tname in reversed(struct.tensor_names):
+                    ph = graph.placeholder(f"lrc_{_safe(site.fqn)}_{tname}")
+                    ph._dynamo_source = None
+                    phs.insert(0, ph)
+            last_ph = phs[-1]
+            inputs[id(struct)] = phs
+            order.append(struct)
+        node = val_map[site.node]
+        x = val_map[site.input_node]
+        bias = val_map[site.bias_node] if site.bias_node is not None else None
+        with graph.inserting_before(node):
+            weight = None
+            if not struct.compressing:  # adapters read the dense weight as (out, in)
+                weight = val_map[site.weight_node]
+                if site.transposed:
+                    weight = graph.call_method("t", (weight,))
+            repl = graph.call_function(type(struct).functional, (x, weight, bias, *inputs[id(struct)]))
+        repl.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+        node.replace_all_uses_with(repl)
+        graph.erase_node(node)
+        val_map[site.node] = repl  # later sites may take this one's output as input
+    graph.eliminate_dead_code()
+    graph.lint()
+    new.recompile()
+    return new, order

@@ -1,0 +1,122 @@
+"""Decide what happens at each site: the matching rule, its resolved options, and the report row.
+
+`decide` is pure (no factorisation); `build` makes the family module from the dense weight and measures its
+error; both the backend and the eager `rewrite` go through them, so the two paths cannot disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Optional
+
+import torch
+
+from .errors import SiteError
+from .policy import KEEP, Policy, Rule
+from .report import SiteRow
+from .sites import Site
+from .structures import FAMILIES, Structure
+from .structures.base import dense_flops
+
+
+@dataclasses.dataclass
+class Decision:
+    site_fqn: str
+    rule: Optional[Rule]
+    method: str
+    status: str  # what the report says if nothing fails later
+    config: object = None  # resolved family config (rank an int), when the site is to be rewritten
+    reason: Optional[str] = None
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def rewrites(self) -> bool:
+        return self.status == "rewritten"
+
+
+def _row(site: Site, method: str, status: str, **kw) -> SiteRow:
+    if site.kind != "linear":
+        return SiteRow(fqn=site.fqn, kind=site.kind, method=method, status=status, **kw)
+    fl = dense_flops(site.in_features, site.out_features, tokens=1)
+    return SiteRow(fqn=site.fqn, kind=site.kind, method=method, status=status, in_features=site.in_features,
+                   out_features=site.out_features, params_before=site.params, params_after=site.params,
+                   flops_before=fl, flops_after=fl, **kw)
+
+
+def decide(site: Site, policy: Optional[Policy]) -> Decision:
+    if site.installed:
+        return Decision(site.fqn, None, site.module_type.name if _is_structure(site.module_type) else "installed",
+                        "installed", reason="installed by lrcompile")
+    rule = policy.match(site.fqn, site.kind) if policy is not None else None
+    if rule is None:
+        return Decision(site.fqn, None, KEEP, "dense", reason="no rule matches" if policy else "no policy")
+    if rule.method == KEEP:
+        return Decision(site.fqn, rule, KEEP, "dense", reason=f"{rule.label} keeps it dense")
+    if site.kind != "linear":
+        return Decision(site.fqn, rule, rule.method, "failed", reason=f"method {rule.method} does not apply to {site.kind}")
+    cls = FAMILIES[rule.method]
+    min_features = rule.min_features if rule.min_features is not None else policy.defaults.min_features
+    if cls.compressing and min(site.in_features, site.out_features) < min_features:
+        return Decision(site.fqn, rule, rule.method, "skipped",
+                        reason=f"min(in, out) = {min(site.in_features, site.out_features)} < min_features {min_features}")
+    cfg = rule.config.resolve(site.in_features, site.out_features) if hasattr(rule.config, "resolve") else rule.config
+    d = Decision(site.fqn, rule, rule.method, "rewritten", config=cfg)
+    if cls.compressing and cls.param_count(site.in_features, site.out_features, cfg) >= site.weight.numel():
+        d.notes.append("saves nothing at this rank (at or above break-even)")
+    return d
+
+
+def _is_structure(t) -> bool:
+    return isinstance(t, type) and issubclass(t, Structure)
+
+
+def rel_error(struct: Structure, weight: torch.Tensor) -> float:
+    """‖W − Ŵ‖_F / ‖W‖_F in float64 (for adapters: the branch's size relative to W)."""
+    with torch.no_grad():
+        w = weight.detach().double()
+        approx = struct.to_dense().double() if struct.compressing else (struct.to_dense().double())
+        return float(torch.linalg.norm(w - approx) / torch.linalg.norm(w).clamp_min(1e-30))
+
+
+def build(site: Site, decision: Decision, policy: Policy, stats=None) -> tuple[Optional[Structure], SiteRow]:
+    """Factorise one site. A failure or an error over `max_error` keeps it dense (raises under `strict`)."""
+    if not decision.rewrites:
+        row = _row(site, decision.method, decision.status, reason=decision.reason,
+                   rule=policy.where(decision.rule) if decision.rule and policy else None)
+        return None, row
+    cls = FAMILIES[decision.method]
+    where = policy.where(decision.rule)
+    t0 = time.perf_counter()
+    try:
+        struct = cls.from_dense(site.dense_weight, None, decision.config, stats)
+        err = rel_error(struct, site.dense_weight)
+    except Exception as e:  # any failure leaves the site dense, loudly
+        msg = f"{site.fqn}: {decision.method} failed ({type(e).__name__}: {e}); kept dense"
+        if policy.defaults.strict:
+            raise SiteError(f"{where}: {msg}") from e
+        warnings.warn(f"lrcompile: {msg}", stacklevel=2)
+        return None, _row(site, decision.method, "failed", reason=f"{type(e).__name__}: {e}", rule=where)
+    seconds = time.perf_counter() - t0
+    limit = decision.rule.max_error if decision.rule.max_error is not None else policy.defaults.max_error
+    if cls.compressing and limit is not None and err > limit:
+        msg = f"{site.fqn}: relative error {err:.3g} > max_error {limit}; kept dense"
+        if policy.defaults.strict:
+            raise SiteError(f"{where}: {msg}")
+        warnings.warn(f"lrcompile: {msg}", stacklevel=2)
+        return None, _row(site, decision.method, "skipped", rel_error=err, reason=f"rel_error {err:.3g} > max_error {limit}",
+                          rule=where)
+    return struct, site_row(site, struct, "rewritten", rel_error=err, rule=where, notes=list(decision.notes), seconds=seconds)
+
+
+def site_row(site: Site, struct: Structure, status: str, **kw) -> SiteRow:
+    """Report row for a site that runs `struct` (built now, reused, or installed earlier)."""
+    bias = site.bias.numel() if site.bias is not None else 0
+    after = struct.param_count(struct.in_features, struct.out_features, struct.cfg) + bias
+    if not struct.compressing:
+        after += site.weight.numel()
+    row = _row(site, struct.name, status, rank=getattr(struct.cfg, "rank", None), **kw)
+    row.params_after = after
+    row.flops_after = struct.flops_per_token(struct.in_features, struct.out_features, struct.cfg) + (
+        0 if struct.compressing else row.flops_before)
+    return row

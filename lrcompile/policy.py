@@ -1,0 +1,265 @@
+"""Policy: YAML (path, text or dict) -> validated rules; `match(fqn, kind)` gives the first matching rule.
+
+Errors are one line: `policy.yaml:12: rule 3 (match '*.mlp.*'): unknown option 'rnak' (did you mean 'rank'?)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import hashlib
+import json
+import os
+import re
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import PolicyError
+from .structures import FAMILIES, parse_config
+from .structures.base import MethodConfig
+
+TOP_KEYS = ("version", "defaults", "rules", "budget")
+DEFAULT_KEYS = ("min_features", "max_error", "strict", "guard")
+KINDS = ("linear", "attention")
+# Methods that keep a site as it is, per kind. Attention rewrites beyond `dense` arrive with their own issue.
+KEEP = "dense"
+ATTENTION_METHODS = (KEEP,)
+ADAPTERS = ("lora", "dora", "vera", "noble")
+
+
+@dataclasses.dataclass
+class Defaults:
+    min_features: int = 128
+    max_error: Optional[float] = None
+    strict: bool = False
+    guard: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Rule:
+    index: int  # 1-based position in `rules`
+    line: Optional[int]
+    match: Union[str, list]
+    kind: str
+    method: str
+    config: Optional[MethodConfig]  # None for `dense`
+    max_error: Optional[float] = None
+    min_features: Optional[int] = None
+
+    def matches(self, fqn: str) -> bool:
+        pats = self.match if isinstance(self.match, list) else [self.match]
+        for p in pats:
+            if isinstance(self.match, list):  # PEFT style: exact name or dotted suffix
+                if fqn == p or fqn.endswith("." + p):
+                    return True
+            elif p.startswith("re:"):
+                if re.fullmatch(p[3:], fqn):
+                    return True
+            elif any(c in p for c in "*?["):
+                if fnmatch.fnmatchcase(fqn, p):
+                    return True
+            elif fqn == p:
+                return True
+        return False
+
+    @property
+    def label(self) -> str:
+        return f"rule {self.index} (match {self.match!r})"
+
+    @property
+    def compressing(self) -> bool:
+        return self.method in FAMILIES and FAMILIES[self.method].compressing
+
+
+@dataclasses.dataclass
+class Policy:
+    rules: list[Rule]
+    defaults: Defaults
+    budget: Optional[dict]
+    source: str  # file name or "<policy>"
+    digest: str  # hash of the normalised policy (plans and caches refer to it)
+
+    def match(self, fqn: str, kind: str = "linear") -> Optional[Rule]:
+        for rule in self.rules:
+            if rule.kind == kind and rule.matches(fqn):
+                return rule
+        return None
+
+    def where(self, rule: Rule) -> str:
+        loc = f"{self.source}:{rule.line}" if rule.line else self.source
+        return f"{loc}: {rule.label}"
+
+    @property
+    def has_adapters(self) -> bool:
+        return any(r.method in ("lora", "dora", "vera") for r in self.rules)
+
+
+def _compose(text: str):
+    """Parse YAML safely, keeping the node tree for line numbers."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def _child_nodes(node) -> dict:
+    if isinstance(node, yaml.MappingNode):
+        return {k.value: v for k, v in node.value}
+    return {}
+
+
+def load_policy(policy: Union[str, os.PathLike, dict, "Policy", None]) -> Optional[Policy]:
+    """Accept a path, YAML text, a dict or a Policy. None (no policy) stays None."""
+    if policy is None or isinstance(policy, Policy):
+        return policy
+    node = None
+    if isinstance(policy, dict):
+        data, source = policy, "<policy>"
+    else:
+        text = str(policy)
+        source = "<policy>"
+        if isinstance(policy, os.PathLike) or (("\n" not in text) and text.endswith((".yaml", ".yml"))):
+            if not os.path.exists(text):
+                raise PolicyError(f"policy file not found: {text}")
+            source = os.path.basename(text)
+            with open(text) as f:
+                text = f.read()
+        try:
+            data, node = _compose(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f"{source}:{mark.line + 1}" if mark else source
+            raise PolicyError(f"{loc}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    return _validate(data, node, source)
+
+
+def _validate(data: Any, node, source: str) -> Policy:
+    def err(line, msg):
+        loc = f"{source}:{line}" if line else source
+        raise PolicyError(f"{loc}: {msg}")
+
+    def line_of(n):
+        return n.start_mark.line + 1 if n is not None else None
+
+    if not isinstance(data, dict):
+        err(1, f"a policy is a mapping with keys {', '.join(TOP_KEYS)}; got {type(data).__name__}")
+    top_nodes = _child_nodes(node)
+    for key in data:
+        if key not in TOP_KEYS:
+            near = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            err(line_of(top_nodes.get(key)), f"unknown top-level key '{key}'{hint}")
+    if data.get("version", 1) != 1:
+        err(line_of(top_nodes.get("version")), f"unsupported policy version {data.get('version')!r} (known: 1)")
+
+    defaults = Defaults()
+    dnode = top_nodes.get("defaults")
+    for key, value in (data.get("defaults") or {}).items():
+        line = line_of(_child_nodes(dnode).get(key)) or line_of(dnode)
+        if key not in DEFAULT_KEYS:
+            near = difflib.get_close_matches(str(key), DEFAULT_KEYS, n=1)
+            err(line, f"defaults: unknown key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
+        _check_default(key, value, lambda m: err(line, f"defaults: {m}"))
+        setattr(defaults, key, value)
+
+    budget = data.get("budget")
+    if budget is not None:
+        bline = line_of(top_nodes.get("budget"))
+        if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("params", "flops"):
+            err(bline, "budget must be {params: F} or {flops: F} with F in (0, 1]")
+        f = next(iter(budget.values()))
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f <= 1):
+            err(bline, f"budget fraction must be in (0, 1], got {f!r}")
+
+    rules_data = data.get("rules")
+    rnode = top_nodes.get("rules")
+    if rules_data is None:
+        rules_data = []
+    if not isinstance(rules_data, list):
+        err(line_of(rnode), "rules must be a list of mappings")
+    rule_nodes = rnode.value if isinstance(rnode, yaml.SequenceNode) else [None] * len(rules_data)
+    rules = [
+        _rule(i + 1, r, n, source, budget is not None, err, line_of) for i, (r, n) in enumerate(zip(rules_data, rule_nodes))
+    ]
+    digest = hashlib.sha256(
+        json.dumps({"rules": rules_data, "defaults": data.get("defaults"), "budget": budget}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    return Policy(rules=rules, defaults=defaults, budget=budget, source=source, digest=digest)
+
+
+def _check_default(key, value, fail):
+    if key == "min_features" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        fail(f"min_features must be a non-negative int, got {value!r}")
+    if key == "max_error" and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        fail(f"max_error must be a non-negative number, got {value!r}")
+    if key == "strict" and not isinstance(value, bool):
+        fail(f"strict must be true or false, got {value!r}")
+    if key == "guard" and value not in (None, "dense"):
+        fail(f"guard must be 'dense', got {value!r}")
+
+
+def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
+    line = line_of(node)
+    keys = _child_nodes(node)
+    if not isinstance(data, dict):
+        err(line, f"rule {index}: a rule is a mapping with 'match' and 'method', got {type(data).__name__}")
+    label = f"rule {index} (match {data.get('match')!r})"
+
+    def fail(key, msg):
+        err(line_of(keys.get(key)) or line, f"{label}: {msg}")
+
+    match = data.get("match")
+    if match is None:
+        fail("match", "missing 'match' (an exact module path, a glob, 're:REGEX', or a list of names)")
+    if isinstance(match, list):
+        if not match or not all(isinstance(m, str) for m in match):
+            fail("match", "a 'match' list must hold module names (strings)")
+    elif not isinstance(match, str):
+        fail("match", f"'match' must be a string or a list of strings, got {type(match).__name__}")
+    elif match.startswith("re:"):
+        try:
+            re.compile(match[3:])
+        except re.error as e:
+            fail("match", f"bad regex {match[3:]!r}: {e}")
+    kind = data.get("kind", "linear")
+    if kind not in KINDS:
+        fail("kind", f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    method = data.get("method")
+    known = (KEEP, *sorted(FAMILIES))
+    if method is None:
+        fail("method", f"missing 'method' (known: {', '.join(known)})")
+    if method not in known:
+        near = difflib.get_close_matches(str(method), known, n=1)
+        fail("method", f"unknown method {method!r}" + (f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(known)})"))
+    if kind == "attention" and method not in ATTENTION_METHODS:
+        fail("method", f"method {method!r} does not apply to attention sites (kind: attention takes: {', '.join(ATTENTION_METHODS)})")
+    for key in ("max_error", "min_features"):
+        if key in data:
+            _check_default(key, data[key], lambda m, k=key: fail(k, m))
+    if "guard" in data:
+        _check_default("guard", data["guard"], lambda m: fail("guard", m))
+    config = None
+    if method == KEEP:
+        extra = [k for k in data if k not in ("match", "method", "kind")]
+        if extra:
+            fail(extra[0], f"method 'dense' takes no options, got '{extra[0]}'")
+    else:
+        options = {k: v for k, v in data.items()}
+        try:
+            config = parse_config(FAMILIES[method], options, "")
+        except PolicyError as e:
+            msg = str(e).lstrip(": ")
+            bad = next((k for k in data if f"'{k}'" in msg), None)
+            fail(bad, msg)
+        if FAMILIES[method].compressing and getattr(config, "rank", 0) is None and "rank" in {
+            f.name for f in dataclasses.fields(config)
+        } and not has_budget:
+            fail("method", f"method {method!r} needs a 'rank' (int, or float fraction in (0, 1]) unless the policy sets a budget")
+    return Rule(
+        index=index, line=line, match=match, kind=kind, method=method, config=config,
+        max_error=data.get("max_error"), min_features=data.get("min_features"),
+    )

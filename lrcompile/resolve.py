@@ -1,0 +1,74 @@
+"""Find the user's live modules from inside a backend call.
+
+The backend receives only the graph; Dynamo names modules by expressions over the compiled frame's locals
+(`L['self'].encoder.layer.0`, `L['args'][0].model`). While the backend runs, the frame's translator is still
+current, so its locals resolve those expressions to the real objects.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from torch import nn
+
+from .sites import Site, strip_root
+
+_ROOT = re.compile(r"^([A-Za-z_]+(?:\[[^\]]*\])+)")
+
+
+def frame_locals() -> Optional[dict]:
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        return None
+    return getattr(tx, "f_locals", None) if tx is not None else None
+
+
+def eval_root(expr: str, f_locals: dict):
+    m = _ROOT.match(expr)
+    if m is None:
+        return None
+    try:
+        return eval(m.group(1), {"__builtins__": {}}, {"L": f_locals})  # noqa: S307 - Dynamo's own subscript expression
+    except Exception:
+        return None
+
+
+def root_module(sites: list[Site], f_locals: Optional[dict]) -> Optional[nn.Module]:
+    """The outermost user module the graph belongs to (the one `torch.compile` wrapped)."""
+    if f_locals is None:
+        return None
+    for s in sites:
+        expr = s.module_expr or (_weight_source_name(s) if s.weight_node is not None else None)
+        if expr:
+            obj = eval_root(expr, f_locals)
+            if isinstance(obj, nn.Module):
+                return obj
+    for v in f_locals.values():
+        if isinstance(v, nn.Module):
+            return v
+    return None
+
+
+def _weight_source_name(site: Site) -> Optional[str]:
+    ga = site.weight_node.meta.get("grapharg")
+    if ga is None:
+        return None
+    return ga.source.name if isinstance(ga.source.name, str) else ga.source.name()
+
+
+def site_module(site: Site, root: nn.Module, f_locals: Optional[dict]) -> Optional[nn.Module]:
+    """The module whose forward makes the site's call (the root itself for a call made at the root)."""
+    try:
+        if site.module_expr is not None:
+            base = eval_root(site.module_expr, f_locals) if f_locals is not None else root
+            path = strip_root(site.module_expr)
+        else:
+            name = _weight_source_name(site)
+            base = eval_root(name, f_locals) if (name and f_locals is not None) else root
+            path = ""
+        return base.get_submodule(path) if path else base
+    except Exception:
+        return None

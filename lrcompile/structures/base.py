@@ -1,0 +1,151 @@
+"""The contract every family (lowrank, monarch, lora, ...) fulfils, and the registry that names them.
+
+A family is an nn.Module that replaces or augments one linear map y = x Wᵀ + b. Its math lives in a static
+`functional(x, weight, bias, *tensors, **consts)` so that the same code runs in three places:
+  - the module's own `forward` (eager, and installed modules traced by Dynamo),
+  - the graph rewrite, which calls `functional` with the site's weight/bias nodes and the factors as graph inputs,
+  - the tests, against `to_dense()`.
+`weight` is the site's dense weight (out, in); compressing families ignore it, adapters add to it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Optional
+
+import sympy
+import torch
+from torch import nn
+
+from ..errors import PolicyError
+
+FAMILIES: dict[str, type["Structure"]] = {}
+
+# Marks a parameter lrcompile created: it is never a site for another rewrite.
+OWNED_ATTR = "_lrcompile_owned"
+
+
+def register(cls: type["Structure"]) -> type["Structure"]:
+    FAMILIES[cls.name] = cls
+    return cls
+
+
+def family(name: str) -> type["Structure"]:
+    return FAMILIES[name]
+
+
+def mark_owned(t: torch.Tensor) -> torch.Tensor:
+    setattr(t, OWNED_ATTR, True)
+    return t
+
+
+def is_owned(t) -> bool:
+    return bool(getattr(t, OWNED_ATTR, False))
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Options shared by every method; families subclass it with their own typed fields."""
+
+    init: str = "svd"
+
+    # Fields that a policy may give but that are not the family's own (handled by the planner).
+    COMMON: ClassVar[tuple[str, ...]] = ("match", "method", "kind", "max_error", "min_features", "guard")
+    INITS: ClassVar[tuple[str, ...]] = ("svd", "random")
+
+    def validate(self) -> None:
+        if self.init not in self.INITS:
+            raise ValueError(f"init must be one of {', '.join(self.INITS)}, got {self.init!r}")
+
+
+class Structure(nn.Module):
+    """Base class of every family module. Subclasses set `name`, `Config`, `compressing`, `tensor_names`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+    compressing: ClassVar[bool] = True  # True: replaces W (dense weight unused); False: adds a branch to W
+    tensor_names: ClassVar[tuple[str, ...]]  # parameter/buffer names passed to `functional`, in order
+
+    def __init__(self, in_features: int, out_features: int, cfg: MethodConfig):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.cfg = cfg
+        self.weight: Optional[nn.Parameter] = None  # adapters keep the dense weight here
+        self.bias: Optional[nn.Parameter] = None
+
+    # --- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias, cfg: MethodConfig, stats=None) -> "Structure":
+        raise NotImplementedError
+
+    def refit(self, weight: torch.Tensor, stats=None) -> None:
+        """Recompute the factors in place from a changed dense weight (stale-factor repair)."""
+        fresh = type(self).from_dense(weight, None, self.cfg, stats)
+        with torch.no_grad():
+            for n in self.tensor_names:
+                getattr(self, n).copy_(getattr(fresh, n))
+
+    # --- math ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def functional(x, weight, bias, *tensors):
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, n) for n in self.tensor_names]
+
+    def forward(self, x):
+        return self.functional(x, self.weight, self.bias, *self.tensors())
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out, in) matrix this module applies (without bias), computed through `functional`."""
+        eye = torch.eye(self.in_features, dtype=self.tensors()[0].dtype, device=self.tensors()[0].device)
+        return self.functional(eye, self.weight, None, *self.tensors()).T
+
+    # --- accounting ---------------------------------------------------------------------------------------
+    def params(self) -> int:
+        """Parameters this site runs with (weight kept by adapters and bias included)."""
+        n = sum(getattr(self, k).numel() for k in self.tensor_names if isinstance(getattr(self, k), nn.Parameter))
+        if self.weight is not None:
+            n += self.weight.numel()
+        if self.bias is not None:
+            n += self.bias.numel()
+        return n
+
+    @classmethod
+    def flops_per_token(cls, in_features: int, out_features: int, cfg: MethodConfig) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def param_count(cls, in_features: int, out_features: int, cfg: MethodConfig) -> int:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, cfg={self.cfg}"
+
+
+def dense_flops(in_features: int, out_features: int, tokens=None):
+    """Multiply-add FLOPs (2 per MAC) of a dense linear; symbolic in the token count unless given."""
+    n = sympy.Symbol("tokens", positive=True, integer=True) if tokens is None else tokens
+    return 2 * n * in_features * out_features
+
+
+def parse_config(cls: type[Structure], options: dict, where: str) -> MethodConfig:
+    """Build the family's typed config from a rule's options, with one-line errors naming `where`."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    kwargs = {}
+    for key, value in options.items():
+        if key in MethodConfig.COMMON:
+            continue
+        if key not in fields:
+            import difflib
+
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(fields))})"
+            raise PolicyError(f"{where}: unknown option '{key}' for method '{cls.name}'{hint}")
+        kwargs[key] = value
+    try:
+        cfg = cls.Config(**kwargs)
+        cfg.validate()
+    except (TypeError, ValueError) as e:
+        raise PolicyError(f"{where}: method '{cls.name}': {e}") from None
+    return cfg

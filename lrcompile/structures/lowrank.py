@@ -1,0 +1,109 @@
+"""Low-rank factorisation W ≈ U V: U (out×r), V (r×in); y = (x Vᵀ) Uᵀ + b.
+
+From dense by truncated SVD with the singular values split evenly (U = P√S, V = √S Qᵀ): balanced factors
+train well under Adam (REFERENCE.md: unbalanced whitened factors wrecked a healing run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import MethodConfig, Structure, mark_owned, register
+
+
+def resolve_rank(rank: Union[int, float], in_features: int, out_features: int) -> int:
+    """int → exact rank (capped at full rank); float f in (0,1] → ⌊f·in·out/(in+out)⌋ (f=1 is break-even)."""
+    full = min(in_features, out_features)
+    if isinstance(rank, float):
+        r = math.floor(rank * in_features * out_features / (in_features + out_features))
+    else:
+        r = rank
+    return max(1, min(int(r), full))
+
+
+def check_rank(rank, *, allow_none: bool) -> None:
+    if rank is None:
+        if not allow_none:
+            raise ValueError("rank is required (an int, or a float fraction in (0, 1] of the dense parameters)")
+        return
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ValueError(f"rank must be an int or a float in (0, 1], got {rank!r}")
+    if isinstance(rank, int) and rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if isinstance(rank, float) and not (0.0 < rank <= 1.0):
+        raise ValueError(f"a float rank is a fraction of the dense parameter count and must be in (0, 1], got {rank}")
+
+
+@dataclasses.dataclass
+class LowRankConfig(MethodConfig):
+    rank: Optional[Union[int, float]] = None
+
+    INITS: ClassVar[tuple[str, ...]] = ("svd", "whitened_svd", "random")
+
+    def validate(self) -> None:
+        super().validate()
+        check_rank(self.rank, allow_none=True)  # a budget may allocate it; the planner insists otherwise
+
+    def resolve(self, in_features: int, out_features: int) -> "LowRankConfig":
+        return dataclasses.replace(self, rank=resolve_rank(self.rank, in_features, out_features))
+
+
+def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` singular triplets of a 2-D weight, computed in float32 at least."""
+    w = weight.detach()
+    work = w.double() if w.dtype == torch.float64 else w.float()
+    P, S, Qh = torch.linalg.svd(work, full_matrices=False)
+    return P[:, :rank], S[:rank], Qh[:rank]
+
+
+@register
+class LowRank(Structure):
+    name = "lowrank"
+    Config = LowRankConfig
+    compressing = True
+    tensor_names = ("U", "V")
+
+    def __init__(self, in_features: int, out_features: int, cfg: LowRankConfig, dtype=None, device=None):
+        super().__init__(in_features, out_features, cfg)
+        r = cfg.rank
+        self.U = mark_owned(nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device)))
+        self.V = mark_owned(nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device)))
+
+    @classmethod
+    def init(cls, in_features, out_features, cfg, dtype=None, device=None) -> "LowRank":
+        """Fresh factors for training from scratch: x Vᵀ Uᵀ has the variance of a Kaiming-uniform Linear."""
+        m = cls(in_features, out_features, cfg, dtype=dtype, device=device)
+        with torch.no_grad():
+            nn.init.normal_(m.V, std=1.0 / math.sqrt(in_features))
+            nn.init.normal_(m.U, std=1.0 / math.sqrt(3.0 * cfg.rank))
+        return m
+
+    @classmethod
+    def from_dense(cls, weight, bias, cfg: LowRankConfig, stats=None) -> "LowRank":
+        out_f, in_f = weight.shape
+        if cfg.init == "random":
+            return cls.init(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
+        P, S, Qh = truncated_svd(weight, cfg.rank)
+        root = S.sqrt()
+        m = cls(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            m.U.copy_(P * root)
+            m.V.copy_(root[:, None] * Qh)
+        return m
+
+    @staticmethod
+    def functional(x, weight, bias, U, V):
+        return F.linear(F.linear(x, V), U, bias)
+
+    @classmethod
+    def param_count(cls, in_features, out_features, cfg) -> int:
+        return cfg.rank * (in_features + out_features)
+
+    @classmethod
+    def flops_per_token(cls, in_features, out_features, cfg) -> int:
+        return 2 * cfg.rank * (in_features + out_features)
