@@ -143,6 +143,8 @@ def _report_installed(site: Site, session: Session, root, f_locals) -> None:
     row = SiteRow(fqn=site.fqn, kind="linear", method=module.name, status="installed",
                   in_features=module.in_features, out_features=module.out_features,
                   rank=getattr(module.cfg, "rank", None), params_after=module.params(),
+                  params_before=module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0),
+                  flops_before=2 * module.in_features * module.out_features,
                   flops_after=module.flops_per_token(module.in_features, module.out_features, module.cfg),
                   reason="installed by lrcompile.rewrite/load")
     session.report.add(row)

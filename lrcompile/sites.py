@@ -184,11 +184,11 @@ def _strip_weight(path: str) -> str:
 def _disambiguate(sites: list[Site]) -> None:
     """Two different weights applied inside one module (functional calls) get `path.param` names."""
     by_fqn: dict[str, set] = {}
-    for s in sites:
-        if s.kind == "linear":
-            by_fqn.setdefault(s.fqn, set()).add(id(s.weight))
-    for s in sites:
-        if s.kind == "linear" and len(by_fqn[s.fqn]) > 1:
+    linear = [s for s in sites if s.kind == "linear" and not s.installed]  # an installed module is one site
+    for s in linear:
+        by_fqn.setdefault(s.fqn, set()).add(id(s.weight))
+    for s in linear:
+        if len(by_fqn[s.fqn]) > 1:
             leaf = s.weight_path.rsplit(".", 1)[-1]
             s.fqn = f"{s.fqn}.{leaf}" if s.fqn else leaf
 

@@ -1,0 +1,110 @@
+"""Eager API: `rewrite` installs the policy's structures on the model before any optimizer or compile exists.
+
+nn.Linear and HF Conv1D sites are swapped for the family module (the dense weight of a compressed site is
+released); functional sites (F.linear with a bare parameter) get their factors attached next to the module,
+as the backend does, and run factored under `torch.compile(backend="lrcompile")`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import attach as store
+from .capture import CapturedSite, capture_sites
+from .plan import build, decide
+from .policy import ADAPTERS, load_policy
+from .report import Report
+from .structures import Structure
+
+
+def _swappable(module: Optional[nn.Module], site) -> bool:
+    if module is None or getattr(module, "weight", None) is not site.weight:
+        return False
+    if type(module) is nn.Linear and site.form == "linear":
+        return True
+    return type(module).__name__ == "Conv1D" and site.form == "addmm"  # HF GPT-2: weight stored (in, out)
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
+    """Swap every reference to `old` inside `model` for `new`; returns the names it was reachable by."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+    return names
+
+
+def _load_stats(calibration):
+    if calibration is None:
+        return None
+    from .calibrate import CalibrationStats
+
+    return calibration if isinstance(calibration, CalibrationStats) else CalibrationStats.load(calibration)
+
+
+def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, report: Optional[str] = None,
+            verbose: bool = False) -> nn.Module:
+    """Apply `policy` to `model` in place and return it. `example_inputs`: tuple of args or dict of kwargs."""
+    pol = load_policy(policy)
+    stats = _load_stats(calibration)
+    before = list(model.parameters())
+    captured = capture_sites(model, example_inputs)
+    rep = Report()
+    seen: set = set()
+    noble_bases: list[torch.Tensor] = []
+    for c in captured:
+        site = c.site
+        if site.kind != "linear" or site.fqn in seen:
+            continue
+        seen.add(site.fqn)
+        decision = decide(site, pol)
+        if decision.status == "installed":
+            continue
+        struct, row = build(site, decision, pol, stats.get(site.fqn) if stats is not None else None)
+        rep.add(row)
+        if struct is None:
+            continue
+        _install(model, c, struct, row)
+        if decision.method == "noble":
+            noble_bases.append(site.weight)
+    for rule in pol.rules:
+        if rule.kind == "linear" and not any(rule.matches(f) for f in seen):
+            warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
+    if any(r.method in ADAPTERS[:3] for r in pol.rules):  # PEFT-style: only the new branches train
+        keep = {id(t) for t in noble_bases}
+        for p in before:
+            if id(p) not in keep:
+                p.requires_grad_(False)
+    del captured
+    model.lrcompile_report = rep
+    if report:
+        rep.write(report)
+    if verbose:
+        print(rep.table())
+    return model
+
+
+def _install(model: nn.Module, c: CapturedSite, struct: Structure, row) -> None:
+    site, module = c.site, c.module
+    struct.to(device=site.weight.device)
+    if _swappable(module, site):
+        struct.bias = module.bias
+        if not struct.compressing:
+            struct.weight = site.weight if not site.transposed else nn.Parameter(
+                site.dense_weight.detach().contiguous(), requires_grad=site.weight.requires_grad)
+        tied = any(p is site.weight for n, p in model.named_parameters(remove_duplicate=False)
+                   if not n.startswith(f"{site.fqn}."))
+        _replace_module(model, module, struct)
+        if tied:
+            row.notes.append("tied weight: this site now has its own factors (tie broken)")
+    elif module is not None:
+        store.attach(module, site.weight, struct)
+        store.record_versions(struct, site.weight)
+        row.notes.append("functional site: factors attached; they run under torch.compile(backend='lrcompile')")
+    else:
+        row.status = "failed"
+        row.reason = "module not found"
