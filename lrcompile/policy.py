@@ -253,7 +253,8 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
             config = parse_config(FAMILIES[method], options, "")
         except PolicyError as e:
             msg = str(e).lstrip(": ")
-            bad = next((k for k in data if f"'{k}'" in msg), None)
+            # point at the offending key's line: the first option the message names
+            bad = next((k for k in data if k not in ("match", "method") and re.search(rf"\b{re.escape(str(k))}\b", msg)), None)
             fail(bad, msg)
         if FAMILIES[method].compressing and getattr(config, "rank", 0) is None and "rank" in {
             f.name for f in dataclasses.fields(config)

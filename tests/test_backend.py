@@ -1,0 +1,215 @@
+"""The backend end to end (without Inductor unless marked slow): numbers, parameters, training, report,
+failures, stale factors."""
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lrcompile
+from conftest import Toy, all_lowrank, compile_eager
+
+
+def test_full_rank_reproduces(toy):
+    m, ids = toy
+    ref = m(ids)
+    out = compile_eager(m, all_lowrank(10_000))(ids)
+    assert ((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_half_rank_error_matches_report(tmp_path):
+    lin = nn.Linear(96, 80)
+    x = torch.randn(4000, 96)  # isotropic inputs: output error ≈ weight error
+    ref = lin(x) - lin.bias
+    report = tmp_path / "r.json"
+    out = compile_eager(lin, all_lowrank(0.5), report=str(report))(x) - lin.bias
+    row = json.loads(report.read_text())["sites"][0]
+    measured = ((out - ref).norm() / ref.norm()).item()
+    assert row["status"] == "rewritten" and row["rank"] == 21
+    assert 0.05 < row["rel_error"] < 1
+    assert measured == pytest.approx(row["rel_error"], rel=0.05)
+
+
+def test_factors_are_parameters_of_the_model_and_train(toy):
+    m, ids = toy
+    c = compile_eager(m, all_lowrank(6))
+    c(ids)
+    names = dict(m.named_parameters())
+    for n in ["blocks.0.fc.lrcompile.U", "blocks.0.lrcompile_w.V", "heads.shared.lrcompile.U", "lrcompile_v.U",
+              "lm_head.lrcompile.V"]:
+        assert n in names and n in m.state_dict()
+    assert m.heads.shared.lrcompile.U.shape == (24, 6)  # called twice, one set of factors
+    # the head's factors are its own: the embedding is untouched
+    assert m.lm_head.lrcompile.U.shape == (30, 6)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    target = torch.randn(3, 7, 30)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = (c(ids) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert m.blocks[0].fc.lrcompile.U.grad is not None
+    assert m.blocks[0].fc.weight.grad is None  # the dense weight of a rewritten site is not used
+
+
+def test_no_recompile_while_training(toy):
+    from lrcompile.backend import lrcompile_backend
+
+    m, ids = toy
+    calls = []
+    opts = {"policy": all_lowrank(4), "inductor": False}
+
+    def counting(gm, inputs):
+        calls.append(1)
+        return lrcompile_backend(gm, inputs, options=opts)
+
+    c = torch.compile(m, backend=counting)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+    for _ in range(4):
+        opt.zero_grad()
+        c(ids).sum().backward()
+        opt.step()
+    assert len(calls) == 1
+
+
+def test_graph_breaks_share_one_report(tmp_path):
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    m = Broken()
+    x = torch.randn(3, 16)
+    ref = m(x)
+    rep = tmp_path / "r.json"
+    out = compile_eager(m, all_lowrank(16), report=str(rep))(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert [s["fqn"] for s in json.loads(rep.read_text())["sites"]] == ["a", "b"]
+
+
+def test_report_schema_and_table(toy, tmp_path, capsys):
+    m, ids = toy
+    pol = {"defaults": {"min_features": 20}, "rules": [
+        {"match": "lm_head", "method": "dense"}, {"match": "*", "method": "lowrank", "rank": 4}]}
+    rep = tmp_path / "sub" / "report.json"
+    compile_eager(m, pol, report=str(rep), verbose=True)(ids)
+    data = json.loads(rep.read_text())
+    rows = {s["fqn"]: s for s in data["sites"]}
+    for key in ("fqn", "kind", "method", "status", "rank", "params_before", "params_after", "flops_before",
+                "flops_after", "rel_error"):
+        assert key in rows["blocks.0.fc"], key
+    assert rows["blocks.0.fc"]["params_before"] == 24 * 40 + 40
+    assert rows["blocks.0.fc"]["params_after"] == 4 * (24 + 40) + 40
+    assert rows["blocks.0.fc"]["flops_after"] == 2 * 4 * (24 + 40)
+    assert rows["lm_head"]["status"] == "dense"
+    assert rows["v"]["status"] == "rewritten"
+    out = capsys.readouterr().out
+    assert "blocks.0.fc" in out and "rewritten" in out
+
+
+def test_min_features_skips_and_max_error_keeps_dense(toy, tmp_path):
+    m, ids = toy
+    ref = m(ids)
+    rep = tmp_path / "r.json"
+    pol = {"defaults": {"min_features": 0, "max_error": 0.3}, "rules": [
+        {"match": "blocks.*.fc", "method": "lowrank", "rank": 2, "min_features": 25},
+        {"match": "*", "method": "lowrank", "rank": 2}]}
+    with pytest.warns(UserWarning, match="max_error"):
+        out = compile_eager(m, pol, report=str(rep))(ids)
+    rows = {s["fqn"]: s for s in json.loads(rep.read_text())["sites"]}
+    assert rows["blocks.0.fc"]["status"] == "skipped" and "min_features" in rows["blocks.0.fc"]["reason"]
+    assert rows["lm_head"]["status"] == "skipped" and "max_error" in rows["lm_head"]["reason"]
+    torch.testing.assert_close(out, ref)  # nothing was rewritten
+
+
+def test_strict_raises_one_line(toy):
+    m, ids = toy
+    pol = {"defaults": {"min_features": 0, "max_error": 0.01, "strict": True},
+           "rules": [{"match": "*", "method": "lowrank", "rank": 1}]}
+    with pytest.raises(Exception) as e:
+        compile_eager(m, pol)(ids)
+    assert "max_error 0.01" in str(e.value) and "rule 1" in str(e.value)
+
+
+def test_failed_factorisation_stays_dense(toy, monkeypatch, tmp_path):
+    m, ids = toy
+    ref = m(ids)
+    from lrcompile.structures import lowrank
+
+    def boom(*a, **k):
+        raise RuntimeError("svd did not converge")
+
+    monkeypatch.setattr(lowrank, "truncated_svd", boom)
+    rep = tmp_path / "r.json"
+    with pytest.warns(UserWarning, match="kept dense"):
+        out = compile_eager(m, all_lowrank(4), report=str(rep))(ids)
+    torch.testing.assert_close(out, ref)
+    assert {s["status"] for s in json.loads(rep.read_text())["sites"] if s["kind"] == "linear"} == {"failed"}
+
+
+def test_stale_factors_are_recomputed_after_load_state_dict():
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    other = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(5, 32)
+    c = compile_eager(m, all_lowrank(32))
+    torch.testing.assert_close(c(x), m(x), atol=1e-5, rtol=1e-5)
+    dense = {k: v for k, v in other.state_dict().items()}
+    m.load_state_dict(dense, strict=False)  # dense weights only: the factors are now stale
+    torch.testing.assert_close(c(x), other(x), atol=1e-5, rtol=1e-5)
+
+
+def test_trained_factors_are_kept_when_weight_changes():
+    m = nn.Linear(16, 16)
+    x = torch.randn(4, 16)
+    c = compile_eager(m, all_lowrank(4))
+    c(x)
+    with torch.no_grad():
+        m.lrcompile.U.mul_(2)  # the factors moved: they are the truth
+        m.weight.add_(1)
+    U = m.lrcompile.U.detach().clone()
+    c(x)
+    torch.testing.assert_close(m.lrcompile.U.detach(), U)
+
+
+def test_no_policy_keeps_everything_dense(toy, tmp_path):
+    m, ids = toy
+    ref = m(ids)
+    rep = tmp_path / "r.json"
+    out = torch.compile(m, backend="lrcompile", options={"inductor": False, "report": str(rep)})(ids)
+    torch.testing.assert_close(out, ref)
+    assert {s["status"] for s in json.loads(rep.read_text())["sites"]} == {"dense"}
+    assert not any(".lrcompile" in n for n, _ in m.named_parameters())
+
+
+def test_unknown_option_is_one_line_error(toy):
+    m, ids = toy
+    with pytest.raises(Exception, match="unknown option 'polcy'"):
+        torch.compile(m, backend="lrcompile", options={"polcy": {}})(ids)
+
+
+def test_policy_error_surfaces_through_compile(toy, tmp_path):
+    m, ids = toy
+    p = tmp_path / "bad.yaml"
+    p.write_text("rules:\n  - match: '*'\n    method: lowrank\n    rank: zero\n")
+    with pytest.raises(Exception, match=r"bad\.yaml:4: rule 1"):
+        torch.compile(m, backend="lrcompile", options={"policy": str(p)})(ids)
+
+
+@pytest.mark.slow
+def test_inductor_end_to_end_forward_and_backward(toy):
+    m, ids = toy
+    ref = m(ids)
+    c = torch.compile(m, backend="lrcompile", options={"policy": all_lowrank(10_000)})
+    out = c(ids)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    assert m.blocks[1].lrcompile_w.V.grad is not None

@@ -1,0 +1,89 @@
+"""Policy loading, matching and the one-line validation errors (file:line, rule, key)."""
+import pytest
+
+from lrcompile import PolicyError, load_policy
+
+GOOD = """\
+version: 1
+defaults: {min_features: 64, max_error: 0.5}
+rules:
+  - match: "lm_head"
+    method: dense
+  - match: "re:.*\\\\.attn\\\\.(q|k|v)_proj"
+    method: lowrank
+    rank: 16
+  - match: "*.mlp.*"
+    method: lowrank
+    rank: 0.5
+    init: random
+  - match: [fc1, "blocks.0.fc2"]
+    method: lowrank
+    rank: 4
+"""
+
+
+def test_loads_text_path_and_dict(tmp_path):
+    p = tmp_path / "policy.yaml"
+    p.write_text(GOOD)
+    a, b = load_policy(GOOD), load_policy(str(p))
+    assert [r.method for r in a.rules] == ["dense", "lowrank", "lowrank", "lowrank"]
+    assert a.digest == b.digest and b.source == "policy.yaml"
+    assert a.defaults.min_features == 64 and a.defaults.max_error == 0.5
+    c = load_policy({"rules": [{"match": "*", "method": "lowrank", "rank": 8}]})
+    assert c.defaults.min_features == 128 and c.defaults.max_error is None  # built-in defaults
+
+
+def test_first_match_wins_and_match_kinds():
+    p = load_policy(GOOD)
+    assert p.match("lm_head").method == "dense"
+    assert p.match("model.attn.q_proj").config.rank == 16
+    assert p.match("model.attn.o_proj") is None  # regex is a full match
+    assert p.match("layers.3.mlp.up").config.rank == 0.5  # glob
+    assert p.match("x.fc1").index == 4 and p.match("blocks.0.fc2").index == 4  # list: exact or dotted suffix
+    assert p.match("xfc1") is None
+    assert p.match("lm_head", kind="attention") is None  # rules without kind match linear sites only
+
+
+def test_rules_have_line_numbers():
+    p = load_policy(GOOD)
+    assert [r.line for r in p.rules] == [4, 6, 9, 13]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("rules:\n  - match: a\n    method: lowrnk\n    rank: 4\n", "<policy>:3: rule 1 (match 'a'): unknown method 'lowrnk' (did you mean 'lowrank'?)"),
+    ("rules:\n  - match: a\n    method: lowrank\n    rank: 0\n", "<policy>:4: rule 1 (match 'a'): method 'lowrank': rank must be >= 1, got 0"),
+    ("rules:\n  - match: a\n    method: lowrank\n    rank: 1.5\n", "<policy>:4: rule 1 (match 'a'): method 'lowrank': a float rank is a fraction"),
+    ("rules:\n  - match: a\n    method: lowrank\n    rank: true\n", "rank must be an int or a float in (0, 1], got True"),
+    ("rules:\n  - match: a\n    method: lowrank\n    rnak: 4\n", "<policy>:4: rule 1 (match 'a'): unknown option 'rnak' for method 'lowrank' (did you mean 'rank'?)"),
+    ("rules:\n  - match: 're:(('\n    method: dense\n", "<policy>:2: rule 1 (match 're:(('): bad regex '(('"),
+    ("rules:\n  - match: a\n    method: lowrank\n", "<policy>:3: rule 1 (match 'a'): method 'lowrank' needs a 'rank'"),
+    ("rulez: []\n", "<policy>:1: unknown top-level key 'rulez' (did you mean 'rules'?)"),
+    ("defaults: {min_features: -1}\n", "<policy>:1: defaults: min_features must be a non-negative int"),
+    ("rules:\n  - match: a\n    kind: attention\n    method: lowrank\n    rank: 4\n", "does not apply to attention sites"),
+    ("rules:\n  - match: 3\n    method: dense\n", "'match' must be a string or a list of strings, got int"),
+    ("rules:\n  - match: a\n    method: dense\n    rank: 3\n", "method 'dense' takes no options, got 'rank'"),
+    ("rules: [a: b: c]\n", "<policy>:1: not valid YAML"),
+    ("rules:\n  - just-a-string\n", "rule 1: a rule is a mapping"),
+    ("budget: {params: 2}\n", "budget fraction must be in (0, 1]"),
+    ("version: 2\n", "unsupported policy version 2"),
+])
+def test_errors_are_one_line_with_location(text, expected):
+    with pytest.raises(PolicyError) as e:
+        load_policy(text)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert expected in msg, msg
+
+
+def test_error_names_the_file(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("rules:\n  - match: a\n    method: lowrank\n    rank: -2\n")
+    with pytest.raises(PolicyError, match=r"^mine\.yaml:4: rule 1"):
+        load_policy(str(p))
+    with pytest.raises(PolicyError, match="policy file not found"):
+        load_policy(str(tmp_path / "missing.yaml"))
+
+
+def test_rank_without_budget_is_fine_with_budget():
+    p = load_policy({"rules": [{"match": "*", "method": "lowrank"}], "budget": {"params": 0.5}})
+    assert p.rules[0].config.rank is None and p.budget == {"params": 0.5}
