@@ -1,0 +1,96 @@
+"""Eager `lrcompile.rewrite`: module swap, released dense weights, ties, then the no-policy backend."""
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import lrcompile
+from conftest import Toy, all_lowrank, compile_eager
+from lrcompile.structures.lowrank import LowRank
+
+
+def test_rewrite_returns_model_and_swaps_modules(toy):
+    m, ids = toy
+    ref = m(ids)
+    out_model = lrcompile.rewrite(m, all_lowrank(10_000), (ids,))
+    assert out_model is m
+    assert isinstance(m.blocks[0].fc, LowRank) and isinstance(m.heads["shared"], LowRank)
+    assert isinstance(m.lm_head, LowRank)
+    torch.testing.assert_close(m(ids), ref, atol=1e-5, rtol=1e-5)  # eager, swapped modules
+    # the functional sites run factored under the backend with no policy
+    torch.testing.assert_close(compile_eager(m)(ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rewrite_accepts_kwargs_inputs():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x=None, scale=1.0):
+            return self.fc(x) * scale
+
+    m = KW()
+    lrcompile.rewrite(m, all_lowrank(4), {"x": torch.randn(2, 16), "scale": 2.0})
+    assert isinstance(m.fc, LowRank) and m.fc.U.shape == (16, 4)
+
+
+def test_dense_weights_are_released():
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    refs = [weakref.ref(m[0].weight), weakref.ref(m[2].weight)]
+    bias = m[0].bias
+    lrcompile.rewrite(m, all_lowrank(8), (torch.randn(2, 64),))
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert m[0].bias is bias  # the bias parameter is kept, same object (optimizer state, state_dict key)
+    assert set(m.state_dict()) == {"0.U", "0.V", "0.bias", "2.U", "2.V", "2.bias"}
+
+
+def test_tied_head_gets_its_own_factors(toy, tmp_path):
+    m, ids = toy
+    emb = m.embed.weight.detach().clone()
+    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [
+        {"match": "lm_head", "method": "lowrank", "rank": 8}]}, (ids,), report=str(tmp_path / "r.json"))
+    assert torch.equal(m.embed.weight, emb)
+    row = {s["fqn"]: s for s in json.loads((tmp_path / "r.json").read_text())["sites"]}["lm_head"]
+    assert row["status"] == "rewritten" and any("tie broken" in n for n in row["notes"])
+
+
+def test_no_policy_compile_reports_installed_modules(toy, tmp_path):
+    m, ids = toy
+    lrcompile.rewrite(m, all_lowrank(5), (ids,))
+    rep = tmp_path / "r.json"
+    compile_eager(m, report=str(rep))(ids)
+    rows = {s["fqn"]: s for s in json.loads(rep.read_text())["sites"]}
+    assert rows["blocks.0.fc"]["status"] == "installed" and rows["blocks.0.fc"]["rank"] == 5
+    # installed modules and parameters are never sites for another rewrite
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    compile_eager(m, all_lowrank(2), report=str(rep))(ids)
+    rows = {s["fqn"]: s for s in json.loads(rep.read_text())["sites"]}
+    assert rows["blocks.0.fc"]["status"] == "installed"
+    assert set(dict(m.named_parameters())) == set(before)
+
+
+def test_rewrite_then_train_with_optimizer(toy):
+    m, ids = toy
+    lrcompile.rewrite(m, all_lowrank(6), (ids,))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)  # built after rewrite: sees the factors
+    c = compile_eager(m)
+    target = torch.randn(3, 7, 30)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = (c(ids) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_rule_matching_no_site_warns(toy):
+    m, ids = toy
+    with pytest.warns(UserWarning, match=r"rule 1 \(match 'nothing\.here'\) matches no site"):
+        lrcompile.rewrite(m, {"rules": [{"match": "nothing.here", "method": "lowrank", "rank": 2}]}, (ids,))
