@@ -1,0 +1,59 @@
+"""The command line: check (valid, invalid, with a model), report, entry points."""
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import torch
+
+from lrcompile.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_backend_entry_point_resolves_without_import():
+    names = {e.name: e.value for e in entry_points(group="torch_dynamo_backends")}
+    assert names.get("lrcompile") == "lrcompile.backend:lrcompile_backend"
+    code = ("import torch; f = torch.compile(torch.nn.Linear(4, 4), backend='lrcompile', options={'inductor': False}); "
+            "print(f(torch.randn(2, 4)).shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([2, 4])" in out.stdout
+
+
+def test_check_valid_policy_with_model(capsys):
+    assert main(["check", str(ROOT / "examples/policies/compress-50.yaml")]) == 0
+    policy = str(ROOT / "lrcompile/policies/demo.yaml")
+    assert main(["check", policy, "--model", "lrcompile.models.tiny:demo_model"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.attn.q_proj" in out and "rewritten" in out and "head" in out
+    assert "matched by a rule" in out
+
+
+def test_check_invalid_policy_is_one_line(tmp_path, capsys):
+    p = tmp_path / "p.yaml"
+    p.write_text("rules:\n  - match: '*'\n    method: monarc\n")
+    assert main(["check", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: p.yaml:3: rule 1 (match '*'): unknown method 'monarc'") and "\n" not in err
+
+
+def test_check_warns_about_rules_matching_nothing(tmp_path, capsys):
+    p = tmp_path / "p.yaml"
+    p.write_text("rules:\n  - match: 'nope.*'\n    method: dense\n")
+    assert main(["check", str(p), "--model", "lrcompile.models.tiny:demo_model"]) == 0
+    assert "p.yaml:2: rule 1 (match 'nope.*') matches no site" in capsys.readouterr().out
+
+
+def test_report_command(tmp_path, capsys):
+    rep = tmp_path / "r.json"
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    torch.compile(m, backend="lrcompile", options={
+        "inductor": False, "report": str(rep),
+        "policy": {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 4}]}})(torch.randn(2, 16))
+    assert json.loads(rep.read_text())["sites"][0]["fqn"] == "0"
+    assert main(["report", str(rep)]) == 0
+    out = capsys.readouterr().out
+    assert "lowrank" in out and "rewritten" in out
+    assert main(["report", str(tmp_path / "missing.json")]) == 2
