@@ -1,0 +1,1 @@
+"""Small bundled models (the demo transformer)."""
