@@ -7,6 +7,7 @@ as the backend does, and run factored under `torch.compile(backend="lrcompile")`
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -51,7 +52,7 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
     """Apply `policy` to `model` in place and return it. `example_inputs`: tuple of args or dict of kwargs."""
     pol = load_policy(policy)
     stats = _load_stats(calibration)
-    before = list(model.parameters())
+    before = weakref.WeakSet(model.parameters())  # weak: swapped-out dense weights must be free to go
     captured = capture_sites(model, example_inputs)
     rep = Report()
     seen: set = set()
@@ -71,13 +72,17 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
         _install(model, c, struct, row)
         if decision.method == "noble":
             noble_bases.append(site.weight)
+        for other in captured:  # drop our references so the swapped-out dense weight is freed now, site by site
+            if other.site.fqn == site.fqn and other is not c:
+                other.site.weight = other.module = None
+        c.site.weight = c.module = None
     for rule in pol.rules:
         if rule.kind == "linear" and not any(rule.matches(f) for f in seen):
             warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
     if any(r.method in ADAPTERS[:3] for r in pol.rules):  # PEFT-style: only the new branches train
         keep = {id(t) for t in noble_bases}
-        for p in before:
-            if id(p) not in keep:
+        for p in model.parameters():
+            if p in before and id(p) not in keep:
                 p.requires_grad_(False)
     del captured
     model.lrcompile_report = rep

@@ -95,11 +95,10 @@ def _plan_graph(sites: list[Site], session: Session, root, f_locals):
             _report_installed(site, session, root, f_locals)
             continue
         module = site_module(site, root, f_locals) if root is not None else None
-        struct = _reuse(site, decision, module, session)
-        if struct is not None:
-            row = session.report.rows.get((site.kind, site.fqn)) or site_row(
-                site, struct, "rewritten", rule=policy.where(decision.rule), rel_error=rel_error(struct, site.dense_weight),
-                notes=["factors reused"])
+        prev = store.attached(module, site.weight) if module is not None else session.orphans.get(id(site.weight))
+        if prev is not None:
+            row = _reused_row(site, prev, decision, session)
+            struct = prev
         else:
             struct, row = build(site, decision, policy, _stats_for(session, site))
             if struct is not None:
@@ -117,18 +116,21 @@ def _stats_for(session: Session, site: Site):
     return session.calibration.get(site.fqn) if session.calibration is not None else None
 
 
-def _reuse(site: Site, decision: Decision, module, session: Session) -> Optional[Structure]:
-    """Factors made earlier for this site (another graph, a recompile, an earlier compile) with the same config."""
-    if not decision.rewrites:
-        return None
-    cls = FAMILIES[decision.method]
-    prev = store.attached(module, site.weight) if module is not None else session.orphans.get(id(site.weight))
-    if prev is not None and store.same_config(prev, cls, decision.config):
-        return prev
-    return None
+def _reused_row(site: Site, prev: Structure, decision: Decision, session: Session) -> SiteRow:
+    """Factors found on the model: made by this session earlier (another graph, a recompile), or installed by
+    `rewrite`/`load`/an earlier compile. They are used as they are: installed parameters are never re-sited."""
+    same = decision.rewrites and store.same_config(prev, FAMILIES[decision.method], decision.config)
+    if same and (site.kind, site.fqn) in session.report.rows:
+        return session.report.rows[(site.kind, site.fqn)]
+    status = "rewritten" if same else "installed"
+    row = site_row(site, prev, status, rel_error=rel_error(prev, site.dense_weight) if prev.compressing else None,
+                   rule=session.policy.where(decision.rule) if same else None)
+    row.notes.append("factors reused" if same else "factors attached earlier (rewrite, load or a previous compile)")
+    return row
 
 
 def _keep(site: Site, struct: Structure, module, session: Session, row: SiteRow) -> None:
+    row.notes.append("dense weight stays alive on the module (backend path; lrcompile.rewrite releases it)")
     if module is not None:
         store.attach(module, site.weight, struct)
     else:

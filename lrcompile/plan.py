@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from . import factor_cache
 from .errors import SiteError
 from .policy import KEEP, Policy, Rule
 from .report import SiteRow
@@ -79,7 +80,26 @@ def rel_error(struct: Structure, weight: torch.Tensor) -> float:
         return float(torch.linalg.norm(w - approx) / torch.linalg.norm(w).clamp_min(1e-30))
 
 
-def build(site: Site, decision: Decision, policy: Policy, stats=None) -> tuple[Optional[Structure], SiteRow]:
+def from_dense_cached(cls, weight: torch.Tensor, cfg, stats, use_cache: bool) -> tuple[Structure, bool]:
+    """`cls.from_dense`, through the on-disk factor cache for deterministic (compressing, non-random) families."""
+    cacheable = use_cache and cls.compressing and getattr(cfg, "init", None) != "random"
+    if cacheable:
+        k = factor_cache.key(weight, cls.name, cfg, factor_cache.stats_digest(stats))
+        hit = factor_cache.lookup(k)
+        if hit is not None and set(hit) == set(cls.tensor_names):
+            struct = cls(weight.shape[1], weight.shape[0], cfg, dtype=weight.dtype, device=weight.device)
+            with torch.no_grad():
+                for n in cls.tensor_names:
+                    getattr(struct, n).copy_(hit[n])
+            return struct, True
+    struct = cls.from_dense(weight, None, cfg, stats)
+    if cacheable:
+        factor_cache.store(k, {n: getattr(struct, n) for n in cls.tensor_names})
+    return struct, False
+
+
+def build(site: Site, decision: Decision, policy: Policy, stats=None, use_cache: bool = True
+          ) -> tuple[Optional[Structure], SiteRow]:
     """Factorise one site. A failure or an error over `max_error` keeps it dense (raises under `strict`)."""
     if not decision.rewrites:
         row = _row(site, decision.method, decision.status, reason=decision.reason,
@@ -89,7 +109,7 @@ def build(site: Site, decision: Decision, policy: Policy, stats=None) -> tuple[O
     where = policy.where(decision.rule)
     t0 = time.perf_counter()
     try:
-        struct = cls.from_dense(site.dense_weight, None, decision.config, stats)
+        struct, cached = from_dense_cached(cls, site.dense_weight, decision.config, stats, use_cache)
         err = rel_error(struct, site.dense_weight)
     except Exception as e:  # any failure leaves the site dense, loudly
         msg = f"{site.fqn}: {decision.method} failed ({type(e).__name__}: {e}); kept dense"
@@ -106,7 +126,8 @@ def build(site: Site, decision: Decision, policy: Policy, stats=None) -> tuple[O
         warnings.warn(f"lrcompile: {msg}", stacklevel=2)
         return None, _row(site, decision.method, "skipped", rel_error=err, reason=f"rel_error {err:.3g} > max_error {limit}",
                           rule=where)
-    return struct, site_row(site, struct, "rewritten", rel_error=err, rule=where, notes=list(decision.notes), seconds=seconds)
+    notes = list(decision.notes) + (["factors from cache"] if cached else [])
+    return struct, site_row(site, struct, "rewritten", rel_error=err, rule=where, notes=notes, seconds=seconds)
 
 
 def site_row(site: Site, struct: Structure, status: str, **kw) -> SiteRow:

@@ -1,0 +1,86 @@
+"""Factor cache on disk: compiling the same weights with the same site config again reuses the factors.
+
+The key covers the weight's bytes, dtype and shape, the family and its resolved config (init included) and the
+hash of the site's calibration statistics, so a changed weight or config can never hit a stale entry.
+Entries are safetensors files written atomically (temp file + rename): a crash leaves no half entry, and a
+corrupt file is treated as a miss and replaced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from typing import Optional
+
+import torch
+
+from .cache_dir import cache_path
+
+
+def weight_digest(weight: torch.Tensor) -> str:
+    w = weight.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{w.dtype}{tuple(w.shape)}".encode())
+    h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+    return h.hexdigest()
+
+
+def key(weight: torch.Tensor, family: str, cfg, stats_digest: Optional[str]) -> str:
+    cfg_s = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    h = hashlib.blake2b(digest_size=16)
+    for part in (weight_digest(weight), family, cfg_s, stats_digest or "-"):
+        h.update(part.encode())
+    return h.hexdigest()
+
+
+def stats_digest(stats) -> Optional[str]:
+    """Hash of one site's calibration statistics (any tensors and ints it carries)."""
+    if stats is None:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for name, value in sorted(vars(stats).items()):
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def _file(k: str) -> str:
+    return cache_path("factors", k[:2], f"{k}.safetensors")
+
+
+def lookup(k: str) -> Optional[dict[str, torch.Tensor]]:
+    path = _file(k)
+    if not os.path.exists(path):
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:  # truncated or corrupt: a miss, and the entry is rebuilt
+        warnings.warn(f"lrcompile: factor cache entry {path} unreadable ({type(e).__name__}); recomputing", stacklevel=2)
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        return None
+
+
+def store(k: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path = _file(k)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except Exception:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
