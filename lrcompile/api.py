@@ -6,14 +6,17 @@ as the backend does, and run factored under `torch.compile(backend="lrcompile")`
 """
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from typing import Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import attach as store
+from .attention import install_attention
 from .capture import CapturedSite, capture_sites
 from .plan import build, decide
 from .policy import ADAPTERS, load_policy
@@ -47,22 +50,45 @@ def _load_stats(calibration):
     return calibration if isinstance(calibration, CalibrationStats) else CalibrationStats.load(calibration)
 
 
+def _plan_budget(pol, captured, stats):
+    """The policy budget's ranks, allocated once over every site of the model (None without a budget)."""
+    if pol is None or not pol.budget:
+        return None
+    from .budget import plan_ranks
+
+    sites = {c.site.fqn: (c.site.fqn, c.site.dense_weight, c.site.bias) for c in captured
+             if c.site.kind == "linear" and not c.site.installed}
+    return plan_ranks(pol, list(sites.values()), stats)
+
+
 def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, report: Optional[str] = None,
-            verbose: bool = False) -> nn.Module:
+            verbose: bool = False, progress: Optional[bool] = None) -> nn.Module:
     """Apply `policy` to `model` in place and return it. `example_inputs`: tuple of args or dict of kwargs."""
     pol = load_policy(policy)
     stats = _load_stats(calibration)
-    before = weakref.WeakSet(model.parameters())  # weak: swapped-out dense weights must be free to go
+    progress = sys.stderr.isatty() if progress is None else progress
+    # weak: swapped-out dense weights must be free to go (a WeakSet would compare tensors with ==)
+    before = weakref.WeakValueDictionary((id(p), p) for p in model.parameters())
+    # attention rules first: their factors are attached and the projections they claim leave the linear rules
+    attn_rows, claimed = (install_attention(model, pol, example_inputs) if any(r.kind == "attention" for r in pol.rules)
+                          else ([], set()))
     captured = capture_sites(model, example_inputs)
     rep = Report()
+    for row in attn_rows:
+        rep.add(row)
     seen: set = set()
     noble_bases: list[torch.Tensor] = []
+    ranks = _plan_budget(pol, captured, stats)
+    n_sites = len({c.site.fqn for c in captured if c.site.kind == "linear"})
+    bar = tqdm(total=n_sites, desc="lrcompile rewrite", unit="site", disable=not progress)
     for c in captured:
         site = c.site
-        if site.kind != "linear" or site.fqn in seen:
+        if site.kind != "linear" or site.fqn in seen or site.fqn in claimed:
             continue
         seen.add(site.fqn)
-        decision = decide(site, pol)
+        bar.update()
+        bar.set_postfix_str(site.fqn, refresh=False)
+        decision = decide(site, pol, ranks)
         if decision.status == "installed":
             continue
         struct, row = build(site, decision, pol, stats.get(site.fqn) if stats is not None else None)
@@ -70,8 +96,10 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
         if struct is None:
             continue
         _install(model, c, struct, row)
+        if struct.weight is not None:  # an adapter's base (for Conv1D a transposed copy) is a pre-existing weight
+            before[id(struct.weight)] = struct.weight
         if decision.method == "noble":
-            noble_bases.append(site.weight)
+            noble_bases.append(struct.weight if struct.weight is not None else site.weight)
         for other in captured:  # drop our references so the swapped-out dense weight is freed now, site by site
             if other.site.fqn == site.fqn and other is not c:
                 other.site.weight = other.module = None
@@ -82,8 +110,9 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
     if any(r.method in ADAPTERS[:3] for r in pol.rules):  # PEFT-style: only the new branches train
         keep = {id(t) for t in noble_bases}
         for p in model.parameters():
-            if p in before and id(p) not in keep:
+            if before.get(id(p)) is p and id(p) not in keep:
                 p.requires_grad_(False)
+    bar.close()
     del captured
     model.lrcompile_report = rep
     if report:

@@ -1,0 +1,202 @@
+"""Block Tensor-Train (BTT): y[c₀,c₁] = Σ_{a₁,a₀,t} x[a₁,a₀] · W1[a₁,a₀,c₀,t] · W2[c₀,a₁,t,c₁].
+
+in = a₁·a₀ (a₁ input blocks of a₀ features), out = c₀·c₁ (c₀ output blocks of c₁ features), rank t: every
+(c₀, a₁) sub-block of the dense matrix has rank ≤ t. Two batched matmuls with one shuffle between them.
+Monarch (monarch.py) is the same map with a₁ = c₀ = b and t = block size / b, so both share `TwoCore`.
+
+From dense: each (c₀, a₁) sub-block's own truncated SVD — the factors of different sub-blocks are disjoint
+entries of W1/W2, so this is the Frobenius-optimal projection, exact on matrices already in the family.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Optional, Union
+
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import MethodConfig, Structure, mark_owned, register
+
+
+# --- the shared forward ---------------------------------------------------------------------------------------
+def btt_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Optional[torch.Tensor],
+               out_features: int) -> torch.Tensor:
+    """x (..., in) with in ≤ a₁·a₀ (zero-padded up), W1 (a₁, a₀, c₀, t), W2 (c₀, a₁, t, c₁) -> (..., out_features).
+
+    Layout: the first bmm reads x's blocks through a strided view (BLAS takes the row stride, no copy) and
+    writes (a₁, N, c₀·t); the only shuffle copies that small intermediate to (c₀, N, a₁·t) so that the second
+    bmm reads contiguous blocks; the bias rides in the second GEMM's accumulator (baddbmm).
+    """
+    lead, in_f = x.shape[:-1], x.shape[-1]
+    a1, a0, c0, t = w1.shape
+    c1 = w2.shape[-1]
+    x2 = x.reshape(-1, in_f)
+    if in_f != a1 * a0:
+        x2 = F.pad(x2, (0, a1 * a0 - in_f))
+    n = x2.shape[0]
+    z = torch.bmm(x2.view(n, a1, a0).transpose(0, 1), w1.reshape(a1, a0, c0 * t))
+    z = z.view(a1, n, c0, t).permute(2, 1, 0, 3).reshape(c0, n, a1 * t)
+    w2m = w2.reshape(c0, a1 * t, c1)
+    if bias is not None:
+        if out_features != c0 * c1:
+            bias = F.pad(bias, (0, c0 * c1 - out_features))
+        y = torch.baddbmm(bias.view(c0, 1, c1), z, w2m)
+    else:
+        y = torch.bmm(z, w2m)
+    y = y.transpose(0, 1).reshape(n, c0 * c1)
+    if out_features != c0 * c1:
+        y = y[:, :out_features].contiguous()  # callers .view() linear outputs freely
+    return y.view(*lead, out_features)
+
+
+def blockwise_svd(weight: torch.Tensor, a1: int, a0: int, c0: int, c1: int, t: int):
+    """Optimal W1, W2 (see module doc) for an (out, in) weight, zero-padded up to (c₀·c₁, a₁·a₀)."""
+    w = weight.detach()
+    w = w.double() if w.dtype == torch.float64 else w.float()
+    out_f, in_f = w.shape
+    if (out_f, in_f) != (c0 * c1, a1 * a0):
+        w = F.pad(w, (0, a1 * a0 - in_f, 0, c0 * c1 - out_f))
+    blocks = w.reshape(c0, c1, a1, a0).permute(0, 2, 1, 3)  # (c₀, a₁, c₁, a₀)
+    P, S, Qh = torch.linalg.svd(blocks, full_matrices=False)
+    root = S[..., :t].sqrt()
+    w2 = (P[..., :t] * root[..., None, :]).transpose(-1, -2)  # (c₀, a₁, t, c₁)
+    w1 = (Qh[..., :t, :] * root[..., None]).permute(1, 3, 0, 2)  # (c₀, a₁, t, a₀) -> (a₁, a₀, c₀, t)
+    return w1.contiguous(), w2.contiguous()
+
+
+def mup_std(fan_in: int, fan_out: int) -> float:
+    """μP spectral init of one core: (1/√fan_in)·min(1, √(fan_out/fan_in)) (REFERENCE.md, BTT)."""
+    return (1.0 / math.sqrt(fan_in)) * min(1.0, math.sqrt(fan_out / fan_in))
+
+
+class TwoCore(Structure):
+    """Shared body of BTT and Monarch: parameters W1 (a₁, a₀, c₀, t) and W2 (c₀, a₁, t, c₁)."""
+
+    compressing = True
+
+    @classmethod
+    def geometry(cls, in_features: int, out_features: int, cfg) -> tuple[int, int, int, int, int]:
+        """(a₁, a₀, c₀, c₁, t) for this layer; raises ValueError when the family cannot take the shape."""
+        raise NotImplementedError
+
+    def __init__(self, in_features: int, out_features: int, cfg, dtype=None, device=None):
+        super().__init__(in_features, out_features, cfg)
+        a1, a0, c0, c1, t = self.geometry(in_features, out_features, cfg)
+        self.W1 = mark_owned(nn.Parameter(torch.empty(a1, a0, c0, t, dtype=dtype, device=device)))
+        self.W2 = mark_owned(nn.Parameter(torch.empty(c0, a1, t, c1, dtype=dtype, device=device)))
+
+    def _fans(self) -> dict[str, tuple[int, int]]:
+        """(fan_in, fan_out) of each core seen as a batched linear map: W1 a₀ → c₀·t, W2 a₁·t → c₁."""
+        a1, a0, c0, t = self.W1.shape
+        return {"W1": (a0, c0 * t), "W2": (a1 * t, self.W2.shape[-1])}
+
+    @classmethod
+    def init(cls, in_features, out_features, cfg, dtype=None, device=None):
+        """From scratch: μP-scaled Gaussian cores."""
+        m = cls(in_features, out_features, cfg, dtype=dtype, device=device)
+        with torch.no_grad():
+            for name, (fi, fo) in m._fans().items():
+                nn.init.normal_(getattr(m, name), std=mup_std(fi, fo))
+        return m
+
+    @classmethod
+    def from_dense(cls, weight, bias, cfg, stats=None):
+        out_f, in_f = weight.shape
+        if cfg.init == "random":
+            return cls.init(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
+        a1, a0, c0, c1, t = cls.geometry(in_f, out_f, cfg)
+        w1, w2 = blockwise_svd(weight, a1, a0, c0, c1, t)
+        m = cls(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            m.W1.copy_(w1)
+            m.W2.copy_(w2)
+        return m
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """Adam lr multiplier per core (REFERENCE.md): (in / fan_in_core) / number of cores under `init: random`
+        (μP); 1.0 for factors projected from a trained dense weight (they fine-tune at the dense rate)."""
+        if self.cfg.init != "random":
+            return {n: 1.0 for n in ("W1", "W2")}
+        fans = self._fans()
+        return {n: (self.in_features / fi) / len(fans) for n, (fi, _) in fans.items()}
+
+    @classmethod
+    def param_count(cls, in_features, out_features, cfg) -> int:
+        a1, a0, c0, c1, t = cls.geometry(in_features, out_features, cfg)
+        return a1 * a0 * c0 * t + c0 * a1 * t * c1
+
+    @classmethod
+    def flops_per_token(cls, in_features, out_features, cfg) -> int:
+        return 2 * cls.param_count(in_features, out_features, cfg)  # one MAC per core entry per token
+
+    @classmethod
+    def flops(cls, in_features, out_features, cfg, tokens=None):
+        """FLOPs of a call, symbolic in the token count unless `tokens` is given."""
+        n = sympy.Symbol("tokens", positive=True, integer=True) if tokens is None else tokens
+        return n * cls.flops_per_token(in_features, out_features, cfg)
+
+
+# --- BTT ------------------------------------------------------------------------------------------------------
+def _pair(value, what: str) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+        raise ValueError(f"{what} must be a pair of positive ints [outer, inner], got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def even_split(n: int, what: str) -> tuple[int, int]:
+    """n = small·large with the factors as close to √n as possible (small first)."""
+    small = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    if small == 1 and n > 1:
+        raise ValueError(f"{what} {n} is prime: BTT needs a factorization (give {what.split('_')[0]}_factors, "
+                         "or use monarch, which pads)")
+    return small, n // small
+
+
+@dataclasses.dataclass
+class BTTConfig(MethodConfig):
+    rank: Optional[int] = None  # tensor-train rank t: each (c₀, a₁) sub-block has rank ≤ t
+    in_factors: Optional[list] = None  # [a₁, a₀] with a₁·a₀ = in (default: the most even split)
+    out_factors: Optional[list] = None  # [c₀, c₁] with c₀·c₁ = out
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"btt rank is the tensor-train rank, an int >= 1, got {self.rank!r}")
+        _pair(self.in_factors, "in_factors")
+        _pair(self.out_factors, "out_factors")
+
+    def resolve(self, in_features: int, out_features: int) -> "BTTConfig":
+        self.validate()
+        if self.rank is None:
+            raise ValueError("btt needs a 'rank' (the tensor-train rank, an int)")
+        a1, a0 = _pair(self.in_factors, "in_factors") or even_split(in_features, "in_features")
+        c0, c1 = _pair(self.out_factors, "out_factors") or even_split(out_features, "out_features")
+        if a1 * a0 != in_features:
+            raise ValueError(f"in_factors {[a1, a0]} multiply to {a1 * a0}, not in_features {in_features}")
+        if c0 * c1 != out_features:
+            raise ValueError(f"out_factors {[c0, c1]} multiply to {c0 * c1}, not out_features {out_features}")
+        t = min(self.rank, a0, c1)  # a (c₁ × a₀) sub-block has rank ≤ min(c₁, a₀): more is full rank
+        return dataclasses.replace(self, rank=t, in_factors=[a1, a0], out_factors=[c0, c1])
+
+
+@register
+class BTT(TwoCore):
+    name = "btt"
+    Config = BTTConfig
+    tensor_names = ("W1", "W2")
+
+    @classmethod
+    def geometry(cls, in_features, out_features, cfg):
+        r = cfg.resolve(in_features, out_features)
+        (a1, a0), (c0, c1) = r.in_factors, r.out_factors
+        return a1, a0, c0, c1, r.rank
+
+    @staticmethod
+    def functional(x, weight, bias, W1, W2):
+        return btt_matmul(x, W1, W2, bias, W2.shape[0] * W2.shape[-1])
