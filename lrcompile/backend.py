@@ -6,6 +6,7 @@ break; the report and the factors are shared across those calls through a sessio
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import Optional
 
@@ -14,6 +15,8 @@ import torch.fx as fx
 from torch import nn
 
 from . import attach as store
+from . import attention
+from .distributed import check_new_factors
 from .options import Options
 from .passes.rewrite import rewrite_graph
 from .plan import Decision, build, decide, rel_error, site_row
@@ -34,6 +37,7 @@ class Session:
         self.report = Report()
         self.calibration = _load_calibration(opts.calibration)
         self.orphans: dict = {}  # factors of sites whose module could not be found, keyed by weight identity
+        self.ranks: Optional[dict] = None  # the policy budget's allocation, planned once over the whole model
 
 
 _sessions: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -63,10 +67,32 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
     f_locals = frame_locals()
     root = root_module(sites, f_locals)
     session = _session(root, options, opts)
-    chosen, feeds = _plan_graph(sites, session, root, f_locals)
+    if session.policy is not None and session.policy.budget and session.ranks is None and root is not None:
+        from .budget import plan_model
+
+        session.ranks = plan_model(session.policy, root, session.calibration)
+    # attention rules first: the projections they claim are no linear rule's sites (lrcompile.attention)
+    plans, rows = attention.plan_attention(
+        sites, session.policy, lambda s: (site_module(s, root, f_locals) if s.module_expr else root) if root is not None else None,
+        session.orphans, on_new=lambda what: check_new_factors(what, root),
+        attached=attention.attached_bases(root, session.orphans))
+    claimed = attention.claimed_ids(plans)
+    linear = [s for s in sites if s.kind == "linear" and id(s) not in claimed]
+    chosen, feeds = _plan_graph(linear, session, root, f_locals, tune=opts.tune)
+    attn_feeds = []
+    if plans:
+        gm, vm, attn_feeds = attention.rewrite_attention(gm, plans)
+        chosen = [(_remap(site, vm), *rest) for site, *rest in chosen]
+    for row in rows:
+        session.report.add(row)
+    order = []
     if chosen:
         gm, order = rewrite_graph(gm, chosen)
-        feeds = [feeds[id(s)] for s in order]
+    feeds = attn_feeds + [feeds[id(s)] for s in order]
+    if order and opts.fuse_enabled():  # sites + prologue/epilogue -> one kernel op each (passes/fuse.py, lower.py)
+        from .passes.lower import fuse
+
+        gm, _ = fuse(gm, list(example_inputs) + _fakes(example_inputs, feeds))
     if opts.report:
         session.report.write(opts.report)
     if opts.verbose:
@@ -76,13 +102,23 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
     from torch._inductor.compile_fx import compile_fx
 
     inputs = list(example_inputs) + _fakes(example_inputs, feeds)
-    compiled = compile_fx(gm, inputs)
+    # torch.compile(mode=...) means Inductor's mode options, as it does with backend="inductor"
+    patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
+    compiled = compile_fx(gm, inputs, config_patches=patches)
     # compile_fx's callable is called unboxed, whatever its `_boxed_call` says (aot_module_simplified's forward)
     return _Runner(compiled, feeds)
 
 
-def _plan_graph(sites: list[Site], session: Session, root, f_locals):
-    """Decide every site of this graph; returns [(site, structure)] to rewrite and their feeds by structure id."""
+def _remap(site: Site, vm: dict) -> Site:
+    """The site with its nodes in the attention pass's copy of the graph."""
+    get = lambda n: vm[n] if n is not None else None  # noqa: E731
+    return dataclasses.replace(site, node=vm[site.node], input_node=get(site.input_node),
+                               weight_node=get(site.weight_node), bias_node=get(site.bias_node))
+
+
+def _plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool = True):
+    """Decide every site of this graph; returns [(site, structure, implementation)] to rewrite and their feeds by
+    structure id."""
     policy = session.policy
     chosen, feeds = [], {}
     for site in sites:
@@ -90,26 +126,47 @@ def _plan_graph(sites: list[Site], session: Session, root, f_locals):
             session.report.add(SiteRow(fqn=site.fqn, kind=site.kind, method="dense", status="dense",
                                        reason=f"{site.form} attention (attention rewrites not enabled)"))
             continue
-        decision = decide(site, policy)
+        decision = decide(site, policy, session.ranks)
         if decision.status == "installed":
             _report_installed(site, session, root, f_locals)
             continue
         module = site_module(site, root, f_locals) if root is not None else None
         prev = store.attached(module, site.weight) if module is not None else session.orphans.get(id(site.weight))
+        tuned = _tune(site, decision, policy, prev, tune)
+        if tuned is not None and tuned.dense:  # `guard: dense` and the original layer is faster: no factors made
+            _, row = build(site, dataclasses.replace(decision, status="skipped", reason=tuned.why), policy)
+            tuned.annotate(row)
+            session.report.add(row)
+            continue
         if prev is not None:
             row = _reused_row(site, prev, decision, session)
             struct = prev
         else:
+            if decision.rewrites:
+                check_new_factors(site.fqn, root)
             struct, row = build(site, decision, policy, _stats_for(session, site))
             if struct is not None:
                 struct.to(device=site.weight.device)
                 _keep(site, struct, module, session, row)
+        if tuned is not None and struct is not None:
+            tuned.annotate(row)
         session.report.add(row)
         if struct is not None:
-            chosen.append((site, struct))
+            chosen.append((site, struct, tuned.fn if tuned is not None else type(struct).functional))
             if id(struct) not in feeds:
                 feeds[id(struct)] = store.Feed(struct, site.weight, site.transposed, _stats_for(session, site))
     return chosen, feeds
+
+
+def _tune(site: Site, decision: Decision, policy, prev: Optional[Structure], enabled: bool):
+    """The autotuner's choice for a site (lrcompile.tune). The original dense layer is a choice only under the
+    policy's `guard: dense` and only before factors exist: attached factors may be trained or loaded (the truth)."""
+    if not decision.rewrites or (prev is not None and not store.same_config(prev, FAMILIES[decision.method], decision.config)):
+        return None
+    from .tune import tune_site
+
+    guard = decision.rule.guard if decision.rule.guard is not None else policy.defaults.guard
+    return tune_site(site, decision, allow_dense=guard == "dense" and prev is None, enabled=enabled)
 
 
 def _stats_for(session: Session, site: Site):

@@ -78,6 +78,78 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _token_counts(text: str) -> list[int]:
+    """`8x128,1024` -> [1024, 1024]: batch×seq products or plain token counts."""
+    out = []
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            n = 1
+            for f in part.lower().split("x"):
+                n *= int(f)
+        except ValueError:
+            raise LrcompileError(f"--shapes {text!r}: {part!r} is not a token count or BATCHxSEQ") from None
+        if n < 1:
+            raise LrcompileError(f"--shapes {text!r}: {part!r} has no tokens")
+        out.append(n)
+    return out
+
+
+def cmd_warmup(args) -> int:
+    from .policy import load_policy
+    from .tune import warmup
+
+    tokens = _token_counts(args.shapes) if args.shapes else None
+    if args.from_log:
+        specs, skipped = warmup.log_specs()
+        for line in skipped:
+            print(f"skipped: {line}", file=sys.stderr)
+        source = "the shape log"
+    else:
+        if not (args.policy and args.model):
+            raise LrcompileError("warmup: give --policy and --model, or --from-log")
+        model, example = _factory(args.model)
+        specs = warmup.model_specs(model, example, load_policy(args.policy))
+        source = args.model
+    specs = warmup.expand(specs, tokens)
+    s = warmup.tune_all(specs, args.budget)
+    from .tune import cache
+
+    print(f"warmup: {s['shapes']} shapes from {source}: {s['measured']} measured, {s['cached']} already cached"
+          + (f", {s['failed']} failed" if s["failed"] else "") + f" in {s['seconds']:.1f} s; cache {cache.path()}")
+    return 1 if s["failed"] else 0
+
+
+def cmd_cache(args) -> int:
+    from tabulate import tabulate
+
+    from .cache_dir import cache_root
+    from .tune import cache, shapelog
+    from .tune.select import pick
+
+    try:
+        if args.action == "list":
+            rows = []
+            for key, e in sorted(cache.entries().items()):
+                sp = e.get("spec", {})
+                impl, _ = pick(e, allow_dense=False)
+                times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(e["ms"].items(), key=lambda kv: kv[1]))
+                rows.append([sp.get("family", key.split("|")[0]), f"{sp.get('in_features')}→{sp.get('out_features')}",
+                             sp.get("tokens"), sp.get("dtype"), e.get("env", {}).get("device", ""), impl, times])
+            print(tabulate(rows, headers=["family", "shape", "tokens", "dtype", "device", "chosen", "ms"]))
+            print(f"{len(rows)} entries in {cache.path()}")
+        elif args.action == "clear":
+            n = cache.clear()
+            shapelog.clear()
+            print(f"cleared {n} autotune entries and the shape log under {cache_root()}")
+        elif args.action == "export":
+            print(f"exported {cache.export(args.file)} entries to {args.file}")
+        else:
+            print(f"imported {cache.import_(args.file)} entries from {args.file} into {cache.path()}")
+    except (OSError, ValueError) as e:
+        raise LrcompileError(f"cache {args.action}: {e}") from None
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lrcompile", description="Low-rank / structured / adapter rewrites for torch.compile.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -96,7 +168,20 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--report", default=None, help="also write the report JSON here")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("warmup", help="fill the autotune cache for a model/policy's site shapes, or from the shape log")
+    p.add_argument("--policy", help="policy YAML (with --model)")
+    p.add_argument("--model", help="module:factory returning (model, example_inputs)")
+    p.add_argument("--shapes", help="token counts to tune for, e.g. 8x128,1x2048 (default: those the example shows)")
+    p.add_argument("--from-log", action="store_true", help="tune every shape recorded by earlier compiles")
+    p.add_argument("--budget", type=float, default=0.5, help="timing seconds per distinct shape (default 0.5)")
+    p.set_defaults(fn=cmd_warmup)
+    p = sub.add_parser("cache", help="list, clear, export or import the autotune cache")
+    p.add_argument("action", choices=["list", "clear", "export", "import"])
+    p.add_argument("file", nargs="?", help="JSON file for export / import")
+    p.set_defaults(fn=cmd_cache)
     args = ap.parse_args(argv)
+    if args.fn is cmd_cache and args.action in ("export", "import") and not args.file:
+        ap.error(f"cache {args.action} needs a FILE")
     try:
         return args.fn(args)
     except LrcompileError as e:

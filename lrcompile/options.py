@@ -17,6 +17,14 @@ class Options:
     verbose: bool = False  # print the report table after each backend call
     tune: bool = True
     strict: Optional[bool] = None  # overrides the policy's defaults.strict
+    fuse: Optional[bool] = None  # fuse sites with their prologue/epilogue into kernel ops; None: on iff CUDA is available
+
+    def fuse_enabled(self) -> bool:
+        if self.fuse is not None:
+            return bool(self.fuse)
+        import torch
+
+        return torch.cuda.is_available()
 
     @classmethod
     def parse(cls, options: Optional[dict]) -> "Options":

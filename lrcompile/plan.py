@@ -30,6 +30,7 @@ class Decision:
     config: object = None  # resolved family config (rank an int), when the site is to be rewritten
     reason: Optional[str] = None
     notes: list = dataclasses.field(default_factory=list)
+    allocated_rank: Optional[int] = None  # the rank a policy budget gave this site (lrcompile.budget)
 
     @property
     def rewrites(self) -> bool:
@@ -45,7 +46,8 @@ def _row(site: Site, method: str, status: str, **kw) -> SiteRow:
                    flops_before=fl, flops_after=fl, **kw)
 
 
-def decide(site: Site, policy: Optional[Policy]) -> Decision:
+def decide(site: Site, policy: Optional[Policy], ranks: Optional[dict] = None) -> Decision:
+    """`ranks`: the budget's allocation (lrcompile.budget.plan_ranks), FQN -> rank or None (stay dense)."""
     if site.installed:
         return Decision(site.fqn, None, site.module_type.name if _is_structure(site.module_type) else "installed",
                         "installed", reason="installed by lrcompile")
@@ -61,8 +63,20 @@ def decide(site: Site, policy: Optional[Policy]) -> Decision:
     if cls.compressing and min(site.in_features, site.out_features) < min_features:
         return Decision(site.fqn, rule, rule.method, "skipped",
                         reason=f"min(in, out) = {min(site.in_features, site.out_features)} < min_features {min_features}")
-    cfg = rule.config.resolve(site.in_features, site.out_features) if hasattr(rule.config, "resolve") else rule.config
-    d = Decision(site.fqn, rule, rule.method, "rewritten", config=cfg)
+    cfg, allocated = rule.config, None
+    planned = ranks is not None and site.fqn in ranks
+    if cls.compressing and hasattr(cfg, "rank") and (planned or cfg.rank is None):
+        if not planned:
+            return Decision(site.fqn, rule, rule.method, "skipped", reason="no rank: the budget planned none for this site")
+        if ranks[site.fqn] is None:
+            return Decision(site.fqn, rule, rule.method, "dense", reason="the budget keeps it dense (low rank saves too little)")
+        allocated = int(ranks[site.fqn])
+        cfg = dataclasses.replace(cfg, rank=allocated)
+    try:  # a shape the family cannot take (e.g. BLAST blocks that do not divide) keeps the site dense
+        cfg = cfg.resolve(site.in_features, site.out_features) if hasattr(cfg, "resolve") else cfg
+    except ValueError as e:
+        return Decision(site.fqn, rule, rule.method, "failed", reason=str(e))
+    d = Decision(site.fqn, rule, rule.method, "rewritten", config=cfg, allocated_rank=allocated)
     if cls.compressing and cls.param_count(site.in_features, site.out_features, cfg) >= site.weight.numel():
         d.notes.append("saves nothing at this rank (at or above break-even)")
     return d
@@ -98,6 +112,20 @@ def from_dense_cached(cls, weight: torch.Tensor, cfg, stats, use_cache: bool) ->
     return struct, False
 
 
+def _take_residual(site: Site, struct: Structure) -> None:
+    """Adapter inits that move part of W into the branch (PiSSA; NOBLE `init: scratch`) hand the new base weight
+    over once through `residual_weight()`; it replaces the stored weight's values in place (same Parameter)."""
+    take = getattr(struct, "residual_weight", None)
+    res = take() if take is not None else None
+    if res is None:
+        return
+    wpath = site.weight_path or site.fqn
+    if wpath != site.fqn and not wpath.startswith(site.fqn + "."):
+        raise ValueError(f"init {struct.cfg.init} replaces the base weight, which is tied to '{wpath}'; untie it first")
+    with torch.no_grad():
+        site.dense_weight.copy_(res)
+
+
 def build(site: Site, decision: Decision, policy: Policy, stats=None, use_cache: bool = True
           ) -> tuple[Optional[Structure], SiteRow]:
     """Factorise one site. A failure or an error over `max_error` keeps it dense (raises under `strict`)."""
@@ -110,6 +138,7 @@ def build(site: Site, decision: Decision, policy: Policy, stats=None, use_cache:
     t0 = time.perf_counter()
     try:
         struct, cached = from_dense_cached(cls, site.dense_weight, decision.config, stats, use_cache)
+        _take_residual(site, struct)
         err = rel_error(struct, site.dense_weight)
     except Exception as e:  # any failure leaves the site dense, loudly
         msg = f"{site.fqn}: {decision.method} failed ({type(e).__name__}: {e}); kept dense"
@@ -127,7 +156,10 @@ def build(site: Site, decision: Decision, policy: Policy, stats=None, use_cache:
         return None, _row(site, decision.method, "skipped", rel_error=err, reason=f"rel_error {err:.3g} > max_error {limit}",
                           rule=where)
     notes = list(decision.notes) + (["factors from cache"] if cached else [])
-    return struct, site_row(site, struct, "rewritten", rel_error=err, rule=where, notes=notes, seconds=seconds)
+    from .whiten import site_quality
+
+    return struct, site_row(site, struct, "rewritten", rel_error=err, rule=where, notes=notes, seconds=seconds,
+                            allocated_rank=decision.allocated_rank, **site_quality(struct, site.dense_weight, stats, notes))
 
 
 def site_row(site: Site, struct: Structure, status: str, **kw) -> SiteRow:

@@ -18,13 +18,14 @@ import yaml
 from .errors import PolicyError
 from .structures import FAMILIES, parse_config
 from .structures.base import MethodConfig
+from .attention_config import ATTENTION_CONFIGS
 
 TOP_KEYS = ("version", "defaults", "rules", "budget")
 DEFAULT_KEYS = ("min_features", "max_error", "strict", "guard")
 KINDS = ("linear", "attention")
-# Methods that keep a site as it is, per kind. Attention rewrites beyond `dense` arrive with their own issue.
+# Methods that keep a site as it is, per kind; attention sites also take the rewrites of attention_config.py.
 KEEP = "dense"
-ATTENTION_METHODS = (KEEP,)
+ATTENTION_METHODS = (KEEP, *ATTENTION_CONFIGS)
 ADAPTERS = ("lora", "dora", "vera", "noble")
 
 
@@ -46,6 +47,7 @@ class Rule:
     config: Optional[MethodConfig]  # None for `dense`
     max_error: Optional[float] = None
     min_features: Optional[int] = None
+    guard: Optional[str] = None  # 'dense': the autotuner may keep the original layer where it is faster
 
     def matches(self, fqn: str) -> bool:
         pats = self.match if isinstance(self.match, list) else [self.match]
@@ -229,7 +231,7 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
     if kind not in KINDS:
         fail("kind", f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
     method = data.get("method")
-    known = (KEEP, *sorted(FAMILIES))
+    known = (KEEP, *sorted(FAMILIES), *ATTENTION_CONFIGS)
     if method is None:
         fail("method", f"missing 'method' (known: {', '.join(known)})")
     if method not in known:
@@ -237,6 +239,8 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
         fail("method", f"unknown method {method!r}" + (f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(known)})"))
     if kind == "attention" and method not in ATTENTION_METHODS:
         fail("method", f"method {method!r} does not apply to attention sites (kind: attention takes: {', '.join(ATTENTION_METHODS)})")
+    if kind == "linear" and method in ATTENTION_CONFIGS:
+        fail("method", f"method {method!r} applies to attention sites only (add 'kind: attention')")
     for key in ("max_error", "min_features"):
         if key in data:
             _check_default(key, data[key], lambda m, k=key: fail(k, m))
@@ -250,17 +254,17 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
     else:
         options = {k: v for k, v in data.items()}
         try:
-            config = parse_config(FAMILIES[method], options, "")
+            config = parse_config(FAMILIES.get(method) or ATTENTION_CONFIGS[method], options, "")
         except PolicyError as e:
             msg = str(e).lstrip(": ")
             # point at the offending key's line: the first option the message names
             bad = next((k for k in data if k not in ("match", "method") and re.search(rf"\b{re.escape(str(k))}\b", msg)), None)
             fail(bad, msg)
-        if FAMILIES[method].compressing and getattr(config, "rank", 0) is None and "rank" in {
+        if method in FAMILIES and FAMILIES[method].compressing and getattr(config, "rank", 0) is None and "rank" in {
             f.name for f in dataclasses.fields(config)
         } and not has_budget:
             fail("method", f"method {method!r} needs a 'rank' (int, or float fraction in (0, 1]) unless the policy sets a budget")
     return Rule(
         index=index, line=line, match=match, kind=kind, method=method, config=config,
-        max_error=data.get("max_error"), min_features=data.get("min_features"),
+        max_error=data.get("max_error"), min_features=data.get("min_features"), guard=data.get("guard"),
     )

@@ -34,6 +34,12 @@ class SiteRow:
     reason: Optional[str] = None
     notes: list = dataclasses.field(default_factory=list)
     seconds: Optional[float] = None
+    allocated_rank: Optional[int] = None  # rank given by the policy budget (lrcompile.budget)
+    kept_energy: Optional[float] = None  # fraction of the (whitened) spectrum's energy the rank keeps
+    weighted_error: Optional[float] = None  # ‖(W−Ŵ)Xᵀ‖/‖W Xᵀ‖ on the calibration activations
+    impl: Optional[str] = None  # implementation the autotuner chose (lrcompile.tune); the note says why
+    tuned_ms: Optional[float] = None  # its median time at the site's token bucket
+    dense_ms: Optional[float] = None  # the original dense layer's, measured beside it (compressing families)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -27,7 +27,7 @@ SOFTMAX_TARGETS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.soft
 # Ops that may sit between QKᵀ and softmax, or between softmax and the V matmul, in hand-written attention.
 PASSTHROUGH = {operator.truediv, operator.mul, operator.add, torch.div, torch.mul, torch.add, torch.where,
                torch.nn.functional.dropout, torch.masked_fill, torch.Tensor.masked_fill}
-PASSTHROUGH_METHODS = {"masked_fill", "to", "type_as", "float", "div", "mul", "add", "__truediv__", "contiguous"}
+PASSTHROUGH_METHODS = {"masked_fill", "to", "type", "type_as", "float", "div", "mul", "add", "__truediv__", "contiguous"}
 
 _ROOT = re.compile(r"^[A-Za-z_]+(\[[^\]]*\])+")
 

@@ -33,14 +33,16 @@ def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name).strip("_") or "root"
 
 
-def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple[Site, Structure]]) -> tuple[fx.GraphModule, list[Structure]]:
-    """Returns the rewritten copy and the structures whose tensors the new trailing inputs expect, in order."""
+def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple]) -> tuple[fx.GraphModule, list[Structure]]:
+    """`chosen`: (site, structure) or (site, structure, fn), fn an implementation of the family's `functional`
+    (the autotuner's choice). Returns the rewritten copy and the structures whose tensors the new trailing inputs
+    expect, in order."""
     new, val_map = _copy(gm)
     graph = new.graph
     last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
     inputs: dict[int, list[fx.Node]] = {}
     order: list[Structure] = []
-    for site, struct in chosen:
+    for site, struct, *impl in chosen:
         if id(struct) not in inputs:  # a module called twice is one set of factors
             phs = []
             with graph.inserting_after(last_ph):
@@ -60,7 +62,8 @@ def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple[Site, Structure]]) -> t
                 weight = val_map[site.weight_node]
                 if site.transposed:
                     weight = graph.call_method("t", (weight,))
-            repl = graph.call_function(type(struct).functional, (x, weight, bias, *inputs[id(struct)]))
+            fn = impl[0] if impl else type(struct).functional
+            repl = graph.call_function(fn, (x, weight, bias, *inputs[id(struct)]))
         repl.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
         node.replace_all_uses_with(repl)
         graph.erase_node(node)

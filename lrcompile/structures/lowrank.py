@@ -1,18 +1,21 @@
 """Low-rank factorisation W ≈ U V: U (out×r), V (r×in); y = (x Vᵀ) Uᵀ + b.
 
 From dense by truncated SVD with the singular values split evenly (U = P√S, V = √S Qᵀ): balanced factors
-train well under Adam (REFERENCE.md: unbalanced whitened factors wrecked a healing run).
+train well under Adam (REFERENCE.md: unbalanced whitened factors wrecked a healing run). Activation-aware inits
+(`whitened_svd`, `asvd`) and the least-squares `compensate` step live in lrcompile/whiten.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import whiten
 from .base import MethodConfig, Structure, mark_owned, register
 
 
@@ -42,11 +45,21 @@ def check_rank(rank, *, allow_none: bool) -> None:
 @dataclasses.dataclass
 class LowRankConfig(MethodConfig):
     rank: Optional[Union[int, float]] = None
+    compensate: bool = False  # refit U by least squares on the calibration activations (needs statistics)
+    damping: float = 0.01  # λ in C + λ·mean(diag C)·I for whitening / compensation
+    asvd_alpha: float = 0.5  # ASVD channel-scale exponent: mean|x|^α
 
-    INITS: ClassVar[tuple[str, ...]] = ("svd", "whitened_svd", "random")
+    INITS: ClassVar[tuple[str, ...]] = ("svd", "whitened_svd", "asvd", "random")
+    ACTIVATION_AWARE: ClassVar[tuple[str, ...]] = ("whitened_svd", "asvd")
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.compensate, bool):
+            raise ValueError(f"compensate must be true or false, got {self.compensate!r}")
+        for key in ("damping", "asvd_alpha"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{key} must be a non-negative number, got {v!r}")
         check_rank(self.rank, allow_none=True)  # a budget may allocate it; the planner insists otherwise
 
     def resolve(self, in_features: int, out_features: int) -> "LowRankConfig":
@@ -88,12 +101,28 @@ class LowRank(Structure):
         out_f, in_f = weight.shape
         if cfg.init == "random":
             return cls.init(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
-        P, S, Qh = truncated_svd(weight, cfg.rank)
-        root = S.sqrt()
+        init = cfg.init
+        if init in cfg.ACTIVATION_AWARE and stats is None:
+            warnings.warn(f"lrcompile: lowrank init {init!r} has no calibration statistics for this "
+                          f"{out_f}x{in_f} weight; using plain svd", stacklevel=3)
+            init = "svd"
+        if init == "whitened_svd":
+            U, V, kept = whiten.whitened_svd(weight, stats.cov, cfg.rank, cfg.damping)
+        elif init == "asvd":
+            U, V, kept = whiten.asvd(weight, stats.abs_mean, cfg.rank, cfg.asvd_alpha)
+        else:
+            P, S, Qh = truncated_svd(weight, cfg.rank)
+            U, V = P * S.sqrt(), S.sqrt()[:, None] * Qh
+            total = float(weight.detach().double().square().sum())
+            kept = float(S.double().square().sum()) / total if total > 0 else 1.0  # ‖W‖_F² = Σ σ²
+        if cfg.compensate and stats is not None:
+            U, V = whiten.balance(whiten.compensate(weight, U, V, stats.cov, cfg.damping), V)
         m = cls(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
-            m.U.copy_(P * root)
-            m.V.copy_(root[:, None] * Qh)
+            m.U.copy_(U)
+            m.V.copy_(V)
+        m.kept_energy = kept  # fraction of the (whitened) spectrum's energy the rank keeps: for the report
+        m.init_used = init
         return m
 
     @staticmethod

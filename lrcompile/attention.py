@@ -1,0 +1,461 @@
+"""Attention sites under `kind: attention` rules: which projections feed them, their factors, their rewrite.
+
+An attention site (an SDPA call or a hand-written softmax(QKᵀ)V chain, lrcompile.sites) is associated with its
+Q, K and V projections through the graph's dataflow: from the attention's q/k/v operands back through views,
+transposes, RoPE, KV-cache concatenation and GPT-2's split of a fused c_attn, to the first linear site on each
+path (with the rows it contributes when the path went through a split of the last dim). The passes live in
+lrcompile/passes/ (sdpa.py, fused_qkv.py, shared_kv.py); this module decides, builds factors and reports.
+
+Low-rank factors (fused_qkv with `rank`, shared_kv) are a `SharedBasis` attached to the attention module
+(`self_attn.lrcompile_qkv` / `.lrcompile_kv`): they are parameters of the model, found again by a recompile or
+another graph, and `lrcompile.rewrite` makes them before an optimizer or DDP exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+import warnings
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import SiteError
+from .passes import fused_qkv as fused_pass
+from .passes import shared_kv as shared_pass
+from .passes.projection import Part
+from .passes.rewrite import _copy, _safe
+from .passes.sdpa import rewrite_sdpa
+from .report import SiteRow
+from .sites import SDPA_TARGETS, Site, _through
+from .structures.base import mark_owned
+from .structures.lowrank import resolve_rank, truncated_svd
+
+CHILD = {"fused_qkv": "lrcompile_qkv", "shared_kv": "lrcompile_kv"}
+ROLES = {"fused_qkv": fused_pass.ROLES, "shared_kv": shared_pass.ROLES}
+_WALK_LIMIT = 400  # nodes visited per operand before giving up (a projection is a few ops away)
+
+
+class SharedBasis(nn.Module):
+    """[W_1; …; W_n] ≈ U V: V (r × in) shared, U (Σout × r); y_i = (x Vᵀ) U_iᵀ. Balanced split of the SVD."""
+
+    compressing = True
+
+    def __init__(self, method: str, in_features: int, sizes: list[int], rank: int, dtype=None, device=None):
+        super().__init__()
+        self.method, self.in_features, self.sizes, self.rank = method, in_features, list(sizes), rank
+        self.V = mark_owned(nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device)))
+        self.U = mark_owned(nn.Parameter(torch.empty(sum(sizes), rank, dtype=dtype, device=device)))
+
+    @classmethod
+    def from_stacked(cls, method: str, weight: torch.Tensor, sizes: list[int], rank: int) -> "SharedBasis":
+        m = cls(method, weight.shape[1], sizes, rank, dtype=weight.dtype, device=weight.device)
+        m.refit(weight)
+        return m
+
+    def refit(self, weight: torch.Tensor) -> None:
+        P, S, Qh = truncated_svd(weight, self.rank)
+        with torch.no_grad():
+            self.U.copy_(P * S.sqrt())
+            self.V.copy_(S.sqrt()[:, None] * Qh)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.V, self.U]
+
+    def to_dense(self) -> torch.Tensor:
+        return self.U @ self.V
+
+    def extra_repr(self) -> str:
+        return f"{self.method}: in={self.in_features}, out={self.sizes}, rank={self.rank}"
+
+
+def stacked_weight(parts: list[Part]) -> torch.Tensor:
+    return torch.cat([s.dense_weight[a:b] for s, (a, b) in parts]).detach()
+
+
+class AttnFeed:
+    """Supplies a SharedBasis to the compiled graph, refitting it when the dense weights moved and it did not."""
+
+    def __init__(self, struct: SharedBasis, parts: list[Part]):
+        self.struct = struct
+        self.sources = [(s.weight, s.transposed, ab) for s, ab in parts]
+        if not hasattr(struct, "_lrc_weight_versions"):
+            self._record()
+
+    def _record(self) -> None:
+        self.struct._lrc_weight_versions = tuple(w._version for w, _, _ in self.sources)
+        self.struct._lrc_factor_versions = tuple(t._version for t in self.struct.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        if tuple(w._version for w, _, _ in self.sources) != self.struct._lrc_weight_versions:
+            trained = tuple(t._version for t in self.struct.tensors()) != self.struct._lrc_factor_versions
+            if not trained:
+                self.struct.refit(torch.cat([(w.T if t else w)[a:b] for w, t, (a, b) in self.sources]).detach())
+            self._record()
+        return self.struct.tensors()
+
+
+# --- dataflow: attention operands -> projections ------------------------------------------------------------
+
+def _arg(node: fx.Node, i: int, name: str):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+
+def operands(site: Site) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
+    """(q, k, v) nodes of an attention site; for the hand-written form k is the operand before its transpose."""
+    node = site.node
+    if site.form == "sdpa" or (node.op == "call_function" and node.target in SDPA_TARGETS):
+        return _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
+    qk = _through(node.args[0], up=True)
+    pv = _through(next(iter(node.users)), up=False)
+    if qk is None or pv is None:
+        return None
+    kt = qk.args[1]
+    k = kt.args[0] if isinstance(kt, fx.Node) and kt.op in ("call_method", "call_function") and kt.args else kt
+    return qk.args[0], k, pv.args[1]
+
+
+def _val(node):
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def _split_rows(node: fx.Node) -> Optional[tuple[fx.Node, tuple[int, int]]]:
+    """`split(y, n, dim=-1)[i]` / `chunk(y, c, -1)[i]` -> (y, rows of y's last dim), else None."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)):
+        return None
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or src.target not in ("split", "chunk", torch.split, torch.chunk):
+        return None
+    y = src.args[0]
+    size, dim = _arg(src, 1, "split_size_or_sections" if src.target in ("split", torch.split) else "chunks"), _arg(src, 2, "dim")
+    val = _val(y)
+    if val is None or not isinstance(dim, int) or dim % val.ndim != val.ndim - 1:
+        return None
+    n = int(val.shape[-1])
+    if src.target in ("chunk", torch.chunk):
+        size = -(-n // size)
+    sizes = list(size) if isinstance(size, (list, tuple)) else [size] * (-(-n // size))
+    i = node.args[1]
+    a = sum(sizes[:i])
+    return y, (a, min(a + sizes[i], n))
+
+
+def sources(node: fx.Node, by_node: dict) -> list[Part]:
+    """The linear sites (and their rows) that the value of `node` is computed from, nearest first."""
+    found, seen, stack = [], set(), [(node, None)]
+    while stack and len(seen) < _WALK_LIMIT:
+        n, rows = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n in by_node:
+            s = by_node[n]
+            if rows is not None and (_val(n) is None or int(_val(n).shape[-1]) != s.out_features):
+                rows = None  # the split was not over this projection's features
+            found.append((s, rows or (0, s.out_features)))
+            continue
+        split = _split_rows(n)
+        if split is not None:
+            stack.append((split[0], split[1]))
+            continue
+        stack.extend((a, rows) for a in n.all_input_nodes)
+    return found
+
+
+def projections(site: Site, roles: tuple[str, ...], by_node: dict) -> tuple[Optional[list[Part]], Optional[str]]:
+    ops = operands(site)
+    if ops is None:
+        return None, "q/k/v operands not found"
+    parts = []
+    for role, node in zip("qkv", ops):
+        if role not in roles:
+            continue
+        src = {(id(s), ab): (s, ab) for s, ab in sources(node, by_node)}
+        if len(src) != 1:
+            what = ", ".join(s.fqn for s, _ in src.values()) or "none"
+            return None, f"{role} comes from {len(src)} linear projections ({what}), not one"
+        parts.append(next(iter(src.values())))
+    if len({id(s.input_node) for s, _ in parts}) != 1:
+        return None, f"the {'/'.join(roles)} projections read different inputs"
+    if any(s.installed for s, _ in parts):
+        return None, "a projection was already rewritten by lrcompile"
+    spans = sorted((id(s), ab) for s, ab in parts)
+    if any(x[0] == y[0] and x[1][1] > y[1][0] for x, y in zip(spans, spans[1:])):
+        return None, f"the {'/'.join(roles)} projections overlap"
+    return parts, None
+
+
+# --- planning -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class AttnPlan:
+    site: Optional[Site]  # None: projections of attached factors found without their attention (see _groups)
+    method: str
+    row: SiteRow
+    parts: list = dataclasses.field(default_factory=list)
+    struct: Optional[SharedBasis] = None
+    feed: Optional[AttnFeed] = None
+
+
+def _fail(site, rule, policy, method, reason) -> SiteRow:
+    where = policy.where(rule)
+    if policy.defaults.strict:
+        raise SiteError(f"{where}: {site.fqn or '<root>'}: {method} not applied ({reason})")
+    return SiteRow(fqn=site.fqn, kind="attention", method=method, status="failed", reason=reason, rule=where)
+
+
+def plan_attention(sites: list[Site], policy, module_of: Callable[[Site], Optional[nn.Module]], orphans: dict,
+                   on_new: Optional[Callable[[str], None]] = None, attached: tuple = ()
+                   ) -> tuple[list[AttnPlan], list[SiteRow]]:
+    """Decide every attention site of a graph. Returns the plans and rows for every site: the attention rows
+    and, for projections an attention rewrite claims, their linear rows.
+
+    `attached`: the SharedBasis modules already on the model. Their projections are rewritten wherever they
+    appear, even in a graph without the attention itself (a graph break, or a DDPOptimizer split at a bucket
+    boundary between the projections and the attention)."""
+    plans, rows = [], []
+    by_node = {s.node: s for s in sites if s.kind == "linear"}
+    claimed: set = set()
+    for site in sites:
+        if site.kind != "attention":
+            continue
+        rule = policy.match(site.fqn, "attention") if policy is not None else None
+        if rule is None or rule.method == "dense":
+            rows.append(SiteRow(fqn=site.fqn, kind="attention", method="dense", status="dense",
+                                reason=f"{site.form} attention; " + (f"{rule.label} keeps it dense" if rule else "no attention rule matches"),
+                                rule=policy.where(rule) if rule else None))
+            continue
+        where = policy.where(rule)
+        if rule.method == "sdpa":
+            if site.form == "sdpa":
+                rows.append(SiteRow(fqn=site.fqn, kind="attention", method="sdpa", status="dense", rule=where,
+                                    reason="already scaled_dot_product_attention"))
+            else:
+                plans.append(AttnPlan(site, "sdpa", SiteRow(fqn=site.fqn, kind="attention", method="sdpa", status="rewritten", rule=where)))
+                rows.append(plans[-1].row)
+            continue
+        parts, why = projections(site, ROLES[rule.method], by_node)
+        if parts is not None and any(id(s) in claimed for s, _ in parts):
+            parts, why = None, "a projection is already claimed by another attention site"
+        if parts is None:
+            rows.append(_fail(site, rule, policy, rule.method, why))
+            continue
+        plan, prow = _plan_projection(site, rule, policy, parts, module_of, orphans, on_new)
+        rows.append(prow)
+        if plan is None:
+            continue
+        plans.append(plan)
+        claimed.update(id(s) for s, _ in parts)
+        rows.extend(_claimed_rows(plan))
+    for struct in attached:
+        for parts in _groups(struct, [s for s in sites if s.kind == "linear" and id(s) not in claimed]):
+            row = _row(struct.site_fqn, struct.method, None, parts)
+            row.status, row.rank = "installed", struct.rank
+            row.params_after = struct.rank * (struct.in_features + sum(struct.sizes)) + row.params_before - row.flops_before // 2
+            row.flops_after = 2 * struct.rank * (struct.in_features + sum(struct.sizes))
+            row.notes.append("factors attached earlier; projections found without their attention in this graph")
+            plan = AttnPlan(None, struct.method, row, parts, struct, AttnFeed(struct, parts))
+            plans.append(plan)
+            claimed.update(id(s) for s, _ in parts)
+            rows.extend(_claimed_rows(plan))
+    return plans, rows
+
+
+def attached_bases(root: Optional[nn.Module], orphans: dict) -> list:
+    found = [m for m in root.modules() if isinstance(m, SharedBasis)] if root is not None else []
+    return found + [m for m in orphans.values() if isinstance(m, SharedBasis)]
+
+
+def _groups(struct: "SharedBasis", linear: list[Site]):
+    """The sets of this graph's linear sites that are `struct`'s recorded projections, one per call."""
+    sources = getattr(struct, "sources", None)
+    if not sources:
+        return
+    by_fqn: dict = {}
+    for s in linear:
+        by_fqn.setdefault(s.fqn, []).append(s)
+    for s0 in by_fqn.get(sources[0][0], []):
+        parts = []
+        for fqn, (a, b) in sources:
+            cand = [s for s in by_fqn.get(fqn, []) if s.input_node is s0.input_node and s.out_features >= b]
+            if not cand or cand[0].in_features != struct.in_features:
+                break
+            parts.append((cand[0], (a, b)))
+        else:
+            yield parts
+
+
+def _row(fqn: str, method: str, where: Optional[str], parts: list[Part]) -> SiteRow:
+    in_f = parts[0][0].in_features
+    names = ", ".join(f"{r}={s.fqn}" + ("" if ab == (0, s.out_features) else f"[{ab[0]}:{ab[1]}]")
+                      for r, (s, ab) in zip(ROLES[method], parts))
+    weights = sum(b - a for _, (a, b) in parts) * in_f
+    bias = sum(b - a for s, (a, b) in parts if s.bias is not None)
+    row = SiteRow(fqn=fqn, kind="attention", method=method, status="rewritten", rule=where, in_features=in_f,
+                  out_features=sum(b - a for _, (a, b) in parts), params_before=weights + bias,
+                  params_after=weights + bias, flops_before=2 * weights, flops_after=2 * weights,
+                  notes=[f"projections: {names}"])
+    return row
+
+
+def _plan_projection(site, rule, policy, parts, module_of, orphans, on_new):
+    cfg, method, where = rule.config, rule.method, policy.where(rule)
+    in_f = parts[0][0].in_features
+    sizes = [b - a for _, (a, b) in parts]
+    out = sum(sizes)
+    bias = sum(b - a for s, (a, b) in parts if s.bias is not None)
+    row = _row(site.fqn, method, where, parts)
+    if cfg.rank is None:  # dense fused_qkv: the sites' own weights, concatenated in the graph
+        why = fused_pass.refuse(parts, low_rank=False)
+        if why is not None:
+            row.status, row.reason = "dense", why
+            return None, row
+        return AttnPlan(site, method, row, parts), row
+    rank = resolve_rank(cfg.rank, in_f, out)
+    min_features = rule.min_features if rule.min_features is not None else policy.defaults.min_features
+    if min(in_f, out) < min_features:
+        row.status, row.reason = "skipped", f"min(in, out) = {min(in_f, out)} < min_features {min_features}"
+        return None, row
+    module = module_of(site)
+    name = CHILD[method]
+    prev = getattr(module, name, None) if module is not None else orphans.get((site.fqn, method))
+    if isinstance(prev, SharedBasis) and prev.sizes == sizes and prev.in_features == in_f:
+        struct = prev  # made by this session, a recompile, or lrcompile.rewrite; another rank: used as it is
+        if prev.rank != rank:
+            row.status = "installed"
+            row.notes.append(f"factors attached earlier with rank {prev.rank} (the rule asks {rank}): used as they are")
+            rank = prev.rank
+        else:
+            row.notes.append("factors reused")
+    else:
+        if on_new is not None:
+            on_new(f"{site.fqn}.{name}")
+        struct = SharedBasis.from_stacked(method, stacked_weight(parts), sizes, rank)
+        # recorded so that a graph holding the projections but not the attention still finds them
+        struct.site_fqn, struct.sources = site.fqn, [(s.fqn, ab) for s, ab in parts]
+        if module is not None:
+            module.add_module(name, struct)
+        else:
+            orphans[(site.fqn, method)] = struct
+            row.notes.append("module not found: factors are not registered on the model")
+    with torch.no_grad():
+        w = stacked_weight(parts).double()
+        err = float(torch.linalg.norm(w - struct.to_dense().double()) / torch.linalg.norm(w).clamp_min(1e-30))
+    limit = rule.max_error if rule.max_error is not None else policy.defaults.max_error
+    row.rank, row.rel_error = rank, err
+    row.params_after = rank * (in_f + out) + bias
+    row.flops_after = 2 * rank * (in_f + out)
+    if row.params_after >= row.params_before:
+        row.notes.append("saves nothing at this rank (at or above break-even)")
+    if limit is not None and err > limit:
+        msg = f"{site.fqn}: relative error {err:.3g} > max_error {limit}; kept dense"
+        if policy.defaults.strict:
+            raise SiteError(f"{where}: {msg}")
+        warnings.warn(f"lrcompile: {msg}", stacklevel=2)
+        row.status, row.reason = "skipped", f"rel_error {err:.3g} > max_error {limit}"
+        row.params_after, row.flops_after = row.params_before, row.flops_before
+        return None, row
+    return AttnPlan(site, method, row, parts, struct, AttnFeed(struct, parts)), row
+
+
+def _claimed_rows(plan: AttnPlan) -> list[SiteRow]:
+    """Linear rows of the projections a plan takes over; the factors' parameters are split among them (V goes to
+    the first) so that the report's linear totals stay exact."""
+    rows, first = {}, True
+    for s, (a, b) in plan.parts:
+        r = rows.get(id(s))
+        if r is None:
+            fl = 2 * s.in_features * s.out_features
+            r = rows[id(s)] = SiteRow(fqn=s.fqn, kind="linear", method=plan.method, status="rewritten",
+                                      in_features=s.in_features, out_features=s.out_features, params_before=s.params,
+                                      params_after=s.params, flops_before=fl, flops_after=fl, rank=plan.row.rank,
+                                      reason=f"projection of attention site {plan.row.fqn or '<root>'} ({plan.method})")
+        if plan.struct is not None:
+            r.params_after += (b - a) * (plan.struct.rank - s.in_features) + (plan.struct.rank * s.in_features if first else 0)
+            r.flops_after += 2 * ((b - a) * (plan.struct.rank - s.in_features) + (plan.struct.rank * s.in_features if first else 0))
+            first = False
+    return list(rows.values())
+
+
+def claimed_ids(plans: list[AttnPlan]) -> set:
+    return {id(s) for p in plans for s, _ in p.parts}
+
+
+# --- graph rewrite ------------------------------------------------------------------------------------------
+
+def rewrite_attention(gm: fx.GraphModule, plans: list[AttnPlan]) -> tuple[fx.GraphModule, dict, list]:
+    """Apply the plans to a copy of `gm`. Returns (copy, map from gm's nodes to the copy's, feeds in the order of
+    the new trailing graph inputs). sdpa rows are updated with what the matcher did."""
+    new, vm = _copy(gm)
+    graph = new.graph
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    feeds, replaced = [], {}
+    for plan in plans:
+        if plan.method == "sdpa":
+            continue
+        factors = None
+        if plan.struct is not None:
+            with graph.inserting_after(last):
+                V = graph.placeholder(f"lrc_{_safe(plan.row.fqn)}_{plan.method}_V")
+            with graph.inserting_after(V):
+                U = graph.placeholder(f"lrc_{_safe(plan.row.fqn)}_{plan.method}_U")
+            V._dynamo_source = U._dynamo_source = None
+            last, factors = U, (V, U)
+            feeds.append(plan.feed)
+        fn = fused_pass.rewrite_fused_qkv if plan.method == "fused_qkv" else shared_pass.rewrite_shared_kv
+        replaced.update(fn(new, vm, plan.parts, factors))
+    sdpa = {vm[p.site.node]: i for i, p in enumerate(plans) if p.method == "sdpa"}
+    if sdpa:
+        for i, (status, reason) in rewrite_sdpa(new, sdpa, replaced).items():
+            plans[i].row.status, plans[i].row.reason = status, reason
+    for old, n in list(vm.items()):  # later passes read original nodes through vm: follow the replacements
+        while n in replaced:
+            n = replaced[n]
+        vm[old] = n
+    graph.eliminate_dead_code()
+    graph.lint()
+    new.recompile()
+    return new, vm, feeds
+
+
+# --- eager path (lrcompile.rewrite) -------------------------------------------------------------------------
+
+def install_attention(model: nn.Module, policy, example_inputs) -> tuple[list[SiteRow], set]:
+    """Make and attach the factors of the policy's attention rules before any optimizer, DDP or FSDP exists.
+    The dense weights that a low-rank rewrite fully replaces are frozen (the compiled graph no longer reads
+    them, and DDP would otherwise wait for their gradients). Returns the report rows and the claimed linear
+    site FQNs (no linear rule may rewrite those)."""
+    from .capture import call_model
+    from .resolve import frame_locals, root_module, site_module
+    from .sites import find_sites
+
+    rows: list[SiteRow] = []
+    claimed: set = set()
+    orphans: dict = {}
+
+    def record(gm, inputs, **_):
+        sites = find_sites(gm, inputs)
+        f_locals = frame_locals()
+        root = root_module(sites, f_locals) or model
+        plans, got = plan_attention(sites, policy, lambda s: site_module(s, root, f_locals) if s.module_expr else root,
+                                    orphans)
+        rows.extend(got)
+        for p in plans:
+            if p.method == "sdpa":  # a graph-level rewrite: nothing to install, it happens under compile
+                p.row.notes.append("applied under torch.compile(backend='lrcompile')")
+            claimed.update(s.fqn for s, _ in p.parts)
+            if p.struct is None:
+                continue
+            for s, _ in p.parts:
+                if sum(b - a for t, (a, b) in p.parts if t is s) == s.out_features:
+                    s.weight.requires_grad_(False)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            call_model(torch.compile(model, backend=record, dynamic=False), example_inputs)
+    finally:
+        torch._dynamo.reset()
+    return rows, claimed

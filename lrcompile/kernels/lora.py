@@ -1,0 +1,30 @@
+"""Fused LoRA: y = epilogue(alpha · [x, h]·[W; B]ᵀ) with h = s · x Aᵀ (the shrink, one small GEMM).
+
+The expand is folded into the base GEMM as a second K loop (concatenated K): the branch adds r/in to the base
+GEMM's work and never re-reads or re-writes the (M, out) output. s is read from memory inside the shrink.
+"""
+from __future__ import annotations
+
+from ..structures.lora import LoRA
+from .gemm import gemm
+from .op import define, flat
+
+
+def fused(x2, W, A, B, s, steps, operands, alpha, out_dtype, head=(), head_operands=()):
+    """The LoRA product with `head` steps (DoRA's column scale) before the user's epilogue."""
+    h = gemm(x2, A, s=s)
+    return gemm(x2, W, h, B, steps=(*head, *steps), operands=[*head_operands, *operands], alpha=alpha,
+                out_dtype=out_dtype)
+
+
+def launch(x, tensors, operands, steps, alpha, out_dtype):
+    W, A, B, s = tensors
+    y = fused(flat(x), W, A, B, s, steps, operands, alpha, out_dtype)
+    return y.view(*x.shape[:-1], W.shape[0])
+
+
+def core(x, W, A, B, s):
+    return LoRA.functional(x, W, None, A, B, s)
+
+
+lora = define("lora", core, launch, lambda t: t[0].shape[0])

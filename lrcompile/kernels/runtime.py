@@ -1,0 +1,116 @@
+"""Where a kernel runs and how its generated source is loaded.
+
+Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests); anything else takes the torch
+implementation. Kernel source is generated per epilogue combination, written once under
+$LRCOMPILE_CACHE_DIR/kernels/<name>_<hash>.py (Triton's JIT reads a function's source from its file) and imported
+from there; the interpreter flag is part of the in-process key because `triton.jit` picks interpreted or
+compiled at decoration time.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from ..cache_dir import cache_path
+
+# Tests set this: every output buffer a launcher allocates starts as NaN, so an element a kernel forgets to
+# write cannot pass as a correct zero.
+POISON = False
+
+_modules: dict = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    if x.is_cuda:
+        return triton_available()
+    return x.device.type == "cpu" and interpreting() and triton_available()
+
+
+def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def load(name: str, source: str):
+    """The module compiled from `source`, cached by the source's hash (on disk and in process)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    key = (digest, interpreting())
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    path = cache_path("kernels", f"{name}_{digest}.py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)  # atomic: concurrent writers produce the same bytes
+    spec = importlib.util.spec_from_file_location(f"lrcompile_kernel_{name}_{digest}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _modules[key] = mod
+    return mod
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """UPCAST: the CPU interpreter's bf16/fp16 tl.dot is wrong (triton 3.9), so it multiplies in fp32 there.
+    PREC: fp32 operands multiply in full precision, as cuBLAS does with torch's default (TF32 off)."""
+    return {"UPCAST": interpreting(), "PREC": "ieee" if dtype == torch.float32 or interpreting() else "tf32"}
+
+
+# The dot every template uses, with the flags above as constexprs.
+DOT_SOURCE = '''
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+'''
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+def launch(mod, name: str, grid, args: tuple, consts: dict, configs: list, key: list, small: dict):
+    """Run kernel `name` of `mod`: fixed small blocks under the interpreter (no timing without a GPU), Triton's
+    autotuner over `configs` on a GPU (keyed on the named size arguments)."""
+    import triton
+
+    fn = getattr(mod, name)
+    if interpreting():
+        meta = {**consts, **small}
+        fn[grid(meta)](*args, **meta)
+        return
+    tuned_name = f"_tuned_{name}"
+    tuned = getattr(mod, tuned_name, None)
+    if tuned is None:
+        tuned = triton.autotune(configs=[triton.Config(c, num_warps=w, num_stages=s) for c, w, s in configs],
+                                key=key)(fn)
+        setattr(mod, tuned_name, tuned)
+    tuned[grid](*args, **consts)
+
+
+def out_dtype_of(compute: torch.dtype, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    return out_dtype if out_dtype is not None else compute
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

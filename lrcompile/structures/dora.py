@@ -1,0 +1,88 @@
+"""DoRA (Liu et al.; reference semantics: HF PEFT `use_dora=True`): weight-decomposed LoRA.
+
+y = g ⊙ (W x + s·B A x) + b with g = m / ‖W + s·BA‖_row, m (out) a trainable magnitude initialised to the row
+norms, and the norm treated as a constant (detached) as PEFT does. The norm is computed without materialising
+BA (REFERENCE.md): ‖W+sBA‖²_row = ‖W‖²_row + 2s·rowsum((W Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B) — an
+(out×r) product instead of an (out×in) one. ‖W‖²_row is recomputed each call (one pass over W, far cheaper
+than the GEMM), which keeps it right if the base weight is loaded or trained.
+
+With dropout active PEFT applies the magnitude to the dropped input's base term only:
+y = W x + b + (g − 1) ⊙ W x̃ + g ⊙ s·B A x̃ (x̃ = dropout(x)); that is what runs when `dropout > 0`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import mark_owned, register
+from .lora import Adapter, LoRAConfig, branch_input, flat, lora_init, pissa_factors, unflat
+
+
+def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling) -> torch.Tensor:
+    """‖W + s·BA‖ per output row, detached, without forming BA."""
+    W, A, B = weight.detach(), lora_A.detach(), lora_B.detach()
+    s = scaling.detach() if isinstance(scaling, torch.Tensor) else scaling
+    sq = W.pow(2).sum(1)
+    sq = sq + (2 * s) * ((W @ A.t()) * B).sum(1) + (s * s) * ((B @ (A @ A.t())) * B).sum(1)
+    return sq.clamp_min(0).sqrt()
+
+
+@register
+class DoRA(Adapter):
+    name = "dora"
+    Config = LoRAConfig
+    tensor_names = ("lora_A", "lora_B", "magnitude", "scaling")
+    adapter_names = ("lora_A", "lora_B", "magnitude", "scaling")
+
+    def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig, dtype=None, device=None):
+        super().__init__(in_features, out_features, cfg, dtype=dtype, device=device)
+        r = cfg.rank
+        self.lora_A = mark_owned(nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device)))
+        self.lora_B = mark_owned(nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device)))
+        self.magnitude = mark_owned(nn.Parameter(torch.ones(out_features, dtype=dtype, device=device)))
+        self.register_buffer("scaling", torch.tensor(cfg.scaling, dtype=dtype or torch.get_default_dtype(), device=device))
+
+    @classmethod
+    def from_dense(cls, weight, bias, cfg: LoRAConfig, stats=None) -> "DoRA":
+        out_f, in_f = weight.shape
+        m = cls(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
+        m.keep_base(weight)
+        lora_init(m.lora_A, m.lora_B, cfg)
+        with torch.no_grad():
+            if cfg.init == "pissa":
+                A, B, m._residual = pissa_factors(weight, cfg)
+                m.lora_A.copy_(A)
+                m.lora_B.copy_(B)
+            # residual + s·BA is W itself, so the magnitudes are W's row norms either way
+            m.magnitude.copy_(torch.linalg.norm(weight.detach(), dim=1))
+        return m
+
+    @staticmethod
+    def functional(x, weight, bias, lora_A, lora_B, magnitude, scaling, *drop):
+        g = magnitude / dora_row_norm(weight, lora_A, lora_B, scaling)
+        x2 = flat(x)
+        if not drop:
+            y = F.linear(x2, weight).addmm_(F.linear(x2, lora_A) * scaling, lora_B.t())
+            y = y * g if bias is None else torch.addcmul(bias, y, g)
+            return unflat(y, x)
+        xd = branch_input(x2, drop)
+        base = F.linear(x2, weight, bias)
+        y = base + (g - 1) * F.linear(xd, weight) + g * F.linear(F.linear(xd, lora_A) * scaling, lora_B)
+        return unflat(y, x)
+
+    def merged_weight(self) -> torch.Tensor:
+        W = self.dense_base().detach()
+        full = W + self.scaling * (self.lora_B @ self.lora_A)
+        return (self.magnitude / dora_row_norm(W, self.lora_A, self.lora_B, self.scaling))[:, None] * full
+
+    def delta(self) -> torch.Tensor:
+        return self.merged_weight() - self.dense_base().detach()
+
+    @classmethod
+    def param_count(cls, in_features, out_features, cfg) -> int:
+        return cfg.rank * (in_features + out_features) + out_features
+
+    @classmethod
+    def flops_per_token(cls, in_features, out_features, cfg) -> int:
+        return 2 * cfg.rank * (in_features + out_features) + cfg.rank + 2 * out_features

@@ -1,0 +1,51 @@
+"""Median run times of a site's candidates: wall clock on CPU, CUDA events on a GPU, within a time budget.
+
+`RUNS` counts every candidate execution made for tuning (correctness checks included): a compile served from a
+warm cache leaves it unchanged, which is what the tests read.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+RUNS = 0
+
+MIN_REPS = 3  # rounds: a median needs a few samples, even past the budget
+MAX_REPS = 25  # tiny shapes stop here long before the budget
+
+
+def run(fn, args):
+    """One counted execution (the correctness check's run doubles as the warm-up)."""
+    global RUNS
+    RUNS += 1
+    with torch.no_grad():
+        return fn(*args)
+
+
+def medians_ms(fns: dict, args, device: torch.device, budget_s: float) -> dict:
+    """Median milliseconds per call of each fn, called round-robin (load drift on a shared machine hits all alike)
+    for MIN_REPS..MAX_REPS rounds, stopping once `budget_s` is spent."""
+    global RUNS
+    samples: dict = {k: [] for k in fns}
+    spent, rounds = 0.0, 0
+    cuda = device.type == "cuda"
+    with torch.no_grad():
+        while rounds < MAX_REPS and (rounds < MIN_REPS or spent < budget_s):
+            for k, fn in fns.items():
+                RUNS += 1
+                t0 = time.perf_counter()
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn(*args)
+                    end.record()
+                    end.synchronize()
+                    samples[k].append(start.elapsed_time(end))
+                else:
+                    fn(*args)
+                    samples[k].append((time.perf_counter() - t0) * 1e3)
+                spent += time.perf_counter() - t0
+            rounds += 1
+    return {k: statistics.median(v) for k, v in samples.items()}

@@ -1,0 +1,393 @@
+"""Adapter families (LoRA, rsLoRA, PiSSA, DoRA, VeRA, NOBLE): parity with HF PEFT, merge, training, hot-swap."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lrcompile
+from conftest import compile_eager
+from lrcompile.structures.dora import DoRA, dora_row_norm
+from lrcompile.structures.lora import LoRA
+from lrcompile.structures.noble import NOBLE
+from lrcompile.structures.vera import VeRA
+
+peft = pytest.importorskip("peft")
+
+
+class MLP(nn.Module):
+    """Linears of different shapes (VeRA's shared projections are sliced per layer)."""
+
+    def __init__(self, d=24, h=40):
+        super().__init__()
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, d)
+        self.head = nn.Linear(d, 8, bias=False)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.relu(self.fc1(x)))))
+
+
+TARGETS = ["fc1", "fc2", "head"]
+
+
+def policy(method, **opts):
+    return {"defaults": {"min_features": 0}, "rules": [{"match": TARGETS, "method": method, **opts}]}
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peft_layer(pm, name):
+    return pm.get_submodule(f"base_model.model.{name}")
+
+
+def both(method, peft_config, **opts):
+    """The same base model under PEFT and under lrcompile.rewrite."""
+    torch.manual_seed(0)
+    base = MLP()
+    x = torch.randn(5, 3, 24)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft_config)
+    ours = lrcompile.rewrite(copy.deepcopy(base), policy(method, **opts), (x,))
+    return base, pm, ours, x
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_matches_peft(rslora):
+    cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS, use_rslora=rslora)
+    _, pm, ours, x = both("lora", cfg, rank=4, alpha=12, rslora=rslora)
+    assert trainable(ours) == trainable(pm)
+    with torch.no_grad():
+        for n in TARGETS:
+            pl = peft_layer(pm, n)
+            pl.lora_B["default"].weight.normal_()  # B is zero at init: make the branch count
+            getattr(ours, n).lora_A.copy_(pl.lora_A["default"].weight)
+            getattr(ours, n).lora_B.copy_(pl.lora_B["default"].weight)
+            assert float(getattr(ours, n).scaling) == pytest.approx(pl.scaling["default"])
+    torch.testing.assert_close(ours(x), pm(x), atol=1e-6, rtol=1e-5)
+
+
+def test_lora_init_is_peft_distribution_and_silent():
+    base = MLP()
+    x = torch.randn(4, 24)
+    ref = base(x)
+    m = lrcompile.rewrite(copy.deepcopy(base), policy("lora"), (x,))  # PEFT defaults: rank 8, alpha 8
+    assert m.fc1.lora_A.shape == (8, 24) and float(m.fc1.scaling) == 1.0
+    assert torch.equal(m.fc1.lora_B, torch.zeros_like(m.fc1.lora_B))
+    assert m.fc1.lora_A.abs().max() <= 1 / 24**0.5  # kaiming_uniform(a=√5) bound = 1/√in
+    torch.testing.assert_close(m(x), ref)
+    # PEFT-style freezing: only the branches train, the base weight is the same Parameter object
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {f"{t}.lora_{ab}" for t in TARGETS for ab in "AB"}
+
+
+def test_pissa_matches_peft_and_keeps_the_function():
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa")
+    base, pm, ours, x = both("lora", cfg, rank=4, alpha=8, init="pissa")
+    for n in TARGETS:
+        pl, ol = peft_layer(pm, n), getattr(ours, n)
+        # singular vectors are defined up to sign: compare the products and the residual
+        torch.testing.assert_close(ol.lora_B @ ol.lora_A, pl.lora_B["default"].weight @ pl.lora_A["default"].weight,
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ol.weight, pl.base_layer.weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours(x), base(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours(x), pm(x), atol=1e-5, rtol=1e-4)
+
+
+def test_pissa_through_the_backend_replaces_the_base_weight():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(6, 24)
+    ref, w0 = m(x), m.fc1.weight.detach().clone()
+    out = compile_eager(m, policy("lora", rank=4, init="pissa"))(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(m.fc1.weight, w0)  # the residual replaced the stored weight in place
+    br = m.fc1.lrcompile
+    torch.testing.assert_close(m.fc1.weight + br.scaling * br.lora_B @ br.lora_A, w0, atol=1e-5, rtol=1e-4)
+
+
+def test_dora_matches_peft_output_and_gradients():
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    _, pm, ours, x = both("dora", cfg, rank=4, alpha=8)
+    assert trainable(ours) == trainable(pm)
+    with torch.no_grad():
+        for n in TARGETS:
+            pl, ol = peft_layer(pm, n), getattr(ours, n)
+            torch.testing.assert_close(ol.magnitude, pl.lora_magnitude_vector["default"].weight)  # init: row norms
+            pl.lora_B["default"].weight.normal_()
+            pl.lora_magnitude_vector["default"].weight.mul_(torch.rand_like(ol.magnitude) + 0.5)
+            ol.lora_A.copy_(pl.lora_A["default"].weight)
+            ol.lora_B.copy_(pl.lora_B["default"].weight)
+            ol.magnitude.copy_(pl.lora_magnitude_vector["default"].weight)
+    yo, yp = ours(x), pm(x)
+    torch.testing.assert_close(yo, yp, atol=1e-5, rtol=1e-5)
+    yo.square().sum().backward()
+    yp.square().sum().backward()
+    for n in TARGETS:
+        pl, ol = peft_layer(pm, n), getattr(ours, n)
+        torch.testing.assert_close(ol.lora_A.grad, pl.lora_A["default"].weight.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ol.lora_B.grad, pl.lora_B["default"].weight.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ol.magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_dora_norm_without_materialising_ba():
+    W, A, B = torch.randn(40, 24, dtype=torch.float64), torch.randn(4, 24, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64)
+    torch.testing.assert_close(dora_row_norm(W, A, B, 0.7), torch.linalg.norm(W + 0.7 * B @ A, dim=1))
+
+
+def test_vera_matches_peft_without_copying_projections():
+    cfg = peft.VeraConfig(r=16, target_modules=TARGETS)
+    _, pm, ours, x = both("vera", cfg, rank=16)
+    assert trainable(ours) == trainable(pm)
+    # one pair at the largest (in, out), drawn from PEFT's seeded generator: the very same numbers
+    A, B = pm.base_model.vera_A["default"], pm.base_model.vera_B["default"]
+    assert ours.fc1.vera_A is ours.fc2.vera_A is ours.head.vera_A and ours.fc1.vera_B is ours.head.vera_B
+    torch.testing.assert_close(ours.fc1.vera_A, A, atol=0, rtol=0)
+    torch.testing.assert_close(ours.fc1.vera_B, B, atol=0, rtol=0)
+    assert not ours.fc1.vera_A.requires_grad
+    with torch.no_grad():
+        for n in TARGETS:
+            pl, ol = peft_layer(pm, n), getattr(ours, n)
+            torch.testing.assert_close(ol.lambda_d, pl.vera_lambda_d["default"])
+            pl.vera_lambda_b["default"].normal_()
+            pl.vera_lambda_d["default"].normal_()
+            ol.lambda_b.copy_(pl.vera_lambda_b["default"])
+            ol.lambda_d.copy_(pl.vera_lambda_d["default"])
+    torch.testing.assert_close(ours(x), pm(x), atol=1e-5, rtol=1e-5)
+    # stored once when saved
+    sd = ours.state_dict()
+    assert sd["fc1.vera_A"].data_ptr() == sd["fc2.vera_A"].data_ptr()
+
+
+def test_vera_pair_in_use_never_changes():
+    x = torch.randn(2, 24)
+    m1 = lrcompile.rewrite(MLP(), policy("vera", rank=4), (x,))
+    m1(x)  # used: its projections are final
+    A1 = m1.fc1.vera_A.clone()
+    big = nn.Sequential(nn.Linear(96, 96))
+    lrcompile.rewrite(big, {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "vera", "rank": 4}]},
+                      (torch.randn(2, 96),))
+    assert big[0].vera_A is not m1.fc1.vera_A and torch.equal(m1.fc1.vera_A, A1)
+
+
+@pytest.mark.parametrize("method,opts", [("lora", {"rank": 4, "alpha": 16}), ("dora", {"rank": 4, "rslora": True}),
+                                         ("vera", {"rank": 8})])
+def test_merge_equals_unmerged(method, opts):
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(7, 24)
+    lrcompile.rewrite(m, policy(method, **opts), (x,))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    ref = m(x)
+    w = m.fc1.weight
+    assert lrcompile.merge(m) is m
+    assert type(m.fc1) is nn.Linear and type(m.head) is nn.Linear
+    assert m.fc1.weight is w  # untied: updated in place, same Parameter
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_gives_a_tied_site_its_own_weight():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(30, 16)
+            self.head = nn.Linear(16, 30, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.embed(ids)))
+
+    m, ids = Tied(), torch.randint(0, 30, (2, 5))
+    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [{"match": "head", "method": "lora", "rank": 2}]}, (ids,))
+    with torch.no_grad():
+        m.head.lora_B.normal_()
+    ref, emb = m(ids), m.embed.weight.detach().clone()
+    lrcompile.merge(m)
+    assert m.head.weight is not m.embed.weight and torch.equal(m.embed.weight, emb)
+    torch.testing.assert_close(m(ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_backend_attached_adapter():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(3, 24)
+    compiled = compile_eager(m, policy("lora", rank=4))
+    compiled(x)
+    with torch.no_grad():
+        for t in TARGETS:
+            getattr(m, t).lrcompile.lora_B.normal_()
+    ref = compiled(x)  # the compiled graph reads the current factors
+    w = m.fc1.weight
+    lrcompile.merge(m)
+    assert not hasattr(m.fc1, "lrcompile") and m.fc1.weight is w
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_noble_is_not_merged_and_dropout_is_training_only():
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(64, 24)
+    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [
+        {"match": "fc1", "method": "noble", "rank": 4}, {"match": "fc2", "method": "lora", "rank": 4, "dropout": 0.5}]}, (x,))
+    with torch.no_grad():
+        m.fc2.lora_B.normal_()
+    m.eval()
+    e1, e2 = m(x), m(x)
+    torch.testing.assert_close(e1, e2)
+    m.train()
+    assert not torch.allclose(m(x), e1)  # dropout active on the branch input
+    m.eval()
+    lrcompile.merge(m)
+    assert isinstance(m.fc1, NOBLE) and type(m.fc2) is nn.Linear
+    torch.testing.assert_close(m(x), e1, atol=1e-5, rtol=1e-5)
+
+
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=50, n_positions=32,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def copy_task(n=16, t=16, vocab=50):
+    """Next token = previous + 1 (mod vocab): learnable from the context alone."""
+    start = torch.randint(0, vocab, (n, 1))
+    return (start + torch.arange(t)) % vocab
+
+
+@pytest.mark.parametrize("method", ["lora", pytest.param("dora", marks=pytest.mark.slow)])
+def test_gpt2_finetune_under_compile_trains_only_adapters(method):
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    ids = copy_task()
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "re:.*\\.(c_attn|c_proj|c_fc)", "method": method,
+                                                       "rank": 4, "alpha": 8}]}
+    lrcompile.rewrite(model, pol, {"input_ids": ids[:2]})
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen and adapters and all("lora_" in n or "magnitude" in n for n in adapters)
+    compiled = torch.compile(model, backend="lrcompile", options={"inductor": False})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(25):
+        loss = compiled(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+        else:
+            assert not torch.equal(p, adapters[n]), n
+
+
+def test_noble_pretraining_trains_with_param_groups():
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    ids = copy_task()
+    lrcompile.rewrite(model, {"defaults": {"min_features": 0}, "rules": [
+        {"match": "re:.*\\.(c_attn|c_proj|c_fc)", "method": "noble", "rank": 8}]}, {"input_ids": ids[:2]})
+    assert all(p.requires_grad for p in model.parameters())  # NOBLE freezes nothing: the base trains too
+    site = model.transformer.h[0].mlp.c_fc
+    assert isinstance(site, NOBLE)
+    groups = lrcompile.param_groups(model, 1e-3)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(site.omega1)] == pytest.approx(2e-3) and lr_of[id(site.phi2)] == pytest.approx(4e-3)
+    assert lr_of[id(site.up)] == pytest.approx(1e-3 * (64 / 8) ** 0.4) and lr_of[id(site.weight)] == pytest.approx(1e-3)
+    w0 = site.weight.detach().clone()
+    compiled = torch.compile(model, backend="lrcompile", options={"inductor": False})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    for g in opt.param_groups:
+        g["lr"] *= 10
+    losses = []
+    for _ in range(25):
+        loss = compiled(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert not torch.equal(site.weight, w0) and site.up.grad is not None
+
+
+def test_noble_branch_is_fp32_and_near_silent():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 32).to(torch.bfloat16)
+    n = NOBLE.from_dense(lin.weight, None, NOBLE.Config(rank=8))
+    n.weight, n.bias = lin.weight, lin.bias
+    x = torch.randn(5, 48, dtype=torch.bfloat16)
+    y = n(x)
+    assert y.dtype == torch.bfloat16
+    z = F.linear(x.float(), n.down.float(), n.down_bias.float())
+    h = torch.cos(n.omega1.float() * z + n.phi1.float())
+    h = torch.cos(n.omega2.float() * F.linear(h, n.mid.float(), n.mid_bias.float()) + n.phi2.float())
+    ref = F.linear(x, lin.weight, lin.bias).float() + h @ n.up.float().T
+    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=2e-2)
+    assert (y.float() - F.linear(x, lin.weight, lin.bias).float()).abs().max() < 0.1  # W_up ~ N(0, 0.01²/r)
+
+
+def test_adapter_state_dict_round_trips_into_a_fresh_model():
+    torch.manual_seed(0)
+    base, x = MLP(), torch.randn(4, 24)
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": ["fc1"], "method": "dora", "rank": 4},
+                                                      {"match": ["fc2"], "method": "vera", "rank": 8},
+                                                      {"match": ["head"], "method": "lora", "rank": 2, "alpha": 5}]}
+    a = lrcompile.rewrite(copy.deepcopy(base), pol, (x,))
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    sd = {k: v.clone() for k, v in lrcompile.adapter_state_dict(a).items()}
+    assert set(sd) == {"fc1.lora_A", "fc1.lora_B", "fc1.magnitude", "fc1.scaling", "fc2.vera_A", "fc2.vera_B",
+                       "fc2.lambda_d", "fc2.lambda_b", "head.lora_A", "head.lora_B", "head.scaling"}
+    b = lrcompile.rewrite(copy.deepcopy(base), pol, (x,))
+    assert not torch.allclose(b(x), a(x))
+    lrcompile.load_adapter_state_dict(b, sd)
+    torch.testing.assert_close(b(x), a(x), atol=0, rtol=0)
+
+
+def test_hot_swap_smaller_rank_other_alpha_recompiles_nothing():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    base, x = MLP(), torch.randn(6, 24)
+    # another adapter: rank 4, alpha 32, rsLoRA (scaling 16 instead of 2); built first (rewrite resets Dynamo)
+    other = lrcompile.rewrite(copy.deepcopy(base), policy("lora", rank=4, alpha=32, rslora=True), (x,))
+    big = lrcompile.rewrite(copy.deepcopy(base), policy("lora", rank=16), (x,))
+    m = lrcompile.rewrite(copy.deepcopy(base), policy("lora", rank=8, alpha=16), (x,))
+    with torch.no_grad():
+        for t in TARGETS:
+            getattr(m, t).lora_B.normal_()
+            getattr(other, t).lora_B.normal_()
+    compiled = compile_eager(m)
+    torch.testing.assert_close(compiled(x), m(x))
+    graphs = counters["stats"]["unique_graphs"]
+    lrcompile.load_adapter_state_dict(m, lrcompile.adapter_state_dict(other))
+    assert float(m.fc1.scaling) == 16.0 and torch.equal(m.fc1.lora_A[4:], torch.zeros(4, 24))
+    torch.testing.assert_close(compiled(x), other(x), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile
+    with pytest.raises(lrcompile.LrcompileError, match="larger rank"):
+        lrcompile.load_adapter_state_dict(m, lrcompile.adapter_state_dict(big))
+
+
+def test_backend_policy_path_matches_eager_rewrite():
+    torch.manual_seed(0)
+    base, x = MLP(), torch.randn(6, 24)
+    for method in ("lora", "dora", "vera", "noble"):
+        a = copy.deepcopy(base)
+        out = compile_eager(a, policy(method, rank=4))(x)
+        torch.testing.assert_close(out, base(x), atol=0.05 if method == "noble" else 1e-6, rtol=1e-5)
+        assert isinstance(a.fc1.lrcompile, (LoRA, DoRA, VeRA, NOBLE))
+
+
+def test_options_are_validated_with_one_line_errors():
+    with pytest.raises(lrcompile.PolicyError, match="dropout"):
+        lrcompile.load_policy(policy("lora", dropout=1.5))
+    with pytest.raises(lrcompile.PolicyError, match="rank"):
+        lrcompile.load_policy(policy("dora", rank=0.5))
+    with pytest.raises(lrcompile.PolicyError, match="alhpa|alpha"):
+        lrcompile.load_policy(policy("lora", alhpa=3))
+    cfg = lrcompile.load_policy(policy("lora")).rules[0].config
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (8, 8.0, 0.0)

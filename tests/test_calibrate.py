@@ -1,0 +1,152 @@
+"""lrcompile.calibrate: statistics per site FQN, padding ignored, save/load, and the paths that consume them."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lrcompile
+from lrcompile.calibrate import CalibrationStats
+
+transformers = pytest.importorskip("transformers")
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.inner = nn.ModuleDict({"b": nn.Linear(8, 5)})
+
+    def forward(self, x, scale=1.0):
+        return self.inner["b"](torch.relu(self.a(x))) * scale
+
+
+def test_statistics_are_exact_and_keyed_by_module_path():
+    m = Two()
+    xs = [torch.randn(3, 4, 6, dtype=torch.float32) for _ in range(3)]
+    batches = [xs[0], (xs[1],), {"x": xs[2], "scale": 2.0}]  # tensor, tuple of args, dict of kwargs
+    st = lrcompile.calibrate(m, batches, progress=False)
+    assert set(st.keys()) == {"a", "inner.b"}
+    x = torch.cat([t.reshape(-1, 6) for t in xs]).double()
+    s = st.get("a")
+    assert s.tokens == 36
+    torch.testing.assert_close(s.xtx, x.T @ x)
+    torch.testing.assert_close(s.abs_mean, x.abs().mean(0))
+    assert s.xtx.dtype == torch.float64 and st.get("nope") is None
+
+
+def test_policy_limits_collection_to_compressing_sites():
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "a", "method": "dense"},
+                                                    {"match": "*", "method": "lowrank", "rank": 2}]}
+    st = lrcompile.calibrate(Two(), [torch.randn(2, 6)], pol, progress=False)
+    assert set(st.keys()) == {"inner.b"}
+
+
+def test_save_load_round_trips_exactly(tmp_path):
+    st = lrcompile.calibrate(Two(), [torch.randn(5, 6)], progress=False)
+    p = tmp_path / "stats.pt"
+    st.save(p)
+    back = CalibrationStats.load(p)
+    assert set(back.keys()) == set(st.keys()) and back.digest() == st.digest()
+    for k in st.keys():
+        assert torch.equal(back.get(k).xtx, st.get(k).xtx) and back.get(k).tokens == st.get(k).tokens
+    with pytest.raises(FileNotFoundError, match="calibration file not found"):
+        CalibrationStats.load(tmp_path / "missing.pt")
+
+
+def bert():
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=96, max_position_embeddings=64)
+    return transformers.BertModel(cfg).eval()
+
+
+def test_padded_positions_are_ignored():
+    torch.manual_seed(0)
+    model = bert()
+    ids = torch.randint(1, 120, (1, 6))
+    short = {"input_ids": ids, "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    padded = {"input_ids": torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([torch.ones(1, 6), torch.zeros(1, 5)], 1).long()}
+    a = lrcompile.calibrate(model, [short], progress=False)
+    b = lrcompile.calibrate(model, [padded], progress=False)
+    for k in a.keys():
+        assert b.get(k).tokens == a.get(k).tokens  # 6 per token-wise site; the pooler sees 1 row (CLS)
+        torch.testing.assert_close(b.get(k).xtx, a.get(k).xtx, rtol=1e-5, atol=1e-6)
+    assert b.get("encoder.layer.0.attention.self.query").tokens == 6
+
+
+def _batches(n=3, seq=9):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        mask = torch.ones(2, seq, dtype=torch.long)
+        mask[1, seq - 3:] = 0
+        out.append({"input_ids": torch.randint(1, 120, (2, seq), generator=g), "attention_mask": mask})
+    return out
+
+
+def _hidden(model, inputs):
+    return model(**inputs).last_hidden_state
+
+
+BUDGET_POLICY = {"defaults": {"min_features": 0}, "budget": {"params": 0.6},
+                 "rules": [{"match": "pooler.dense", "method": "dense"},
+                           {"match": "*", "method": "lowrank", "init": "whitened_svd"}]}
+
+
+@pytest.mark.slow  # two Dynamo captures of a BERT: ~20 s on 2 shared cores
+def test_end_to_end_backend_and_rewrite_with_budget(tmp_path):
+    torch.manual_seed(0)
+    model = bert()
+    batches = _batches()
+    stats = lrcompile.calibrate(model, batches, BUDGET_POLICY, progress=False)
+    path = tmp_path / "stats.pt"
+    stats.save(path)
+    inputs = batches[0]
+    with torch.no_grad():
+        ref = _hidden(model, inputs)
+        rep = tmp_path / "r.json"
+        compiled = torch.compile(model, backend="lrcompile",
+                                 options={"policy": BUDGET_POLICY, "calibration": str(path), "inductor": False,
+                                          "report": str(rep)})
+        out = _hidden(compiled, inputs)
+    rows = [r for r in json.loads(rep.read_text())["sites"] if r["kind"] == "linear" and r["fqn"] != "pooler.dense"]
+    assert len(rows) == 12
+    lowrank = [r for r in rows if r["status"] == "rewritten"]
+    assert lowrank and all("allocated_rank" in r and "kept_energy" in r and "weighted_error" in r for r in lowrank)
+    before = sum(r["params_before"] for r in rows)
+    after = sum(r["params_after"] for r in rows)
+    assert after <= 0.6 * before + 1e-9 and after >= 0.6 * before - sum(r["in_features"] + r["out_features"] for r in rows)
+    assert len({r["rank"] for r in lowrank}) > 1  # non-uniform
+    err = float((out - ref).norm() / ref.norm())
+    assert err < 1.0
+
+    # The eager path plans the same ranks and gives the same output.
+    torch._dynamo.reset()
+    model2 = bert()
+    model2.load_state_dict(model.state_dict(), strict=False)
+    lrcompile.rewrite(model2, BUDGET_POLICY, inputs, calibration=stats)
+    eager_rows = {r.fqn: r for r in model2.lrcompile_report.sites() if r.status == "rewritten"}
+    assert {k: v.rank for k, v in eager_rows.items()} == {r["fqn"]: r["rank"] for r in lowrank}
+    with torch.no_grad():
+        torch.testing.assert_close(_hidden(model2, inputs), out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # two Dynamo captures of a BERT: ~20 s on 2 shared cores
+def test_whitened_beats_svd_end_to_end():
+    torch.manual_seed(0)
+    model = bert()
+    batches = _batches(4)
+    stats = lrcompile.calibrate(model, batches, progress=False)
+    inputs = batches[0]
+    errs = {}
+    for init in ("svd", "whitened_svd"):
+        torch._dynamo.reset()
+        m = bert()
+        m.load_state_dict(model.state_dict())
+        pol = {"defaults": {"min_features": 0}, "rules": [{"match": "encoder.*", "method": "lowrank", "rank": 0.5, "init": init}]}
+        lrcompile.rewrite(m, pol, inputs, calibration=stats)
+        with torch.no_grad():
+            errs[init] = float((_hidden(m, inputs) - _hidden(model, inputs)).norm())
+    assert errs["whitened_svd"] < errs["svd"]
