@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -22,10 +23,29 @@ from ..cache_dir import cache_path
 POISON = False
 
 _modules: dict = {}
+_late_warned = False
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """TRITON_INTERPRET=1 and triton imported under it: `triton.jit` fixes interpreted-or-compiled when it
+    decorates, triton.language's own helpers (tl.zeros, ...) included, so setting the variable after triton was
+    imported cannot work; the torch path runs instead, with a warning."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    global _late_warned
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:
+        return False
+    if isinstance(tl.zeros, InterpretedFunction):
+        return True
+    if not _late_warned:
+        _late_warned = True
+        warnings.warn("lrcompile: TRITON_INTERPRET=1 was set after triton was imported; the Triton interpreter "
+                      "cannot take effect, so kernels run their torch implementations (set it before any import)",
+                      stacklevel=2)
+    return False
 
 
 def triton_available() -> bool:
