@@ -6,21 +6,22 @@ tie partner never changes silently); an untied one is updated in place (same Par
 state and state_dict keys survive). A compiled model must be compiled again after a merge.
 
 `adapter_state_dict(model)` holds only the adapters' tensors (LoRA A/B, DoRA magnitudes, VeRA λ's and
-projections, and the scaling), keyed by their full `state_dict` names. `load_adapter_state_dict(model, sd)`
-copies into the existing tensors in place — a smaller rank is zero-padded to the installed one, the scaling
-comes from the saved value — so a compiled model recompiles nothing (the tensors are graph inputs).
+projections, and the scaling), keyed by their full `state_dict` names; a tensor reachable under several names
+(VeRA's projections, shared by every site of a pair) appears once, under its first name, so that
+`safetensors.torch.save_file` accepts the dict. `load_adapter_state_dict(model, sd)` maps each saved tensor
+back to every name of its target and copies into the existing tensors in place — a smaller rank is
+zero-padded to the installed one, the scaling comes from the saved value — so a compiled model recompiles
+nothing (the tensors are graph inputs).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import nn
 
 from . import attach as store
 from .errors import LrcompileError
-from .structures import Structure
 from .structures.lora import Adapter
+from .structures.vera import own_projections
 
 
 def _is_swappable_adapter(mod) -> bool:
@@ -49,23 +50,42 @@ def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _aliases(tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names grouped by tensor identity, in first-seen order."""
+    groups: dict[int, list[str]] = {}
+    for k, v in tensors.items():
+        groups.setdefault(id(v), []).append(k)
+    return list(groups.values())
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter parameters and buffers, as `state_dict` gives them (detached, sharing storage)."""
-    return {k: v.detach() for k, v in _adapter_tensors(model).items()}
+    """Only the adapter parameters and buffers (detached, sharing storage), each tensor once (module doc)."""
+    tensors = _adapter_tensors(model)
+    return {names[0]: tensors[names[0]].detach() for names in _aliases(tensors)}
 
 
 def load_adapter_state_dict(model: nn.Module, state_dict: dict, strict: bool = True) -> nn.Module:
     """Copy an adapter into the installed one in place (smaller ranks zero-padded); returns the model."""
+    own_projections(model)  # a VeRA pair shared with another model is copied first: loading must not reach it
     targets = _adapter_tensors(model)
     unexpected = [k for k in state_dict if k not in targets]
-    missing = [k for k in targets if k not in state_dict]
     if unexpected:
         raise LrcompileError(f"load_adapter_state_dict: no adapter tensor named {unexpected[0]!r} in the model "
                              f"({len(unexpected)} unexpected)")
+    groups = _aliases(targets)
+    missing = [names[0] for names in groups if not any(k in state_dict for k in names)]
     if strict and missing:
         raise LrcompileError(f"load_adapter_state_dict: {missing[0]!r} missing from the state dict ({len(missing)} missing)")
     with torch.no_grad():
-        for k, src in state_dict.items():
+        for names in groups:
+            given = [k for k in names if k in state_dict]
+            if not given:
+                continue
+            k, src = given[0], state_dict[given[0]]
+            for other in given[1:]:
+                if not torch.equal(state_dict[other], src):
+                    raise LrcompileError(f"load_adapter_state_dict: {k!r} and {other!r} are one tensor in the model "
+                                         "but differ in the state dict")
             dst = targets[k]
             try:
                 dst.copy_(zero_pad(src.to(device=dst.device), dst.shape))

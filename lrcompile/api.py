@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from . import attach as store
 from .attention import install_attention
 from .capture import CapturedSite, capture_sites
-from .plan import build, decide
-from .policy import ADAPTERS, load_policy
+from .attention import AttnFactors
+from .plan import TIE_NOTE, build, decide, tie_broken
+from .policy import load_policy
 from .report import Report
 from .structures import Structure
 
@@ -77,7 +78,6 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
     for row in attn_rows:
         rep.add(row)
     seen: set = set()
-    noble_bases: list[torch.Tensor] = []
     ranks = _plan_budget(pol, captured, stats)
     n_sites = len({c.site.fqn for c in captured if c.site.kind == "linear"})
     bar = tqdm(total=n_sites, desc="lrcompile rewrite", unit="site", disable=not progress)
@@ -96,10 +96,9 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
         if struct is None:
             continue
         _install(model, c, struct, row)
+        struct.policy_digest = pol.digest
         if struct.weight is not None:  # an adapter's base (for Conv1D a transposed copy) is a pre-existing weight
             before[id(struct.weight)] = struct.weight
-        if decision.method == "noble":
-            noble_bases.append(struct.weight if struct.weight is not None else site.weight)
         for other in captured:  # drop our references so the swapped-out dense weight is freed now, site by site
             if other.site.fqn == site.fqn and other is not c:
                 other.site.weight = other.module = None
@@ -107,19 +106,29 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
     for rule in pol.rules:
         if rule.kind == "linear" and not any(rule.matches(f) for f in seen):
             warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
-    if any(r.method in ADAPTERS[:3] for r in pol.rules):  # PEFT-style: only the new branches train
-        keep = {id(t) for t in noble_bases}
-        for p in model.parameters():
-            if before.get(id(p)) is p and id(p) not in keep:
-                p.requires_grad_(False)
+    if pol.has_adapters:  # PEFT-style: only the new branches train
+        _freeze(model, before)
+    for m in model.modules():  # an attention rule's factors, made by install_attention above
+        if isinstance(m, AttnFactors) and getattr(m, "policy_digest", None) is None:
+            m.policy_digest = pol.digest
     bar.close()
     del captured
     model.lrcompile_report = rep
+    model.lrcompile_policy_digest = pol.digest  # lrcompile.save writes it per site into plan.json
     if report:
         rep.write(report)
     if verbose:
         print(rep.table())
     return model
+
+
+def _freeze(model: nn.Module, before) -> None:
+    """Freeze every parameter the model had before this rewrite except the base weights of NOBLE sites — those
+    of this rewrite and of earlier ones (NOBLE trains its base; DESIGN "Training")."""
+    keep = {id(w) for _, s, w in store.installed(model) if s.name == "noble" and w is not None}
+    for p in model.parameters():
+        if before.get(id(p)) is p and id(p) not in keep:
+            p.requires_grad_(False)
 
 
 def _install(model: nn.Module, c: CapturedSite, struct: Structure, row) -> None:
@@ -130,11 +139,10 @@ def _install(model: nn.Module, c: CapturedSite, struct: Structure, row) -> None:
         if not struct.compressing:
             struct.weight = site.weight if not site.transposed else nn.Parameter(
                 site.dense_weight.detach().contiguous(), requires_grad=site.weight.requires_grad)
-        tied = any(p is site.weight for n, p in model.named_parameters(remove_duplicate=False)
-                   if not n.startswith(f"{site.fqn}."))
+        tied = struct.compressing and tie_broken(site, model)
         _replace_module(model, module, struct)
         if tied:
-            row.notes.append("tied weight: this site now has its own factors (tie broken)")
+            row.notes.append(TIE_NOTE)
     elif module is not None:
         store.attach(module, site.weight, struct)
         store.record_versions(struct, site.weight)

@@ -11,11 +11,13 @@ if the factors moved (training), they are the truth and are kept.
 """
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
+from .plan import first_line
 from .structures import Structure
 
 PREFIX = "lrcompile"
@@ -28,6 +30,28 @@ def child_name(module: nn.Module, weight: torch.Tensor) -> str:
         if p is weight:
             return f"{PREFIX}_{name.replace('.', '_')}"
     return f"{PREFIX}_w{id(weight):x}"
+
+
+def base_weight(owner: nn.Module, child: str) -> Optional[tuple[str, nn.Parameter]]:
+    """(name, parameter) of `owner` whose factors are its child `child`: the inverse of `child_name`."""
+    for name, p in owner.named_parameters():
+        if not name.startswith(PREFIX) and child_name(owner, p) == child:
+            return name, p
+    return None
+
+
+def installed(model: nn.Module) -> Iterator[tuple[str, Structure, Optional[torch.Tensor]]]:
+    """(path, structure, the stored dense weight it augments or replaces) for every lrcompile structure on the
+    model: swapped in for a module (an adapter keeps its base as `.weight`) or attached beside one."""
+    for path, mod in model.named_modules():
+        if not isinstance(mod, Structure):
+            continue
+        owner_path, _, leaf = path.rpartition(".")
+        if leaf.startswith(PREFIX):
+            found = base_weight(model.get_submodule(owner_path) if owner_path else model, leaf)
+            yield path, mod, found[1] if found is not None else None
+        else:
+            yield path, mod, mod.weight
 
 
 def attached(module: nn.Module, weight: torch.Tensor) -> Optional[Structure]:
@@ -55,6 +79,7 @@ class Feed:
 
     def __init__(self, struct: Structure, weight: Optional[torch.Tensor], transposed: bool, stats=None):
         self.struct = struct
+        self.warned = False
         self.weight = weight  # stored parameter the factors came from (None: installed, nothing to track)
         self.transposed = transposed
         self.stats = stats
@@ -66,6 +91,17 @@ class Feed:
         if w is not None and w._version != self.struct._lrc_weight_version:
             trained = tuple(t._version for t in self.struct.tensors()) != self.struct._lrc_factor_versions
             if not trained and self.struct.compressing:
-                self.struct.refit(w.detach().T if self.transposed else w.detach(), self.stats)
+                self._refit(w)
             record_versions(self.struct, w)
         return self.struct.tensors()
+
+    def _refit(self, w: torch.Tensor) -> None:
+        """Stale repair runs inside the user's forward: a failure keeps the previous factors, with one warning
+        (DESIGN: stale repair is never an error). The new version is recorded either way: no retry per call."""
+        try:
+            self.struct.refit(w.detach().T if self.transposed else w.detach(), self.stats)
+        except Exception as e:
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"lrcompile: recomputing stale {self.struct.name} factors failed ({first_line(e)}); "
+                              "keeping the previous factors", stacklevel=3)

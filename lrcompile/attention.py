@@ -6,19 +6,22 @@ transposes, RoPE, KV-cache concatenation and GPT-2's split of a fused c_attn, to
 path (with the rows it contributes when the path went through a split of the last dim). The passes live in
 lrcompile/passes/ (sdpa.py, fused_qkv.py, shared_kv.py); this module decides, builds factors and reports.
 
-Low-rank factors (fused_qkv with `rank`, shared_kv) are a `SharedBasis` attached to the attention module
-(`self_attn.lrcompile_qkv` / `.lrcompile_kv`): they are parameters of the model, found again by a recompile or
-another graph, and `lrcompile.rewrite` makes them before an optimizer or DDP exists.
+New factors are an `AttnFactors` attached to the attention module (`self_attn.lrcompile_qkv` / `.lrcompile_kv`):
+a `SharedBasis` (fused_qkv with `rank`, shared_kv) or a `StackedStructure` (fused_qkv with `structure`: a linear
+family over the stacked weight). They are parameters of the model, found again by a recompile or another graph,
+and `lrcompile.rewrite` makes them before an optimizer, DDP or FSDP2 exists.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import warnings
 from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SiteError
@@ -29,6 +32,7 @@ from .passes.rewrite import _copy, _safe
 from .passes.sdpa import rewrite_sdpa
 from .report import SiteRow
 from .sites import SDPA_TARGETS, Site, _through
+from .structures import FAMILIES
 from .structures.base import mark_owned
 from .structures.lowrank import resolve_rank, truncated_svd
 
@@ -37,14 +41,55 @@ ROLES = {"fused_qkv": fused_pass.ROLES, "shared_kv": shared_pass.ROLES}
 _WALK_LIMIT = 400  # nodes visited per operand before giving up (a projection is a few ops away)
 
 
-class SharedBasis(nn.Module):
-    """[W_1; …; W_n] ≈ U V: V (r × in) shared, U (Σout × r); y_i = (x Vᵀ) U_iᵀ. Balanced split of the SVD."""
+class AttnFactors(nn.Module):
+    """What an attention rewrite attaches: the stacked projection [W_1; …; W_n] (n = 3 for Q, K, V) in a
+    compressed form, applied once to the shared input and split back. Subclasses fix the form.
+
+    `site_fqn` and `sources` are recorded when the factors are made, so that a graph holding the projections
+    but not the attention (a graph break, a DDPOptimizer split, a per-layer FSDP2 unit compiled as its own
+    frame) still finds them: sources are (path, rows, relative), the path relative to the module the factors are
+    attached to when the projection lies under it (frame roots differ between compiles), else as named then."""
 
     compressing = True
 
-    def __init__(self, method: str, in_features: int, sizes: list[int], rank: int, dtype=None, device=None):
+    def __init__(self, method: str, in_features: int, sizes: list[int]):
         super().__init__()
-        self.method, self.in_features, self.sizes, self.rank = method, in_features, list(sizes), rank
+        self.method, self.in_features, self.sizes = method, in_features, list(sizes)
+        self.site_fqn: Optional[str] = None
+        self.sources: list = []
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.sizes)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Read from the module each time: FSDP2 swaps the registered parameters (sharded / unsharded)."""
+        return [getattr(self, n) for n in self.tensor_names]
+
+    def spec(self) -> tuple:
+        """What a rule would have to ask for to make exactly these factors."""
+        raise NotImplementedError
+
+    def factor_params(self) -> int:
+        return sum(t.numel() for t in self.tensors() if isinstance(t, nn.Parameter))
+
+    def factor_flops(self) -> int:
+        """Multiply-add FLOPs per token of the stacked projection, without the bias."""
+        raise NotImplementedError
+
+    def project(self, graph: fx.Graph, x: fx.Node, bias: Optional[fx.Node], inputs: list[fx.Node]) -> fx.Node:
+        """The stacked projection y = x Ŵᵀ + b in `graph`, the factors entering as `inputs`."""
+        raise NotImplementedError
+
+
+class SharedBasis(AttnFactors):
+    """[W_1; …; W_n] ≈ U V: V (r × in) shared, U (Σout × r); y_i = (x Vᵀ) U_iᵀ. Balanced split of the SVD."""
+
+    tensor_names = ("V", "U")
+
+    def __init__(self, method: str, in_features: int, sizes: list[int], rank: int, dtype=None, device=None):
+        super().__init__(method, in_features, sizes)
+        self.rank = rank
         self.V = mark_owned(nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device)))
         self.U = mark_owned(nn.Parameter(torch.empty(sum(sizes), rank, dtype=dtype, device=device)))
 
@@ -60,8 +105,15 @@ class SharedBasis(nn.Module):
             self.U.copy_(P * S.sqrt())
             self.V.copy_(S.sqrt()[:, None] * Qh)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.V, self.U]
+    def spec(self) -> tuple:
+        return ("rank", self.rank)
+
+    def factor_flops(self) -> int:
+        return 2 * self.rank * (self.in_features + self.out_features)
+
+    def project(self, graph, x, bias, inputs):
+        V, U = inputs
+        return graph.call_function(F.linear, (graph.call_function(F.linear, (x, V)), U, bias))
 
     def to_dense(self) -> torch.Tensor:
         return self.U @ self.V
@@ -70,14 +122,63 @@ class SharedBasis(nn.Module):
         return f"{self.method}: in={self.in_features}, out={self.sizes}, rank={self.rank}"
 
 
+class StackedStructure(AttnFactors):
+    """The stacked projection as a linear family (lrcompile.structures: lowrank, monarch, btt, blast) over
+    in → Σout, made by the family's from_dense. The family's tensors are registered here directly (not as a
+    child Structure: that would read as a linear site's factors to save/load and to the site finder)."""
+
+    def __init__(self, method: str, in_features: int, sizes: list[int], family: type, cfg, made: nn.Module):
+        super().__init__(method, in_features, sizes)
+        self.family, self.cfg, self.tensor_names = family, cfg, tuple(family.tensor_names)
+        self.rank = getattr(cfg, "rank", None)
+        for n in self.tensor_names:
+            t = getattr(made, n)
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(n, mark_owned(t))
+            else:
+                self.register_buffer(n, t, persistent=n not in made._non_persistent_buffers_set)
+
+    @classmethod
+    def from_stacked(cls, method: str, weight: torch.Tensor, sizes: list[int], family: type, cfg) -> "StackedStructure":
+        return cls(method, weight.shape[1], sizes, family, cfg, family.from_dense(weight, None, cfg))
+
+    def refit(self, weight: torch.Tensor) -> None:
+        fresh = self.family.from_dense(weight, None, self.cfg)
+        with torch.no_grad():
+            for n in self.tensor_names:
+                getattr(self, n).copy_(getattr(fresh, n))
+
+    def spec(self) -> tuple:
+        return (self.family.name, self.cfg)
+
+    def factor_params(self) -> int:
+        return self.family.param_count(self.in_features, self.out_features, self.cfg)
+
+    def factor_flops(self) -> int:
+        return self.family.flops_per_token(self.in_features, self.out_features, self.cfg)
+
+    def project(self, graph, x, bias, inputs):
+        return graph.call_function(self.family.functional, (x, None, bias, *inputs))
+
+    def to_dense(self) -> torch.Tensor:
+        t = self.tensors()
+        eye = torch.eye(self.in_features, dtype=t[0].dtype, device=t[0].device)
+        return self.family.functional(eye, None, None, *t).T
+
+    def extra_repr(self) -> str:
+        return f"{self.method}: in={self.in_features}, out={self.sizes}, {self.family.name} {self.cfg}"
+
+
 def stacked_weight(parts: list[Part]) -> torch.Tensor:
     return torch.cat([s.dense_weight[a:b] for s, (a, b) in parts]).detach()
 
 
 class AttnFeed:
-    """Supplies a SharedBasis to the compiled graph, refitting it when the dense weights moved and it did not."""
+    """Supplies attention factors to the compiled graph, refitting them when the dense weights moved and they
+    did not (stale factors, e.g. after load_state_dict). Under FSDP2 both are all-gathered into their unsharded
+    parameters before each forward, so both move together and nothing is refit."""
 
-    def __init__(self, struct: SharedBasis, parts: list[Part]):
+    def __init__(self, struct: AttnFactors, parts: list[Part]):
         self.struct = struct
         self.sources = [(s.weight, s.transposed, ab) for s, ab in parts]
         if not hasattr(struct, "_lrc_weight_versions"):
@@ -194,7 +295,7 @@ class AttnPlan:
     method: str
     row: SiteRow
     parts: list = dataclasses.field(default_factory=list)
-    struct: Optional[SharedBasis] = None
+    struct: Optional[AttnFactors] = None
     feed: Optional[AttnFeed] = None
 
 
@@ -211,20 +312,23 @@ def plan_attention(sites: list[Site], policy, module_of: Callable[[Site], Option
     """Decide every attention site of a graph. Returns the plans and rows for every site: the attention rows
     and, for projections an attention rewrite claims, their linear rows.
 
-    `attached`: the SharedBasis modules already on the model. Their projections are rewritten wherever they
-    appear, even in a graph without the attention itself (a graph break, or a DDPOptimizer split at a bucket
-    boundary between the projections and the attention)."""
+    `attached`: (factors, owner path in this graph's frame) for the AttnFactors already on the model
+    (attached_bases). Their projections are rewritten wherever they appear, even in a graph without the
+    attention itself (a graph break, or a DDPOptimizer split at a bucket boundary between the projections and
+    the attention); an attention site with attached factors and no rule of its own is reported through them."""
     plans, rows = [], []
     by_node = {s.node: s for s in sites if s.kind == "linear"}
+    owners = {path for _, path in attached if path is not None}
     claimed: set = set()
     for site in sites:
         if site.kind != "attention":
             continue
         rule = policy.match(site.fqn, "attention") if policy is not None else None
         if rule is None or rule.method == "dense":
-            rows.append(SiteRow(fqn=site.fqn, kind="attention", method="dense", status="dense",
-                                reason=f"{site.form} attention; " + (f"{rule.label} keeps it dense" if rule else "no attention rule matches"),
-                                rule=policy.where(rule) if rule else None))
+            if site.fqn not in owners:
+                rows.append(SiteRow(fqn=site.fqn, kind="attention", method="dense", status="dense",
+                                    reason=f"{site.form} attention; " + (f"{rule.label} keeps it dense" if rule else "no attention rule matches"),
+                                    rule=policy.where(rule) if rule else None))
             continue
         where = policy.where(rule)
         if rule.method == "sdpa":
@@ -238,6 +342,8 @@ def plan_attention(sites: list[Site], policy, module_of: Callable[[Site], Option
         parts, why = projections(site, ROLES[rule.method], by_node)
         if parts is not None and any(id(s) in claimed for s, _ in parts):
             parts, why = None, "a projection is already claimed by another attention site"
+        if parts is None and site.fqn in owners:
+            continue  # its factors are attached: the graph that holds its projections applies and reports them
         if parts is None:
             rows.append(_fail(site, rule, policy, rule.method, why))
             continue
@@ -248,36 +354,50 @@ def plan_attention(sites: list[Site], policy, module_of: Callable[[Site], Option
         plans.append(plan)
         claimed.update(id(s) for s, _ in parts)
         rows.extend(_claimed_rows(plan))
-    for struct in attached:
-        for parts in _groups(struct, [s for s in sites if s.kind == "linear" and id(s) not in claimed]):
-            row = _row(struct.site_fqn, struct.method, None, parts)
-            row.status, row.rank = "installed", struct.rank
-            row.params_after = struct.rank * (struct.in_features + sum(struct.sizes)) + row.params_before - row.flops_before // 2
-            row.flops_after = 2 * struct.rank * (struct.in_features + sum(struct.sizes))
-            row.notes.append("factors attached earlier; projections found without their attention in this graph")
+    for struct, owner in attached:
+        for parts in _groups(struct, owner, [s for s in sites if s.kind == "linear" and id(s) not in claimed]):
+            row = _row(owner if owner is not None else struct.site_fqn, struct.method, None, parts)
+            row.status = "installed"
+            _account(row, struct, parts)
+            row.notes.append("factors attached earlier (lrcompile.rewrite or an earlier compile)")
             plan = AttnPlan(None, struct.method, row, parts, struct, AttnFeed(struct, parts))
             plans.append(plan)
             claimed.update(id(s) for s, _ in parts)
+            rows.append(row)
             rows.extend(_claimed_rows(plan))
     return plans, rows
 
 
-def attached_bases(root: Optional[nn.Module], orphans: dict) -> list:
-    found = [m for m in root.modules() if isinstance(m, SharedBasis)] if root is not None else []
-    return found + [m for m in orphans.values() if isinstance(m, SharedBasis)]
+def attached_bases(root: Optional[nn.Module], orphans: dict) -> list[tuple[AttnFactors, Optional[str]]]:
+    """Every AttnFactors on the model, with the path (in this frame) of the module it is attached to."""
+    found = []
+    if root is not None:
+        for path, m in root.named_modules():
+            if isinstance(m, AttnFactors):
+                found.append((m, path.rpartition(".")[0]))
+    return found + [(m, None) for m in orphans.values() if isinstance(m, AttnFactors)]
 
 
-def _groups(struct: "SharedBasis", linear: list[Site]):
+def _source(proj_fqn: str, rows: tuple[int, int], site_fqn: str, owned: bool) -> tuple[str, tuple, bool]:
+    """A projection's entry in AttnFactors.sources: relative to the attention module when it lies under it."""
+    if owned and (not site_fqn or proj_fqn.startswith(site_fqn + ".")):
+        return proj_fqn[len(site_fqn) + 1 if site_fqn else 0:], rows, True
+    return proj_fqn, rows, False
+
+
+def _groups(struct: AttnFactors, owner: Optional[str], linear: list[Site]):
     """The sets of this graph's linear sites that are `struct`'s recorded projections, one per call."""
-    sources = getattr(struct, "sources", None)
-    if not sources:
+    if not struct.sources:
         return
     by_fqn: dict = {}
     for s in linear:
         by_fqn.setdefault(s.fqn, []).append(s)
-    for s0 in by_fqn.get(sources[0][0], []):
+
+    base = owner if owner is not None else struct.site_fqn
+    names = [(".".join(p for p in (base, path) if p) if rel else path, ab) for path, ab, rel in struct.sources]
+    for s0 in by_fqn.get(names[0][0], []):
         parts = []
-        for fqn, (a, b) in sources:
+        for fqn, (a, b) in names:
             cand = [s for s in by_fqn.get(fqn, []) if s.input_node is s0.input_node and s.out_features >= b]
             if not cand or cand[0].in_features != struct.in_features:
                 break
@@ -299,20 +419,52 @@ def _row(fqn: str, method: str, where: Optional[str], parts: list[Part]) -> Site
     return row
 
 
+def _account(row: SiteRow, struct: AttnFactors, parts: list[Part]) -> None:
+    """The row's after-columns for a projection that runs `struct` (the sites' biases stay)."""
+    row.rank = struct.rank
+    row.params_after = struct.factor_params() + sum(b - a for s, (a, b) in parts if s.bias is not None)
+    row.flops_after = struct.factor_flops()
+    if isinstance(struct, StackedStructure):
+        row.notes.append(f"structure: {struct.family.name} {_options(struct.cfg)}")
+
+
+def _options(cfg) -> str:
+    """The config's shape options: rank and blocks, and whatever else differs from the family's defaults."""
+    return ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                     if f.name in ("rank", "blocks") or getattr(cfg, f.name) != f.default)
+
+
+def _wanted(cfg, in_f: int, out: int) -> tuple:
+    """The factors a rule asks for over the stacked in → out projection: ("rank", r) or (family name, config).
+    Raises ValueError when the family cannot take the shape (e.g. BLAST blocks that do not divide)."""
+    if cfg.rank is not None:
+        return ("rank", resolve_rank(cfg.rank, in_f, out))
+    family, fcfg = cfg.family()
+    return (family.name, fcfg.resolve(in_f, out) if hasattr(fcfg, "resolve") else fcfg)
+
+
+def _make(method: str, spec: tuple, weight: torch.Tensor, sizes: list[int]) -> AttnFactors:
+    if spec[0] == "rank":
+        return SharedBasis.from_stacked(method, weight, sizes, spec[1])
+    return StackedStructure.from_stacked(method, weight, sizes, FAMILIES[spec[0]], spec[1])
+
+
 def _plan_projection(site, rule, policy, parts, module_of, orphans, on_new):
     cfg, method, where = rule.config, rule.method, policy.where(rule)
     in_f = parts[0][0].in_features
     sizes = [b - a for _, (a, b) in parts]
     out = sum(sizes)
-    bias = sum(b - a for s, (a, b) in parts if s.bias is not None)
     row = _row(site.fqn, method, where, parts)
-    if cfg.rank is None:  # dense fused_qkv: the sites' own weights, concatenated in the graph
+    if cfg.rank is None and getattr(cfg, "structure", None) is None:  # dense fused_qkv: the sites' own weights
         why = fused_pass.refuse(parts, low_rank=False)
         if why is not None:
             row.status, row.reason = "dense", why
             return None, row
         return AttnPlan(site, method, row, parts), row
-    rank = resolve_rank(cfg.rank, in_f, out)
+    try:
+        spec = _wanted(cfg, in_f, out)
+    except ValueError as e:
+        return None, _fail(site, rule, policy, method, str(e))
     min_features = rule.min_features if rule.min_features is not None else policy.defaults.min_features
     if min(in_f, out) < min_features:
         row.status, row.reason = "skipped", f"min(in, out) = {min(in_f, out)} < min_features {min_features}"
@@ -320,20 +472,20 @@ def _plan_projection(site, rule, policy, parts, module_of, orphans, on_new):
     module = module_of(site)
     name = CHILD[method]
     prev = getattr(module, name, None) if module is not None else orphans.get((site.fqn, method))
-    if isinstance(prev, SharedBasis) and prev.sizes == sizes and prev.in_features == in_f:
-        struct = prev  # made by this session, a recompile, or lrcompile.rewrite; another rank: used as it is
-        if prev.rank != rank:
+    if isinstance(prev, AttnFactors) and prev.sizes == sizes and prev.in_features == in_f:
+        struct = prev  # made by this session, a recompile, or lrcompile.rewrite; other factors: used as they are
+        if prev.spec() != spec:
             row.status = "installed"
-            row.notes.append(f"factors attached earlier with rank {prev.rank} (the rule asks {rank}): used as they are")
-            rank = prev.rank
+            row.notes.append(f"factors attached earlier ({_describe_spec(prev.spec())}; the rule asks "
+                             f"{_describe_spec(spec)}): used as they are")
         else:
             row.notes.append("factors reused")
     else:
         if on_new is not None:
             on_new(f"{site.fqn}.{name}")
-        struct = SharedBasis.from_stacked(method, stacked_weight(parts), sizes, rank)
-        # recorded so that a graph holding the projections but not the attention still finds them
-        struct.site_fqn, struct.sources = site.fqn, [(s.fqn, ab) for s, ab in parts]
+        struct = _make(method, spec, stacked_weight(parts), sizes)
+        struct.site_fqn = site.fqn
+        struct.sources = [_source(s.fqn, ab, site.fqn, module is not None) for s, ab in parts]
         if module is not None:
             module.add_module(name, struct)
         else:
@@ -343,9 +495,8 @@ def _plan_projection(site, rule, policy, parts, module_of, orphans, on_new):
         w = stacked_weight(parts).double()
         err = float(torch.linalg.norm(w - struct.to_dense().double()) / torch.linalg.norm(w).clamp_min(1e-30))
     limit = rule.max_error if rule.max_error is not None else policy.defaults.max_error
-    row.rank, row.rel_error = rank, err
-    row.params_after = rank * (in_f + out) + bias
-    row.flops_after = 2 * rank * (in_f + out)
+    row.rel_error = err
+    _account(row, struct, parts)
     if row.params_after >= row.params_before:
         row.notes.append("saves nothing at this rank (at or above break-even)")
     if limit is not None and err > limit:
@@ -359,11 +510,26 @@ def _plan_projection(site, rule, policy, parts, module_of, orphans, on_new):
     return AttnPlan(site, method, row, parts, struct, AttnFeed(struct, parts)), row
 
 
+def _describe_spec(spec: tuple) -> str:
+    return f"rank {spec[1]}" if spec[0] == "rank" else f"{spec[0]} {_options(spec[1])}"
+
+
+def _shares(total: int, sizes: list[int]) -> list[int]:
+    """`total` split over parts in proportion to their rows, the remainder to the first (sums exactly)."""
+    out = sum(sizes)
+    shares = [total * n // out for n in sizes]
+    shares[0] += total - sum(shares)
+    return shares
+
+
 def _claimed_rows(plan: AttnPlan) -> list[SiteRow]:
-    """Linear rows of the projections a plan takes over; the factors' parameters are split among them (V goes to
-    the first) so that the report's linear totals stay exact."""
-    rows, first = {}, True
-    for s, (a, b) in plan.parts:
+    """Linear rows of the projections a plan takes over; the factors' parameters and FLOPs are split among them
+    by rows so that the report's linear totals stay exact."""
+    rows = {}
+    sizes = [b - a for _, (a, b) in plan.parts]
+    params = _shares(plan.struct.factor_params(), sizes) if plan.struct is not None else None
+    flops = _shares(plan.struct.factor_flops(), sizes) if plan.struct is not None else None
+    for i, (s, (a, b)) in enumerate(plan.parts):
         r = rows.get(id(s))
         if r is None:
             fl = 2 * s.in_features * s.out_features
@@ -372,9 +538,8 @@ def _claimed_rows(plan: AttnPlan) -> list[SiteRow]:
                                       params_after=s.params, flops_before=fl, flops_after=fl, rank=plan.row.rank,
                                       reason=f"projection of attention site {plan.row.fqn or '<root>'} ({plan.method})")
         if plan.struct is not None:
-            r.params_after += (b - a) * (plan.struct.rank - s.in_features) + (plan.struct.rank * s.in_features if first else 0)
-            r.flops_after += 2 * ((b - a) * (plan.struct.rank - s.in_features) + (plan.struct.rank * s.in_features if first else 0))
-            first = False
+            r.params_after += params[i] - (b - a) * s.in_features
+            r.flops_after += flops[i] - 2 * (b - a) * s.in_features
     return list(rows.values())
 
 
@@ -394,17 +559,18 @@ def rewrite_attention(gm: fx.GraphModule, plans: list[AttnPlan]) -> tuple[fx.Gra
     for plan in plans:
         if plan.method == "sdpa":
             continue
-        factors = None
+        project = None
         if plan.struct is not None:
-            with graph.inserting_after(last):
-                V = graph.placeholder(f"lrc_{_safe(plan.row.fqn)}_{plan.method}_V")
-            with graph.inserting_after(V):
-                U = graph.placeholder(f"lrc_{_safe(plan.row.fqn)}_{plan.method}_U")
-            V._dynamo_source = U._dynamo_source = None
-            last, factors = U, (V, U)
+            inputs = []
+            for tname in plan.struct.tensor_names:
+                with graph.inserting_after(last):
+                    last = graph.placeholder(f"lrc_{_safe(plan.row.fqn)}_{plan.method}_{tname}")
+                last._dynamo_source = None
+                inputs.append(last)
+            project = functools.partial(plan.struct.project, inputs=inputs)
             feeds.append(plan.feed)
         fn = fused_pass.rewrite_fused_qkv if plan.method == "fused_qkv" else shared_pass.rewrite_shared_kv
-        replaced.update(fn(new, vm, plan.parts, factors))
+        replaced.update(fn(new, vm, plan.parts, project))
     sdpa = {vm[p.site.node]: i for i, p in enumerate(plans) if p.method == "sdpa"}
     if sdpa:
         for i, (status, reason) in rewrite_sdpa(new, sdpa, replaced).items():

@@ -6,7 +6,10 @@ break; the report and the factors are shared across those calls through a sessio
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
+import sys
 import weakref
 from typing import Optional
 
@@ -19,7 +22,7 @@ from . import attention
 from .distributed import check_new_factors
 from .options import Options
 from .passes.rewrite import rewrite_graph
-from .plan import Decision, build, decide, rel_error, site_row
+from .plan import TIE_NOTE, Decision, build, decide, rel_error, site_row, tie_broken
 from .policy import Policy, load_policy
 from .report import Report, SiteRow
 from .resolve import frame_locals, root_module, site_module
@@ -30,26 +33,59 @@ from .structures import FAMILIES, Structure
 class Session:
     """State shared by every backend call made for one compiled model."""
 
-    def __init__(self, opts: Options):
-        self.policy: Optional[Policy] = load_policy(opts.policy)
-        if self.policy is not None and opts.strict is not None:
-            self.policy.defaults.strict = opts.strict
+    def __init__(self, policy: Optional[Policy], opts: Options, calibration):
+        self.policy = policy
         self.report = Report()
-        self.calibration = _load_calibration(opts.calibration)
-        self.orphans: dict = {}  # factors of sites whose module could not be found, keyed by weight identity
+        self.calibration = calibration  # held: its id is part of the session key
+        self.orphans: dict = {}  # attention factors of sites whose module could not be found (lrcompile.attention)
+        self.loose: dict = {}  # linear factors of such sites: id(weight) -> (weakref to the weight, structure)
         self.ranks: Optional[dict] = None  # the policy budget's allocation, planned once over the whole model
+
+    def orphan(self, weight: torch.Tensor) -> Optional[Structure]:
+        ref, struct = self.loose.get(id(weight), (None, None))
+        return struct if ref is not None and ref() is weight else None  # an id can be reused after GC
 
 
 _sessions: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# Compiles whose root module was not found: keyed by the options dict the compile passes on every call (held by
+# the session, so its id cannot be reused), a few at most.
+_rootless: "collections.OrderedDict[tuple, Session]" = collections.OrderedDict()
+ROOTLESS_KEEP = 8
+
+
+def _policy(opts: Options) -> Optional[Policy]:
+    policy = load_policy(opts.policy)
+    if policy is not None and opts.strict is not None and policy.defaults.strict != opts.strict:
+        # a copy: a Policy object passed in is the user's
+        policy = dataclasses.replace(policy, defaults=dataclasses.replace(policy.defaults, strict=opts.strict))
+    return policy
+
+
+def _key(policy: Optional[Policy], opts: Options, calibration) -> tuple:
+    """What makes two backend calls one session: the same policy (by digest), report, calibration and strictness
+    — never `id(options)`, which a later dict can reuse once the first is collected."""
+    calib = None if calibration is None else (
+        os.path.abspath(str(opts.calibration)) if isinstance(opts.calibration, (str, os.PathLike)) else id(calibration))
+    return (policy.digest if policy is not None else None,
+            policy.defaults.strict if policy is not None else None,
+            os.path.abspath(opts.report) if opts.report else None, calib)
 
 
 def _session(root: Optional[nn.Module], options: Optional[dict], opts: Options) -> Session:
-    key = id(options) if options is not None else None
+    policy = _policy(opts)
+    calibration = _load_calibration(opts.calibration)
+    key = _key(policy, opts, calibration)
     if root is None:
-        return Session(opts)
+        key = (id(options), *key)
+        if key not in _rootless:
+            _rootless[key] = Session(policy, opts, calibration)
+            _rootless[key].options = options  # held: its id is in the key
+            while len(_rootless) > ROOTLESS_KEEP:
+                _rootless.popitem(last=False)
+        return _rootless[key]
     per_root = _sessions.setdefault(root, {})
     if key not in per_root:
-        per_root[key] = Session(opts)
+        per_root[key] = Session(policy, opts, calibration)
     return per_root[key]
 
 
@@ -87,7 +123,10 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
         session.report.add(row)
     order = []
     if chosen:
-        gm, order = rewrite_graph(gm, chosen)
+        # on CPU Inductor fuses a separate bias add into the consumer's kernel; fused Triton kernels take the
+        # bias in their own epilogue (passes/fuse.py), and the eager runner has no consumer kernel to use
+        cpu_inductor = opts.inductor and not opts.fuse_enabled() and all(s.weight.device.type == "cpu" for s, *_ in chosen)
+        gm, order = rewrite_graph(gm, chosen, bias_epilogue=cpu_inductor)
     feeds = attn_feeds + [feeds[id(s)] for s in order]
     if order and opts.fuse_enabled():  # sites + prologue/epilogue -> one kernel op each (passes/fuse.py, lower.py)
         from .passes.lower import fuse
@@ -119,19 +158,19 @@ def _remap(site: Site, vm: dict) -> Site:
 def _plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool = True):
     """Decide every site of this graph; returns [(site, structure, implementation)] to rewrite and their feeds by
     structure id."""
+    from tqdm.auto import tqdm
+
     policy = session.policy
     chosen, feeds = [], {}
-    for site in sites:
-        if site.kind != "linear":
-            session.report.add(SiteRow(fqn=site.fqn, kind=site.kind, method="dense", status="dense",
-                                       reason=f"{site.form} attention (attention rewrites not enabled)"))
-            continue
+    bar = tqdm(sites, desc="lrcompile", unit="site", disable=not sys.stderr.isatty() or not sites, leave=False)
+    for site in bar:
+        bar.set_postfix_str(site.fqn, refresh=False)
         decision = decide(site, policy, session.ranks)
         if decision.status == "installed":
             _report_installed(site, session, root, f_locals)
             continue
         module = site_module(site, root, f_locals) if root is not None else None
-        prev = store.attached(module, site.weight) if module is not None else session.orphans.get(id(site.weight))
+        prev = store.attached(module, site.weight) if module is not None else session.orphan(site.weight)
         tuned = _tune(site, decision, policy, prev, tune)
         if tuned is not None and tuned.dense:  # `guard: dense` and the original layer is faster: no factors made
             _, row = build(site, dataclasses.replace(decision, status="skipped", reason=tuned.why), policy)
@@ -148,6 +187,8 @@ def _plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool 
             if struct is not None:
                 struct.to(device=site.weight.device)
                 _keep(site, struct, module, session, row)
+                if struct.compressing and tie_broken(site, root):
+                    row.notes.append(TIE_NOTE)
         if tuned is not None and struct is not None:
             tuned.annotate(row)
         session.report.add(row)
@@ -155,6 +196,7 @@ def _plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool 
             chosen.append((site, struct, tuned.fn if tuned is not None else type(struct).functional))
             if id(struct) not in feeds:
                 feeds[id(struct)] = store.Feed(struct, site.weight, site.transposed, _stats_for(session, site))
+    bar.close()
     return chosen, feeds
 
 
@@ -188,10 +230,12 @@ def _reused_row(site: Site, prev: Structure, decision: Decision, session: Sessio
 
 def _keep(site: Site, struct: Structure, module, session: Session, row: SiteRow) -> None:
     row.notes.append("dense weight stays alive on the module (backend path; lrcompile.rewrite releases it)")
+    if session.policy is not None:
+        struct.policy_digest = session.policy.digest  # lrcompile.save writes it into plan.json
     if module is not None:
         store.attach(module, site.weight, struct)
     else:
-        session.orphans[id(site.weight)] = struct
+        session.loose[id(site.weight)] = (weakref.ref(site.weight), struct)
         row.notes.append("module not found: factors are not registered on the model")
 
 

@@ -4,13 +4,15 @@ F is a fraction of the dense parameters (FLOPs) of the sites that the rules send
 site's parameters are its weight plus its bias. Low-rank sites get non-uniform ranks chosen to minimise the
 summed expected output error: each site's error at rank r is the energy its (whitened) spectrum drops,
 Σ_{i>r} σᵢ² of W·L with C = L Lᵀ the mean input second moment — i.e. the mean squared output error per token
-(plain spectrum of W without statistics). A greedy Lagrangian walk raises whichever site buys the most error
-reduction per unit of budget; a site whose low-rank form saves nothing (or whose remaining error is cheapest to
-remove by staying dense) stays dense (rank None). Measured error curves (e.g. end-to-end sensitivity) can
-replace the spectra through `errors=`.
+(plain spectrum of W without statistics). The allocation is a multiple-choice knapsack solved on each site's
+lower convex hull of (cost, error) options — its ranks and staying dense — then filled step by step (`allocate`);
+a site whose low-rank form saves nothing stays dense (rank None), and so does one whose remaining error is
+cheapest to remove that way. Measured error curves (e.g. end-to-end sensitivity) can replace the spectra through
+`errors=`.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import math
@@ -44,35 +46,73 @@ def _costs(kind: str, in_f: int, out_f: int, bias: int):
     return (lambda r: 2 * r * (in_f + out_f)), 2 * in_f * out_f
 
 
-def _curve(values: ErrorCurve, full: int) -> Callable[[int], float]:
-    """A measured {rank: error} table -> monotone non-increasing error(r), linear between points, 0 at full rank."""
+def _curve(values: ErrorCurve, full: int) -> tuple[Callable[[int], float], int]:
+    """(error(r), first rank it knows). A measured {rank: error} table is made non-increasing (more rank never
+    costs accuracy), interpolated linearly between its points and ends at 0 at full rank; ranks below its first
+    point are unknown (not offered: a flat extrapolation would make them look free)."""
     if callable(values):
-        return values
+        return values, 1
     pts = sorted((int(r), float(e)) for r, e in values.items())
-    if not pts or pts[-1][0] < full:
+    if not pts:
+        raise PlanError("budget: an empty measured error curve")
+    if pts[-1][0] < full:
         pts.append((full, 0.0))
     rs = [p[0] for p in pts]
     es = [p[1] for p in pts]
-    for i in range(len(es) - 2, -1, -1):  # more rank never costs accuracy: enforce monotonicity
+    for i in range(len(es) - 2, -1, -1):
         es[i] = max(es[i], es[i + 1])
 
     def f(r: int) -> float:
-        if r <= rs[0]:
-            return es[0]
         if r >= rs[-1]:
             return es[-1]
-        j = next(k for k in range(1, len(rs)) if rs[k] >= r)
+        j = bisect.bisect_left(rs, r)
+        if rs[j] == r or j == 0:
+            return es[j]
         t = (r - rs[j - 1]) / (rs[j] - rs[j - 1])
         return es[j - 1] + t * (es[j] - es[j - 1])
 
-    return f
+    return f, max(1, rs[0])
 
 
 def spectrum_curve(weight: torch.Tensor, stats=None, damping: float = 1e-2) -> Callable[[int], float]:
     """error(r) = Σ_{i>r} σᵢ² of the whitened spectrum (plain spectrum without statistics)."""
-    s = whiten.spectrum(weight, stats.cov if stats is not None else None, damping)
+    s = whiten.spectrum(weight, stats, damping)
     tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0]).tolist() + [0.0]  # tail[r] = Σ_{i≥r}
     return lambda r: tail[min(max(r, 0), len(tail) - 1)]
+
+
+def _hull(opts: list[tuple[float, float]]) -> list[int]:
+    """Indices of the lower convex hull of (cost, error) points sorted by cost, from the first to the last: the
+    only options a Lagrangian (error + μ·cost) can pick, in order of falling error per unit of cost."""
+    keep: list[int] = []
+    for i, (c, e) in enumerate(opts):
+        while len(keep) >= 2:
+            (c1, e1), (c2, e2) = opts[keep[-2]], opts[keep[-1]]
+            if (e2 - e1) * (c - c1) >= (e - e1) * (c2 - c1):  # keep[-1] lies on or above the chord: not on the hull
+                keep.pop()
+            else:
+                break
+        keep.append(i)
+    return keep
+
+
+def _options(c: Candidate, kind: str, step: int, err: Callable[[int], float], first: int):
+    """A site's choices [(cost, error, rank or None=dense)] by cost; () when low rank saves nothing."""
+    out_f, in_f = c.shape
+    cost, dense = _costs(kind, in_f, out_f, c.bias)
+    full = min(in_f, out_f)
+    top = min(full, c.max_rank if c.max_rank is not None else full)
+    while top >= 1 and cost(top) >= dense:  # ranks at or above break-even save nothing
+        top -= 1
+    if top < 1:
+        return (), dense
+    lo = min(max(1, c.min_rank, first), top)
+    opts = [(float(cost(r)), float(err(r)), r) for r in range(lo, top + 1, step)]
+    if c.max_rank is None or cost(c.max_rank) >= dense:  # a rule's rank cap below break-even forbids dense
+        opts.append((float(dense), 0.0, None))
+    for i in range(len(opts) - 2, -1, -1):  # monotone: error never rises with cost
+        opts[i] = (opts[i][0], max(opts[i][1], opts[i + 1][1]), opts[i][2])
+    return opts, dense
 
 
 def allocate(candidates: list[Candidate], budget: dict, stats=None, *, step: int = 1,
@@ -80,67 +120,84 @@ def allocate(candidates: list[Candidate], budget: dict, stats=None, *, step: int
              damping: float = 1e-2) -> dict[str, Optional[int]]:
     """Ranks per site FQN (None = stay dense) meeting `budget` within one rank step per site.
 
+    Minimises Σ error over sites subject to Σ cost ≤ F·dense: each site starts at its lowest rank, then
+    (1) segments of every site's lower convex hull of (cost, error) options (ranks and dense) are bought in order
+    of error removed per unit of cost while they fit — the Lagrangian optimum at the budget; (2) what is left is
+    filled one option at a time, best ratio first, until no site's next step fits.
     `stats`: CalibrationStats (or None) for the whitened spectra; `errors`: measured curves per FQN that replace
     them; `reserved`: (dense, spent) of compressing sites outside this allocation (other families), which count
     toward the same budget.
     """
-    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("params", "flops"):
-        raise PlanError(f"budget must be {{params: F}} or {{flops: F}}, got {budget!r}")
-    kind, frac = next(iter(budget.items()))
+    kind, frac = _check_budget(budget)
     step = max(1, int(step))
-    sites = []
-    dense_total = float(reserved[0])
+    sites, state = [], {}
+    dense_total, spent = float(reserved[0]), 0.0
     for c in candidates:
         out_f, in_f = c.shape
-        cost, dense = _costs(kind, in_f, out_f, c.bias)
-        full = min(in_f, out_f)
-        top = min(full, c.max_rank if c.max_rank is not None else full)
-        while top >= 1 and cost(top) >= dense:  # ranks at or above break-even save nothing
-            top -= 1
-        lo = max(1, min(c.min_rank, top)) if top >= 1 else None
         if errors is not None and c.fqn in errors:
-            err = _curve(errors[c.fqn], full)
+            err, first = _curve(errors[c.fqn], min(in_f, out_f))
         else:
-            err = spectrum_curve(c.weight, stats.get(c.fqn) if stats is not None else None, damping)
-        sites.append(dict(fqn=c.fqn, cost=cost, dense=dense, top=top, rank=lo, err=err))
+            err, first = spectrum_curve(c.weight, stats.get(c.fqn) if stats is not None else None, damping), 1
+        opts, dense = _options(c, kind, step, err, first)
         dense_total += dense
+        if not opts:
+            state[c.fqn] = None  # low rank saves nothing here: dense, at its dense cost
+            spent += dense
+            continue
+        sites.append(dict(fqn=c.fqn, opts=opts, hull=_hull([(o[0], o[1]) for o in opts]), at=0, h=0))
+        spent += opts[0][0]
     target = frac * dense_total - float(reserved[1])
-    state = {s["fqn"]: (s["rank"] if s["rank"] is not None else None) for s in sites}
-    spent = sum(s["cost"](s["rank"]) if s["rank"] is not None else s["dense"] for s in sites)
     if spent > target + 1e-9:
         warnings.warn(f"lrcompile: budget {kind}={frac} is below the minimum rank of every site "
                       f"({spent:.4g} > {target:.4g}); using the minimum ranks", stacklevel=2)
-    heap: list = []
 
-    def push(s):
-        r = state[s["fqn"]]
-        if r is None:
-            return  # dense: nothing left to buy
-        here = s["err"](r)
-        if here <= 0:
-            return
-        if r + step <= s["top"]:
-            dc = s["cost"](r + step) - s["cost"](r)
-            gain = here - s["err"](r + step)
-            heapq.heappush(heap, (-gain / dc, s["fqn"], r, r + step, dc))
-        # staying dense removes the rest of the error (the only move left once the rank reaches break-even)
-        dc = s["dense"] - s["cost"](r)
-        if dc > 0:
-            heapq.heappush(heap, (-here / dc, s["fqn"], r, None, dc))
+    def ratio(s, j):
+        (c0, e0, _), (c1, e1, _) = s["opts"][s["at"]], s["opts"][j]
+        return (e0 - e1) / (c1 - c0)
 
-    by_fqn = {s["fqn"]: s for s in sites}
-    for s in sites:
-        push(s)
+    # (1) hull segments, best first; a segment that does not fit ends its site's walk (later ones depend on it)
+    heap = [(-ratio(s, s["hull"][1]), i) for i, s in enumerate(sites) if len(s["hull"]) > 1]
+    heapq.heapify(heap)
     while heap:
-        _, fqn, frm, to, dc = heapq.heappop(heap)
-        if state[fqn] != frm:
-            continue  # stale move: the site moved since
+        _, i = heapq.heappop(heap)
+        s = sites[i]
+        j = s["hull"][s["h"] + 1]
+        dc = s["opts"][j][0] - s["opts"][s["at"]][0]
         if spent + dc > target + 1e-9:
-            continue  # does not fit; cheaper moves of other sites may
-        state[fqn] = to
+            continue
         spent += dc
-        push(by_fqn[fqn])
+        s["at"], s["h"] = j, s["h"] + 1
+        if s["h"] + 1 < len(s["hull"]):
+            heapq.heappush(heap, (-ratio(s, s["hull"][s["h"] + 1]), i))
+    # (2) fill the remainder with single steps (between hull vertices, or those cut short above)
+    heap = [(-ratio(s, s["at"] + 1), i) for i, s in enumerate(sites) if s["at"] + 1 < len(s["opts"])]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        s = sites[i]
+        dc = s["opts"][s["at"] + 1][0] - s["opts"][s["at"]][0]
+        if spent + dc > target + 1e-9:
+            continue  # later steps of this site cost at least as much per step: it is done
+        spent += dc
+        s["at"] += 1
+        if s["at"] + 1 < len(s["opts"]):
+            heapq.heappush(heap, (-ratio(s, s["at"] + 1), i))
+    for s in sites:
+        state[s["fqn"]] = s["opts"][s["at"]][2]
     return state
+
+
+ALLOCATORS = ("spectrum", "sensitivity")
+
+
+def _check_budget(budget) -> tuple[str, float]:
+    """(kind, F) of `{params|flops: F[, allocate: spectrum|sensitivity]}`."""
+    kinds = [k for k in (budget if isinstance(budget, dict) else ()) if k in ("params", "flops")]
+    if (not isinstance(budget, dict) or len(kinds) != 1 or set(budget) - {kinds[0], "allocate"}
+            or budget.get("allocate", "spectrum") not in ALLOCATORS):
+        raise PlanError(f"budget must be {{params: F}} or {{flops: F}} (optionally allocate: spectrum | sensitivity), "
+                        f"got {budget!r}")
+    return kinds[0], budget[kinds[0]]
 
 
 def budget_cost(ranks: dict, candidates: list[Candidate], kind: str = "params") -> tuple[float, float]:
@@ -164,7 +221,12 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
     """
     from .structures import FAMILIES
 
-    kind = next(iter(policy.budget))
+    kind, _ = _check_budget(policy.budget)
+    if errors is None and policy.budget.get("allocate") == "sensitivity":
+        errors = getattr(stats, "sensitivity", None)
+        if not errors:
+            raise PlanError(f"{policy.source}: budget allocate: sensitivity needs calibration statistics with "
+                            f"sensitivity curves: lrcompile.calibrate(model, batches, policy) with this policy")
     cands, res_dense, res_spent = [], 0.0, 0.0
     for fqn, w, b in sites:
         rule = policy.match(fqn, "linear")
@@ -192,17 +254,35 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
         res_spent += fixed
     if not cands:
         return {}
-    return allocate(cands, policy.budget, stats, errors=errors, reserved=(res_dense, res_spent))
+    budget = {kind: policy.budget[kind]}
+    return allocate(cands, budget, stats, errors=errors, reserved=(res_dense, res_spent), damping=_damping(policy))
 
 
-def uniform_ranks(candidates: list[Candidate], budget: dict) -> dict[str, int]:
-    """The same parameter (FLOP) fraction at every site: r = ⌊F·in·out/(in+out)⌋ (the baseline to beat)."""
-    frac = next(iter(budget.values()))
-    return {c.fqn: max(1, math.floor(frac * c.shape[0] * c.shape[1] / (c.shape[0] + c.shape[1]))) for c in candidates}
+def _damping(policy) -> float:
+    """The whitening damping of the policy's low-rank rules (the spectra should match the factorisation)."""
+    ds = {r.config.damping for r in policy.rules if r.method == "lowrank" and hasattr(r.config, "damping")}
+    return ds.pop() if len(ds) == 1 else 1e-2
 
 
-def plan_model(policy, model, stats=None) -> dict[str, Optional[int]]:
-    """`plan_ranks` over every nn.Linear / Conv1D module of `model` (the backend's once-per-session plan)."""
+def uniform_ranks(candidates: list[Candidate], budget: dict) -> dict[str, Optional[int]]:
+    """The same fraction F at every site (the baseline to beat): the largest r with r(in+out)+b ≤ F(in·out+b)
+    (FLOPs: 2r(in+out) ≤ F·2·in·out), within the site's rank bounds; dense (None) where that saves nothing."""
+    kind, frac = _check_budget(budget)
+    out = {}
+    for c in candidates:
+        out_f, in_f = c.shape
+        cost, dense = _costs(kind, in_f, out_f, c.bias)
+        unit = cost(1) - cost(0)
+        r = math.floor((frac * dense - cost(0)) / unit + 1e-9)
+        r = min(r, min(in_f, out_f), c.max_rank if c.max_rank is not None else r)
+        r = max(r, c.min_rank, 1)
+        out[c.fqn] = None if cost(r) >= dense else r
+    return out
+
+
+def plan_model(policy, model, stats=None, errors=None) -> dict[str, Optional[int]]:
+    """`plan_ranks` over every nn.Linear / Conv1D module of `model`: the one site list that both the backend
+    (once per session) and `rewrite` plan over, so both give the same ranks."""
     from .calibrate import module_sites
 
-    return plan_ranks(policy, module_sites(model), stats)
+    return plan_ranks(policy, module_sites(model), stats, errors)

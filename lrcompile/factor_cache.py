@@ -3,7 +3,8 @@
 The key covers the weight's bytes, dtype and shape, the family and its resolved config (init included) and the
 hash of the site's calibration statistics, so a changed weight or config can never hit a stale entry.
 Entries are safetensors files written atomically (temp file + rename): a crash leaves no half entry, and a
-corrupt file is treated as a miss and replaced.
+corrupt file is treated as a miss and replaced. An entry's metadata keeps what the factorisation reported
+(kept energy, the init and SVD algorithm used) so that a hit reports the same as the miss that made it.
 """
 from __future__ import annotations
 
@@ -13,18 +14,23 @@ import json
 import os
 import tempfile
 import warnings
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from .cache_dir import cache_path
 
 
+def _bytes(t: torch.Tensor):
+    """The tensor's bytes as a buffer hashlib reads in place (no copy for a contiguous CPU tensor)."""
+    t = t.detach().contiguous().cpu()
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
 def weight_digest(weight: torch.Tensor) -> str:
-    w = weight.detach().contiguous().cpu()
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{w.dtype}{tuple(w.shape)}".encode())
-    h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+    h.update(f"{weight.dtype}{tuple(weight.shape)}".encode())
+    h.update(_bytes(weight))
     return h.hexdigest()
 
 
@@ -44,7 +50,7 @@ def stats_digest(stats) -> Optional[str]:
     for name, value in sorted(vars(stats).items()):
         h.update(name.encode())
         if isinstance(value, torch.Tensor):
-            h.update(value.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            h.update(_bytes(value))
         else:
             h.update(repr(value).encode())
     return h.hexdigest()
@@ -54,14 +60,21 @@ def _file(k: str) -> str:
     return cache_path("factors", k[:2], f"{k}.safetensors")
 
 
-def lookup(k: str) -> Optional[dict[str, torch.Tensor]]:
+class Entry(NamedTuple):
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]  # JSON values stored with the factors (safetensors metadata is str -> str)
+
+
+def lookup(k: str) -> Optional[Entry]:
     path = _file(k)
     if not os.path.exists(path):
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            meta = {n: json.loads(v) for n, v in (f.metadata() or {}).items()}
+            return Entry({n: f.get_tensor(n) for n in f.keys()}, meta)
     except Exception as e:  # truncated or corrupt: a miss, and the entry is rebuilt
         warnings.warn(f"lrcompile: factor cache entry {path} unreadable ({type(e).__name__}); recomputing", stacklevel=2)
         try:
@@ -71,14 +84,15 @@ def lookup(k: str) -> Optional[dict[str, torch.Tensor]]:
         return None
 
 
-def store(k: str, tensors: dict[str, torch.Tensor]) -> None:
+def store(k: str, tensors: dict[str, torch.Tensor], meta: Optional[dict[str, Any]] = None) -> None:
     from safetensors.torch import save_file
 
     path = _file(k)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     os.close(fd)
     try:
-        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp)
+        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp,
+                  metadata={n: json.dumps(v) for n, v in (meta or {}).items()})
         os.replace(tmp, path)
     except Exception:
         if os.path.exists(tmp):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from typing import Any, Optional
 
 from .errors import LrcompileError
@@ -35,4 +36,15 @@ class Options:
                 near = difflib.get_close_matches(key, known, n=1)
                 raise LrcompileError(
                     f"lrcompile: unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(known)})"))
+        for key, value in options.items():
+            want, what = _TYPES.get(key, (None, None))
+            if want is not None and not isinstance(value, want) and not (value is None and key not in _NOT_NONE):
+                raise LrcompileError(f"lrcompile: option {key!r} must be {what}, got {value!r}")
         return cls(**options)
+
+
+# Options with a fixed type (policy and calibration take several forms; their loaders check them).
+_TYPES = {"report": ((str, os.PathLike), "a file path"), "inductor": (bool, "true or false"),
+          "verbose": (bool, "true or false"), "tune": (bool, "true or false"), "strict": (bool, "true or false"),
+          "fuse": (bool, "true or false")}
+_NOT_NONE = ("inductor", "verbose", "tune")  # the others take None: not given

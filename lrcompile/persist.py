@@ -2,8 +2,10 @@
 
 `save(model, directory)` writes `model.safetensors` (the whole state_dict; shared tensors such as tied weights
 or VeRA's projections stored once) and `plan.json`, the resolved per-site plan: family, resolved config, shape,
-dtype and where the structure sits (swapped in for a module, or attached beside one). `load(model, directory)`
-rebuilds that structure on an unmodified model with empty tensors, then loads the weights.
+dtype, the digest of the policy that made it and where the structure sits (swapped in for a module, or attached
+beside one; attention rules' shared bases are attached to the attention module), plus the names of the frozen
+parameters. `load(model, directory)` rebuilds that structure on an unmodified model with empty tensors, loads
+the weights and restores every parameter's `requires_grad`.
 """
 from __future__ import annotations
 
@@ -17,93 +19,196 @@ from torch import nn
 
 from . import attach as store
 from .api import _replace_module
+from .attention import AttnFactors, SharedBasis, StackedStructure
 from .errors import PlanError
 from .structures import FAMILIES, Structure
 
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "lrcompile-plan-v1"
+SHARED = "shared_basis"  # the `family` of an attention rule's factors: a SharedBasis ...
+STACKED = "stacked"  # ... or a linear family over the stacked projection (StackedStructure)
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
 
 
 def _entries(model: nn.Module) -> list[dict]:
     out = []
     for path, mod in model.named_modules():
+        if isinstance(mod, AttnFactors):
+            out.append(_attention_entry(path, mod))
         if not isinstance(mod, Structure):
             continue
         owner, _, leaf = path.rpartition(".")
         entry = {"path": path, "family": mod.name, "config": dataclasses.asdict(mod.cfg),
                  "in_features": mod.in_features, "out_features": mod.out_features,
-                 "bias": mod.bias is not None, "dtype": str(mod.tensors()[0].dtype).replace("torch.", "")}
+                 "bias": mod.bias is not None, "dtype": _dtype(mod.tensors()[0]),
+                 "policy": getattr(mod, "policy_digest", None)}
         if leaf.startswith(store.PREFIX):
-            parent = model.get_submodule(owner) if owner else model
-            entry.update(placement="attached", owner=owner, child=leaf, weight=_weight_name(parent, leaf))
+            found = store.base_weight(model.get_submodule(owner) if owner else model, leaf)
+            entry.update(placement="attached", owner=owner, child=leaf, weight=found[0] if found else None)
         else:
             entry.update(placement="module")
         out.append(entry)
     return out
 
 
-def _weight_name(parent: nn.Module, child: str) -> Optional[str]:
-    for name, p in parent.named_parameters():
-        if not name.startswith(store.PREFIX) and store.child_name(parent, p) == child:
-            return name
-    return None
+def _attention_entry(path: str, mod: AttnFactors) -> dict:
+    """An attention rule's factors, attached to the attention module (lrcompile.attention)."""
+    owner, _, leaf = path.rpartition(".")
+    entry = {"path": path, "placement": "attached", "owner": owner, "child": leaf, "method": mod.method,
+             "in_features": mod.in_features, "sizes": list(mod.sizes), "dtype": _dtype(mod.tensors()[0]),
+             "site_fqn": mod.site_fqn, "sources": [[src[0], list(src[1]), *src[2:]] for src in mod.sources],
+             "policy": getattr(mod, "policy_digest", None)}
+    if isinstance(mod, StackedStructure):
+        entry.update(family=STACKED, structure=mod.family.name, config=dataclasses.asdict(mod.cfg))
+    else:
+        entry.update(family=SHARED, rank=mod.rank)
+    return entry
 
 
 def save(model: nn.Module, directory: str) -> None:
     from safetensors.torch import save_model
 
     os.makedirs(directory, exist_ok=True)
-    plan = {"format": FORMAT, "torch": torch.__version__, "sites": _entries(model)}
+    sites = _entries(model)
+    plan = {"format": FORMAT, "torch": torch.__version__,
+            "policies": sorted({e["policy"] for e in sites if e.get("policy")}),
+            "frozen": [n for n, p in model.named_parameters() if not p.requires_grad], "sites": sites}
     with open(os.path.join(directory, PLAN), "w") as f:
         json.dump(plan, f, indent=1)
     save_model(model, os.path.join(directory, WEIGHTS))
 
 
 def _fail(directory: str, entry: dict, msg: str):
-    raise PlanError(f"{os.path.join(directory, PLAN)}: site '{entry['path']}': {msg}")
+    raise PlanError(f"{os.path.join(directory, PLAN)}: site '{entry.get('path')}': {msg}")
 
 
 def load(model: nn.Module, directory: str) -> nn.Module:
     """Rebuild the saved plan's structures on `model` (same architecture, unmodified), then load the weights."""
     from safetensors.torch import load_model
 
+    plan_path = os.path.join(directory, PLAN)
     try:
-        with open(os.path.join(directory, PLAN)) as f:
+        with open(plan_path) as f:
             plan = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise PlanError(f"{directory}: cannot read {PLAN} ({e})") from None
-    if plan.get("format") != FORMAT:
-        raise PlanError(f"{os.path.join(directory, PLAN)}: unknown format {plan.get('format')!r} (expected {FORMAT})")
-    for entry in plan["sites"]:
-        _rebuild(model, entry, directory)
-    missing, unexpected = load_model(model, os.path.join(directory, WEIGHTS), strict=False)
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        got = plan.get("format") if isinstance(plan, dict) else type(plan).__name__
+        raise PlanError(f"{plan_path}: unknown format {got!r} (expected {FORMAT})")
+    for entry in plan.get("sites", []):
+        if not isinstance(entry, dict) or "placement" not in entry:
+            raise PlanError(f"{plan_path}: a site entry is not a plan entry: {str(entry)[:80]}")
+        (_rebuild_attention if entry.get("family") in (SHARED, STACKED) else _rebuild)(model, entry, directory)
+    weights = os.path.join(directory, WEIGHTS)
+    _check_shapes(model, weights)
+    missing, unexpected = load_model(model, weights, strict=False)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise PlanError(f"{os.path.join(directory, WEIGHTS)}: weights do not fit the rebuilt model ({what})")
+        raise PlanError(f"{weights}: weights do not fit the rebuilt model ({what})")
     for entry in plan["sites"]:  # attached factors are fresh relative to the loaded dense weight
         if entry["placement"] == "attached" and entry.get("weight"):
             owner = model.get_submodule(entry["owner"]) if entry["owner"] else model
             store.record_versions(getattr(owner, entry["child"]), owner.get_parameter(entry["weight"]))
+    frozen = set(plan.get("frozen", []))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
     return model
 
 
+def _check_shapes(model: nn.Module, weights: str) -> None:
+    """A stored tensor whose shape differs from the rebuilt model's is a one-line PlanError naming the key (torch's
+    own load_state_dict error spans many lines)."""
+    from safetensors import safe_open
+
+    expected = model.state_dict()
+    try:
+        with safe_open(weights, framework="pt") as f:
+            for key in f.keys():
+                if key in expected:
+                    got = tuple(f.get_slice(key).get_shape())
+                    if got != tuple(expected[key].shape):
+                        raise PlanError(f"{weights}: '{key}' has shape {got}, the rebuilt model expects "
+                                        f"{tuple(expected[key].shape)}")
+    except (OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, PlanError):
+            raise
+        raise PlanError(f"{weights}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _owner(model: nn.Module, entry: dict, directory: str) -> nn.Module:
+    try:
+        return model.get_submodule(entry["owner"]) if entry["owner"] else model
+    except AttributeError:
+        _fail(directory, entry, f"the model has no module '{entry['owner']}'")
+
+
+def _dtype_of(entry: dict, directory: str) -> torch.dtype:
+    dtype = getattr(torch, str(entry.get("dtype")), None)
+    if not isinstance(dtype, torch.dtype):
+        _fail(directory, entry, f"unknown dtype {entry.get('dtype')!r}")
+    return dtype
+
+
+def _config(cls, entry: dict, directory: str):
+    cfg = entry.get("config")
+    if not isinstance(cfg, dict):
+        _fail(directory, entry, "no config")
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        _fail(directory, entry, f"unknown {cls.name} config field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    try:
+        out = cls.Config(**cfg)
+        out.validate()
+    except (TypeError, ValueError) as e:
+        _fail(directory, entry, f"bad {cls.name} config ({str(e).splitlines()[0]})")
+    return out
+
+
+def _rebuild_attention(model: nn.Module, entry: dict, directory: str) -> None:
+    owner = _owner(model, entry, directory)
+    dtype = _dtype_of(entry, directory)
+    device = next(owner.parameters(), torch.empty(0)).device
+    try:
+        method, in_f, sizes = entry["method"], int(entry["in_features"]), [int(s) for s in entry["sizes"]]
+        if entry["family"] == SHARED:
+            struct = SharedBasis(method, in_f, sizes, int(entry["rank"]), dtype=dtype, device=device)
+        else:
+            cls = FAMILIES.get(entry["structure"])
+            if cls is None:
+                _fail(directory, entry, f"unknown family {entry['structure']!r} (known: {', '.join(sorted(FAMILIES))})")
+            cfg = _config(cls, entry, directory)
+            made = cls(in_f, sum(sizes), cfg, dtype=dtype, device=device)  # empty tensors of the right shapes
+            struct = StackedStructure(method, in_f, sizes, cls, cfg, made)
+        struct.site_fqn = entry.get("site_fqn")
+        struct.sources = [(src[0], tuple(src[1]), *src[2:]) for src in entry.get("sources", [])]
+    except (KeyError, TypeError, ValueError) as e:
+        _fail(directory, entry, f"bad attention factors entry ({type(e).__name__}: {str(e).splitlines()[0]})")
+    struct.policy_digest = entry.get("policy")
+    owner.add_module(entry["child"], struct)
+
+
 def _rebuild(model: nn.Module, entry: dict, directory: str) -> None:
-    cls = FAMILIES.get(entry["family"])
+    cls = FAMILIES.get(entry.get("family"))
     if cls is None:
-        _fail(directory, entry, f"unknown family {entry['family']!r} (known: {', '.join(sorted(FAMILIES))})")
-    cfg = cls.Config(**entry["config"])
+        _fail(directory, entry, f"unknown family {entry.get('family')!r} (known: {', '.join(sorted(FAMILIES))})")
+    cfg = _config(cls, entry, directory)
     in_f, out_f = entry["in_features"], entry["out_features"]
-    dtype = getattr(torch, entry["dtype"])
+    dtype = _dtype_of(entry, directory)
     if entry["placement"] == "attached":
+        owner = _owner(model, entry, directory)
         try:
-            owner = model.get_submodule(entry["owner"]) if entry["owner"] else model
             weight = owner.get_parameter(entry["weight"])
         except AttributeError:
             _fail(directory, entry, f"the model has no parameter {entry['owner']}.{entry['weight']}")
         struct = cls(in_f, out_f, cfg, dtype=dtype, device=weight.device)
         if weight.shape not in ((out_f, in_f), (in_f, out_f)):
             _fail(directory, entry, f"expected a weight of {in_f}→{out_f}, found shape {tuple(weight.shape)}")
+        struct.policy_digest = entry.get("policy")
         owner.add_module(entry["child"], struct)
         return
     try:
@@ -122,6 +227,7 @@ def _rebuild(model: nn.Module, entry: dict, directory: str) -> None:
         _fail(directory, entry, f"bias mismatch (plan {'has' if entry['bias'] else 'has no'} bias)")
     struct = cls(in_f, out_f, cfg, dtype=dtype, device=w.device)
     struct.bias = target.bias
+    struct.policy_digest = entry.get("policy")
     if not struct.compressing:
         struct.weight = w if not conv1d else nn.Parameter(w.detach().T.contiguous(), requires_grad=w.requires_grad)
     _replace_module(model, target, struct)

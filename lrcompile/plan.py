@@ -68,8 +68,8 @@ def decide(site: Site, policy: Optional[Policy], ranks: Optional[dict] = None) -
     if cls.compressing and hasattr(cfg, "rank") and (planned or cfg.rank is None):
         if not planned:
             return Decision(site.fqn, rule, rule.method, "skipped", reason="no rank: the budget planned none for this site")
-        if ranks[site.fqn] is None:
-            return Decision(site.fqn, rule, rule.method, "dense", reason="the budget keeps it dense (low rank saves too little)")
+        if ranks[site.fqn] is None:  # unprofitable: DESIGN's "skipped", not a rule's "dense"
+            return Decision(site.fqn, rule, rule.method, "skipped", reason="the budget keeps it dense (low rank saves too little)")
         allocated = int(ranks[site.fqn])
         cfg = dataclasses.replace(cfg, rank=allocated)
     try:  # a shape the family cannot take (e.g. BLAST blocks that do not divide) keeps the site dense
@@ -94,22 +94,65 @@ def rel_error(struct: Structure, weight: torch.Tensor) -> float:
         return float(torch.linalg.norm(w - approx) / torch.linalg.norm(w).clamp_min(1e-30))
 
 
+# What `from_dense` leaves on a structure for the report; kept in the factor cache beside the tensors.
+FACTOR_STATS = ("kept_energy", "init_used", "svd_algorithm")
+
+
 def from_dense_cached(cls, weight: torch.Tensor, cfg, stats, use_cache: bool) -> tuple[Structure, bool]:
     """`cls.from_dense`, through the on-disk factor cache for deterministic (compressing, non-random) families."""
     cacheable = use_cache and cls.compressing and getattr(cfg, "init", None) != "random"
     if cacheable:
         k = factor_cache.key(weight, cls.name, cfg, factor_cache.stats_digest(stats))
         hit = factor_cache.lookup(k)
-        if hit is not None and set(hit) == set(cls.tensor_names):
+        if hit is not None and set(hit.tensors) == set(cls.tensor_names):
             struct = cls(weight.shape[1], weight.shape[0], cfg, dtype=weight.dtype, device=weight.device)
             with torch.no_grad():
                 for n in cls.tensor_names:
-                    getattr(struct, n).copy_(hit[n])
+                    getattr(struct, n).copy_(hit.tensors[n])
+            for n in FACTOR_STATS:
+                if n in hit.meta:
+                    setattr(struct, n, hit.meta[n])
+            _warn_fallback(cls, struct, cfg, weight)
             return struct, True
     struct = cls.from_dense(weight, None, cfg, stats)
     if cacheable:
-        factor_cache.store(k, {n: getattr(struct, n) for n in cls.tensor_names})
+        factor_cache.store(k, {n: getattr(struct, n) for n in cls.tensor_names},
+                           {n: getattr(struct, n) for n in FACTOR_STATS if getattr(struct, n, None) is not None})
     return struct, False
+
+
+def _warn_fallback(cls, struct: Structure, cfg, weight: torch.Tensor) -> None:
+    """A cache hit skips `from_dense`, and with it the warning that an activation-aware init fell back to plain
+    svd: say it again (the entry records the init used; an entry without it is judged by the missing stats)."""
+    init = getattr(cfg, "init", None)
+    used = getattr(struct, "init_used", None)
+    if used is None and init in getattr(cfg, "ACTIVATION_AWARE", ()):
+        used = "svd"  # only stats-less entries can lack it: with statistics the key differs and from_dense ran
+        struct.init_used = used
+    if used is not None and used != init:
+        warnings.warn(f"lrcompile: {cls.name} init {init!r} has no calibration statistics for this "
+                      f"{weight.shape[0]}x{weight.shape[1]} weight; using plain {used} (factors from cache)", stacklevel=4)
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: message` on one line: torch's and YAML's messages span several."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+TIE_NOTE = "tied weight: this site now has its own factors (tie broken)"
+
+
+def tie_broken(site: Site, root=None) -> bool:
+    """The site's weight is reachable outside the site's module (an embedding reused by the head): factors made
+    for the site are its own, the partner keeps the dense weight. `root`: also look for aliases on the model."""
+    def outside(path: str) -> bool:
+        return bool(site.fqn) and path != site.fqn and not path.startswith(site.fqn + ".")
+
+    if site.weight_path and outside(site.weight_path):
+        return True
+    return root is not None and any(p is site.weight and outside(n)
+                                    for n, p in root.named_parameters(remove_duplicate=False))
 
 
 def _take_residual(site: Site, struct: Structure) -> None:
@@ -141,11 +184,11 @@ def build(site: Site, decision: Decision, policy: Policy, stats=None, use_cache:
         _take_residual(site, struct)
         err = rel_error(struct, site.dense_weight)
     except Exception as e:  # any failure leaves the site dense, loudly
-        msg = f"{site.fqn}: {decision.method} failed ({type(e).__name__}: {e}); kept dense"
+        msg = f"{site.fqn}: {decision.method} failed ({first_line(e)}); kept dense"
         if policy.defaults.strict:
             raise SiteError(f"{where}: {msg}") from e
         warnings.warn(f"lrcompile: {msg}", stacklevel=2)
-        return None, _row(site, decision.method, "failed", reason=f"{type(e).__name__}: {e}", rule=where)
+        return None, _row(site, decision.method, "failed", reason=first_line(e), rule=where)
     seconds = time.perf_counter() - t0
     limit = decision.rule.max_error if decision.rule.max_error is not None else policy.defaults.max_error
     if cls.compressing and limit is not None and err > limit:
@@ -159,7 +202,8 @@ def build(site: Site, decision: Decision, policy: Policy, stats=None, use_cache:
     from .whiten import site_quality
 
     return struct, site_row(site, struct, "rewritten", rel_error=err, rule=where, notes=notes, seconds=seconds,
-                            allocated_rank=decision.allocated_rank, **site_quality(struct, site.dense_weight, stats, notes))
+                            allocated_rank=decision.allocated_rank, svd=getattr(struct, "svd_algorithm", None),
+                            **site_quality(struct, site.dense_weight, stats, notes))
 
 
 def site_row(site: Site, struct: Structure, status: str, **kw) -> SiteRow:

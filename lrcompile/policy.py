@@ -124,8 +124,9 @@ def load_policy(policy: Union[str, os.PathLike, dict, "Policy", None]) -> Option
     else:
         text = str(policy)
         source = "<policy>"
-        if isinstance(policy, os.PathLike) or (("\n" not in text) and text.endswith((".yaml", ".yml"))):
-            if not os.path.exists(text):
+        one_line = "\n" not in text
+        if isinstance(policy, os.PathLike) or (one_line and (text.endswith((".yaml", ".yml")) or os.path.isfile(text))):
+            if not os.path.isfile(text):
                 raise PolicyError(f"policy file not found: {text}")
             source = os.path.basename(text)
             with open(text) as f:
@@ -135,7 +136,8 @@ def load_policy(policy: Union[str, os.PathLike, dict, "Policy", None]) -> Option
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             loc = f"{source}:{mark.line + 1}" if mark else source
-            raise PolicyError(f"{loc}: not valid YAML: {getattr(e, 'problem', e)}") from None
+            what = (str(getattr(e, "problem", None) or e).strip().splitlines() or [type(e).__name__])[0]
+            raise PolicyError(f"{loc}: not valid YAML: {what}") from None
     return _validate(data, node, source)
 
 
@@ -160,6 +162,8 @@ def _validate(data: Any, node, source: str) -> Policy:
 
     defaults = Defaults()
     dnode = top_nodes.get("defaults")
+    if not isinstance(data.get("defaults") or {}, dict):
+        err(line_of(dnode), f"defaults must be a mapping of {', '.join(DEFAULT_KEYS)}, got {data['defaults']!r}")
     for key, value in (data.get("defaults") or {}).items():
         line = line_of(_child_nodes(dnode).get(key)) or line_of(dnode)
         if key not in DEFAULT_KEYS:
@@ -171,9 +175,13 @@ def _validate(data: Any, node, source: str) -> Policy:
     budget = data.get("budget")
     if budget is not None:
         bline = line_of(top_nodes.get("budget"))
-        if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("params", "flops"):
-            err(bline, "budget must be {params: F} or {flops: F} with F in (0, 1]")
-        f = next(iter(budget.values()))
+        kinds = [k for k in budget if k in ("params", "flops")] if isinstance(budget, dict) else []
+        if len(kinds) != 1 or set(budget) - {kinds[0], "allocate"}:
+            err(bline, "budget must be {params: F} or {flops: F} with F in (0, 1], optionally with allocate: "
+                       "spectrum | sensitivity")
+        if budget.get("allocate", "spectrum") not in ("spectrum", "sensitivity"):
+            err(bline, f"budget allocate must be spectrum or sensitivity, got {budget['allocate']!r}")
+        f = budget[kinds[0]]
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f <= 1):
             err(bline, f"budget fraction must be in (0, 1], got {f!r}")
 

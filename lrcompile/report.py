@@ -35,6 +35,7 @@ class SiteRow:
     notes: list = dataclasses.field(default_factory=list)
     seconds: Optional[float] = None
     allocated_rank: Optional[int] = None  # rank given by the policy budget (lrcompile.budget)
+    svd: Optional[str] = None  # truncated-SVD algorithm that made the factors: exact | randomized (lrcompile.svd)
     kept_energy: Optional[float] = None  # fraction of the (whitened) spectrum's energy the rank keeps
     weighted_error: Optional[float] = None  # ‖(W−Ŵ)Xᵀ‖/‖W Xᵀ‖ on the calibration activations
     impl: Optional[str] = None  # implementation the autotuner chose (lrcompile.tune); the note says why

@@ -201,20 +201,31 @@ def _is_target(node, targets, methods=()) -> bool:
     return False
 
 
+def _is_matmul(node: fx.Node) -> bool:
+    return _is_target(node, MATMUL_TARGETS | {torch.bmm}, ("matmul", "bmm", "__matmul__"))
+
+
 def _through(node: fx.Node, up: bool, limit: int = 6) -> Optional[fx.Node]:
-    """Walk through elementwise ops (scale, mask, dropout, casts) to the nearest matmul."""
+    """Walk through elementwise ops (scale, mask, dropout, casts) to the nearest matmul.
+
+    Upward every tensor operand is followed, breadth first: in `where(mask, scores, fill)` or `mask + scores`
+    the scores are not the first operand. Downward the chain must be single-user (the probabilities feed P·V
+    only)."""
+    level = [node]
     for _ in range(limit):
-        if _is_target(node, MATMUL_TARGETS | {torch.bmm}, ("matmul", "bmm", "__matmul__")):
-            return node
-        if not (_is_target(node, PASSTHROUGH, PASSTHROUGH_METHODS)):
+        nxt = []
+        for n in level:
+            if _is_matmul(n):
+                return n
+            if not _is_target(n, PASSTHROUGH, PASSTHROUGH_METHODS):
+                continue
+            if up:
+                nxt.extend(a for a in n.all_input_nodes if a not in nxt)
+            elif len(n.users) == 1:
+                nxt.append(next(iter(n.users)))
+        if not nxt:
             return None
-        if up:
-            nxt = next((a for a in node.args if isinstance(a, fx.Node)), None)
-        else:
-            nxt = next(iter(node.users), None) if len(node.users) == 1 else None
-        if nxt is None:
-            return None
-        node = nxt
+        level = nxt
     return None
 
 

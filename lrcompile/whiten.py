@@ -5,9 +5,16 @@ With C = L Lᵀ this is ‖Δ L‖_F, so Ŵ = trunc_r(W L) L⁻¹ is optimal (SV
 is used when it succeeds, an eigen-decomposition with clamped eigenvalues when it does not, so rank-deficient
 statistics (fewer tokens than channels, dead channels) never give NaN.
 All math runs in float64 (C's eigenvalues span many decades); factors are returned in float64.
+
+Sequential ("compressed-upstream", EoRA-style) compensation: when the statistics were collected on an already
+compressed model against the dense reference (`calibrate(..., reference=dense)`), a site sees inputs x̃ while the
+dense site saw x. Minimising ‖Ŵ X̃ᵀ − W Xᵀ‖ (reproduce the *original* output from the inputs the site really gets)
+has the closed form Ŵ = trunc_r(W K L̃⁻ᵀ) L̃⁻¹ with C̃ = X̃ᵀX̃ = L̃ L̃ᵀ and K = XᵀX̃; with x̃ = x it is SVD-LLM.
+The inits accept a SiteStats (for the cross moment) or a bare second-moment tensor.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -15,13 +22,36 @@ import torch
 Tensor = torch.Tensor
 
 
-def damped(cov: Tensor, damping: float) -> Tensor:
-    """C + λ·mean(diag C)·I: keeps C positive definite and pulls the objective slightly toward Frobenius."""
+def _moments(stats) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(C, K) from a SiteStats or a bare C; (None, None) for missing or empty statistics (with a warning)."""
+    if stats is None:
+        return None, None
+    if isinstance(stats, Tensor):
+        return stats, None
+    if stats.tokens <= 0:
+        warnings.warn(f"lrcompile: calibration statistics for a {stats.in_features}-input site saw no tokens "
+                      f"(every row masked?): treated as missing", stacklevel=3)
+        return None, None
+    return stats.cov, getattr(stats, "cross_mean", None)
+
+
+def damped(cov: Tensor, damping: float, like: Optional[Tensor] = None) -> Tensor:
+    """C + λ·mean(diag C)·I: keeps C positive definite and pulls the objective slightly toward Frobenius.
+    `like`: take the scale from this matrix (the cross moment is damped on C's scale)."""
     c = cov.to(torch.float64)
-    scale = float(torch.diagonal(c).mean()) if c.numel() else 0.0
+    ref = c if like is None else like.to(torch.float64)
+    scale = float(torch.diagonal(ref).mean()) if ref.numel() else 0.0
     if damping > 0 and scale > 0:
         c = c + (damping * scale) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     return c
+
+
+_TINY = torch.finfo(torch.float64).eps ** 0.5
+
+
+def usable(cov: Optional[Tensor]) -> bool:
+    """Statistics that carry information: finite and not all zero."""
+    return cov is not None and cov.numel() > 0 and bool(torch.isfinite(cov).all()) and float(torch.diagonal(cov).max()) > 0
 
 
 class Whitener:
@@ -35,7 +65,9 @@ class Whitener:
         if not bool(torch.isfinite(c).all()) or (n == 0 or float(torch.diagonal(c).max()) <= 0):
             return  # no usable statistics: plain SVD (L = I)
         L, info = torch.linalg.cholesky_ex(c)
-        if int(info) == 0 and bool(torch.isfinite(L).all()) and float(torch.diagonal(L).min()) > 0:
+        d = torch.diagonal(L)
+        # a tiny pivot means C is numerically singular: L⁻¹ would amplify rounding noise, so use the eigen path
+        if int(info) == 0 and bool(torch.isfinite(L).all()) and float(d.min()) > _TINY * float(d.max()):
             self.kind, self.L = "cholesky", L
             return
         # Eigen fallback: C = Q diag(e) Qᵀ, L = Q diag(√e), eigenvalues clamped away from zero.
@@ -54,6 +86,14 @@ class Whitener:
         if self.kind == "cholesky":
             return torch.linalg.solve_triangular(self.L, A, upper=False, left=False)  # X L = A
         return A @ self.Linv_t.T
+
+    def unright_t(self, A: Tensor) -> Tensor:
+        """A L⁻ᵀ."""
+        if self.L is None:
+            return A
+        if self.kind == "cholesky":
+            return torch.linalg.solve_triangular(self.L.T, A, upper=True, left=False)  # X Lᵀ = A
+        return A @ self.Linv_t
 
 
 def balance(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,39 +115,78 @@ def kept_energy(S: Tensor, rank: int) -> float:
     return float(e[:rank].sum()) / tot if tot > 0 else 1.0
 
 
-def whitened_svd(W: Tensor, cov: Tensor, rank: int, damping: float = 1e-2) -> tuple[Tensor, Tensor, float]:
-    """SVD-LLM: Ŵ = trunc_r(W L) L⁻¹, split as U = P√S, V = √S Qᵀ L⁻¹, then balanced."""
+def whitened_target(W: Tensor, stats, damping: float = 1e-2) -> tuple[Tensor, "Whitener"]:
+    """(T, wh) with the objective = ‖Ŵ L − T‖_F: T = W L (SVD-LLM) or W K L⁻ᵀ (cross moment present)."""
+    cov, cross = _moments(stats)
+    W = W.detach().to(torch.float64)
+    if not usable(cov):
+        if cov is not None:
+            warnings.warn("lrcompile: calibration statistics are all zero or non-finite: plain SVD", stacklevel=3)
+        return W, Whitener(torch.zeros(0, 0), 0.0)
     wh = Whitener(cov, damping)
-    P, S, Qh = torch.linalg.svd(wh.right(W.detach().to(torch.float64)), full_matrices=False)
+    if cross is None:
+        return wh.right(W), wh
+    # the damping pulls toward ‖W − Ŵ‖_F: add it to K as to C̃, so that x̃ = x gives back W L
+    return wh.unright_t(W @ damped(cross, damping, like=cov)), wh
+
+
+def whitened_svd(W: Tensor, cov, rank: int, damping: float = 1e-2) -> tuple[Tensor, Tensor, float]:
+    """SVD-LLM: Ŵ = trunc_r(T) L⁻¹ (T = W L, or W K L⁻ᵀ with a cross moment), U = P√S, V = √S Qᵀ L⁻¹, balanced.
+
+    `cov`: a SiteStats or the second moment C. kept energy is the fraction of ‖T‖² the rank keeps."""
+    T, wh = whitened_target(W, cov, damping)
+    P, S, Qh = torch.linalg.svd(T, full_matrices=False)
     U, Vw = _split(P, S, Qh, rank)
     U, V = balance(U, wh.unright(Vw))
     return U, V, kept_energy(S, rank)
 
 
-def asvd(W: Tensor, abs_mean: Tensor, rank: int, alpha: float = 0.5) -> tuple[Tensor, Tensor, float]:
-    """ASVD: scale input channels by mean|x|^α before the SVD, unscale V after."""
+def asvd_scale(abs_mean: Tensor, alpha: float = 0.5) -> Tensor:
+    """ASVD's input-channel scale mean|x|^α (float64); ones (plain SVD, warned) without usable statistics."""
     s = abs_mean.to(torch.float64).clamp_min(0) ** alpha
     top = float(s.max()) if s.numel() else 0.0
-    s = s.clamp_min(top * 1e-6) if top > 0 else torch.ones_like(s)  # dead channels: keep them invertible
+    if not top > 0 or not bool(torch.isfinite(s).all()):
+        warnings.warn("lrcompile: asvd channel scales are all zero or non-finite (no tokens seen?): plain SVD", stacklevel=3)
+        return torch.ones_like(s)
+    return s.clamp_min(top * 1e-6)  # dead channels: keep them invertible
+
+
+def asvd(W: Tensor, abs_mean: Tensor, rank: int, alpha: float = 0.5) -> tuple[Tensor, Tensor, float]:
+    """ASVD: scale input channels by mean|x|^α before the SVD, unscale V after."""
+    s = asvd_scale(abs_mean, alpha)
     P, S, Qh = torch.linalg.svd(W.detach().to(torch.float64) * s, full_matrices=False)
     U, V = _split(P, S, Qh, rank)
     U, V = balance(U, V / s)
     return U, V, kept_energy(S, rank)
 
 
-def compensate(W: Tensor, U: Tensor, V: Tensor, cov: Tensor, damping: float = 1e-2) -> Tensor:
-    """Refit U by least squares on the calibration activations for fixed V: U = W C Vᵀ (V C Vᵀ)⁻¹."""
-    c = damped(cov, damping)
+def compensate(W: Tensor, U: Tensor, V: Tensor, cov, damping: float = 1e-2) -> Tensor:
+    """Refit U by least squares on the calibration activations for fixed V: U = W K Vᵀ (V C̃ Vᵀ)⁻¹ (K = C without
+    a cross moment). `cov`: a SiteStats or C. Without usable statistics U is returned unchanged (warned); a refit
+    that changes nothing (whitened_svd at the same damping is already this optimum) is warned as redundant."""
+    cov_, cross = _moments(cov)
+    if not usable(cov_):
+        warnings.warn("lrcompile: compensate has no usable calibration statistics for this site; factors unchanged",
+                      stacklevel=2)
+        return U.to(torch.float64)
+    c = damped(cov_, damping)
+    k = c if cross is None else damped(cross, damping, like=cov_)
     W = W.detach().to(torch.float64)
     V = V.to(torch.float64)
-    CV = c @ V.T  # (in, r)
-    G = V @ CV  # (r, r)
+    G = V @ c @ V.T  # (r, r)
     G = (G + G.T) / 2
     jitter = 1e-12 * float(torch.diagonal(G).mean().clamp_min(1e-300))
     G = G + jitter * torch.eye(G.shape[0], dtype=G.dtype)
-    Ut = torch.linalg.lstsq(G, (W @ CV).T).solution  # G symmetric: Uᵀ = G⁻¹ (W C Vᵀ)ᵀ
+    Ut = torch.linalg.lstsq(G, (W @ k @ V.T).T).solution  # G symmetric: Uᵀ = G⁻¹ (W K Vᵀ)ᵀ
     U_new = Ut.T
-    return U_new if bool(torch.isfinite(U_new).all()) else U.to(torch.float64)
+    if not bool(torch.isfinite(U_new).all()):
+        return U.to(torch.float64)
+    U0 = U.to(torch.float64)
+    if float(torch.linalg.norm(U_new - U0)) <= 1e-6 * float(torch.linalg.norm(U0)):
+        warnings.warn("lrcompile: compensate changed nothing: these factors are already the least-squares fit "
+                      "(whitened_svd at the same damping); it helps after svd/asvd, or with statistics from a "
+                      "compressed model (calibrate(..., reference=dense))", stacklevel=2)
+    return U_new
 
 
 def weighted_error(W: Tensor, W_hat: Tensor, cov: Tensor) -> float:
@@ -120,12 +199,9 @@ def weighted_error(W: Tensor, W_hat: Tensor, cov: Tensor) -> float:
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
-def spectrum(W: Tensor, cov: Optional[Tensor] = None, damping: float = 1e-2) -> Tensor:
-    """Singular values of W L (whitened) or of W (no statistics): the allocator's error curves."""
-    W = W.detach().to(torch.float64)
-    if cov is not None:
-        W = Whitener(cov, damping).right(W)
-    return torch.linalg.svdvals(W)
+def spectrum(W: Tensor, cov=None, damping: float = 1e-2) -> Tensor:
+    """Singular values of the whitened target (W L, or W K L⁻ᵀ) or of W (no statistics): the allocator's curves."""
+    return torch.linalg.svdvals(whitened_target(W, cov, damping)[0])
 
 
 def site_quality(struct, weight: Tensor, stats=None, notes: Optional[list] = None) -> dict:

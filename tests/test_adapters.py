@@ -76,10 +76,18 @@ def test_lora_init_is_peft_distribution_and_silent():
     m = lrcompile.rewrite(copy.deepcopy(base), policy("lora"), (x,))  # PEFT defaults: rank 8, alpha 8
     assert m.fc1.lora_A.shape == (8, 24) and float(m.fc1.scaling) == 1.0
     assert torch.equal(m.fc1.lora_B, torch.zeros_like(m.fc1.lora_B))
-    assert m.fc1.lora_A.abs().max() <= 1 / 24**0.5  # kaiming_uniform(a=√5) bound = 1/√in
     torch.testing.assert_close(m(x), ref)
     # PEFT-style freezing: only the branches train, the base weight is the same Parameter object
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {f"{t}.lora_{ab}" for t in TARGETS for ab in "AB"}
+
+
+def test_lora_a_is_kaiming_uniform_a_sqrt5():
+    """kaiming_uniform(a=√5): bound = √(2/(1+5))·√(3/in) = 1/√in, std = bound/√3 (zeros would fail both)."""
+    A = LoRA.from_dense(torch.randn(64, 256), None, LoRA.Config(rank=32)).lora_A.detach()
+    bound = 1 / 256**0.5
+    assert 0.99 * bound < float(A.abs().max()) <= bound
+    assert float(A.std()) == pytest.approx(bound / 3**0.5, rel=4 / (2 * A.numel()) ** 0.5)
+    assert abs(float(A.mean())) < 4 * bound / (3 * A.numel()) ** 0.5
 
 
 def test_pissa_matches_peft_and_keeps_the_function():
@@ -135,6 +143,86 @@ def test_dora_norm_without_materialising_ba():
     torch.testing.assert_close(dora_row_norm(W, A, B, 0.7), torch.linalg.norm(W + 0.7 * B @ A, dim=1))
 
 
+def test_dora_norm_makes_no_weight_sized_temporary():
+    """‖W‖²_row by a reduction: no op inside dora_row_norm may allocate an (out, in)-sized tensor (views of
+    W such as detach allocate nothing and are not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                self.numels += [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    W, A, B = torch.randn(96, 80), torch.randn(4, 80), torch.randn(96, 4)
+    with Sizes() as rec:
+        norm = dora_row_norm(W, A, B, torch.tensor(0.5))
+    assert rec.numels and max(rec.numels) < W.numel() // 4
+    torch.testing.assert_close(norm, torch.linalg.norm(W + 0.5 * B @ A, dim=1))
+
+
+class FixedMask(nn.Module):
+    """Inverted dropout with a given keep mask (the one lrcompile draws from the same seed)."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep.view(x.shape) / (1 - self.p)
+
+
+def test_dora_dropout_matches_peft_in_train_mode():
+    """PEFT's DoRA with dropout: y = W x + b + (g − 1) ⊙ W x̃ + g ⊙ s·B A x̃, x̃ = dropout(x), g detached.
+    Same mask on both sides: lrcompile draws it with rand_like from a seed; PEFT's dropout module is replaced
+    by one applying that mask."""
+    p, seed = 0.3, 7
+    torch.manual_seed(0)
+    base, x = nn.Sequential(nn.Linear(24, 40)), torch.randn(5, 3, 24)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True,
+                                                                  lora_dropout=p))
+    ours = lrcompile.rewrite(copy.deepcopy(base), {"defaults": {"min_features": 0}, "rules": [
+        {"match": "0", "method": "dora", "rank": 4, "alpha": 8, "dropout": p}]}, (x,))
+    pl, ol = peft_layer(pm, "0"), ours[0]
+    with torch.no_grad():
+        pl.lora_B["default"].weight.normal_()
+        pl.lora_magnitude_vector["default"].weight.mul_(torch.rand(40) + 0.5)
+        ol.lora_A.copy_(pl.lora_A["default"].weight)
+        ol.lora_B.copy_(pl.lora_B["default"].weight)
+        ol.magnitude.copy_(pl.lora_magnitude_vector["default"].weight)
+    torch.manual_seed(seed)
+    keep = torch.rand(15, 24) >= p
+    pl.lora_dropout["default"] = FixedMask(keep, p)
+    pm.train()
+    ours.train()
+    torch.manual_seed(seed)
+    yo = ours(x)
+    yp = pm(x)
+    torch.testing.assert_close(yo, yp, atol=1e-5, rtol=1e-5)
+    # the formula itself, in float64
+    W, b = base[0].weight.double(), base[0].bias.double()
+    A, B, m, s = ol.lora_A.double(), ol.lora_B.double(), ol.magnitude.double(), float(ol.scaling)
+    g = m / torch.linalg.norm(W + s * B @ A, dim=1)
+    xd, xt = x.double(), x.double() * keep.view(x.shape) / (1 - p)
+    ref = xd @ W.T + b + (g - 1) * (xt @ W.T) + g * s * (xt @ A.T @ B.T)
+    torch.testing.assert_close(yo.double(), ref, atol=1e-5, rtol=1e-5)
+    yo.square().sum().backward()
+    yp.square().sum().backward()
+    for ours_p, peft_p in [(ol.lora_A, pl.lora_A["default"].weight), (ol.lora_B, pl.lora_B["default"].weight),
+                           (ol.magnitude, pl.lora_magnitude_vector["default"].weight)]:
+        torch.testing.assert_close(ours_p.grad, peft_p.grad, atol=1e-4, rtol=1e-4)
+    ours.eval()
+    pm.eval()
+    with torch.no_grad():  # eval: dropout off on both sides, the plain DoRA formula
+        torch.testing.assert_close(ours(x), pm(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ours(x), yo, atol=1e-3)
+
+
 def test_vera_matches_peft_without_copying_projections():
     cfg = peft.VeraConfig(r=16, target_modules=TARGETS)
     _, pm, ours, x = both("vera", cfg, rank=16)
@@ -157,6 +245,94 @@ def test_vera_matches_peft_without_copying_projections():
     # stored once when saved
     sd = ours.state_dict()
     assert sd["fc1.vera_A"].data_ptr() == sd["fc2.vera_A"].data_ptr()
+
+
+def test_vera_init_is_silent():
+    """λ_b starts at 0 (PEFT), λ_d at d_initial: the rewritten model computes exactly the base model."""
+    torch.manual_seed(0)
+    base, x = MLP(), torch.randn(6, 24)
+    m = lrcompile.rewrite(copy.deepcopy(base), policy("vera", rank=8, d_initial=0.25), (x,))
+    for t in TARGETS:
+        assert torch.equal(getattr(m, t).lambda_b, torch.zeros(getattr(m, t).out_features))
+        assert torch.equal(getattr(m, t).lambda_d, torch.full((8,), 0.25))
+    torch.testing.assert_close(m(x), base(x), atol=1e-6, rtol=0)
+
+
+def perturb_adapters(model, scale=0.3):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def test_vera_projections_are_stored_once_in_files(tmp_path):
+    """lrcompile.save writes one vera_A / vera_B; loading into a fresh model reproduces it and shares them
+    again. adapter_state_dict holds each projection once too, so safetensors.save_file accepts it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    base, x = MLP(), torch.randn(4, 24)
+    a = lrcompile.rewrite(copy.deepcopy(base), policy("vera", rank=8), (x,))
+    perturb_adapters(a)
+    ref = a(x)
+    lrcompile.save(a, str(tmp_path / "full"))
+    with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert sum(k.endswith(".vera_A") for k in keys) == 1 and sum(k.endswith(".vera_B") for k in keys) == 1
+    fresh = lrcompile.load(copy.deepcopy(base), str(tmp_path / "full"))
+    torch.testing.assert_close(fresh(x), ref, atol=0, rtol=0)
+    assert fresh.fc1.vera_A is fresh.fc2.vera_A is fresh.head.vera_A
+    sd = lrcompile.adapter_state_dict(a)
+    assert [k for k in sd if "vera_" in k] == ["fc1.vera_A", "fc1.vera_B"]
+    save_file(sd, str(tmp_path / "adapter.safetensors"))  # refuses aliased tensors: this must not raise
+    b = lrcompile.rewrite(copy.deepcopy(base), policy("vera", rank=8, seed=3), (x,))
+    lrcompile.load_adapter_state_dict(b, load_file(str(tmp_path / "adapter.safetensors")))
+    torch.testing.assert_close(b(x), ref, atol=0, rtol=0)
+    assert b.fc2.vera_A is b.fc1.vera_A  # the one saved tensor went back to every site
+
+
+def test_vera_models_never_share_projections():
+    """Two models rewritten one after the other (nothing run in between) get their own pairs: loading an
+    adapter into one, or growing a pair for a larger model, leaves the other as it was."""
+    torch.manual_seed(0)
+    base, x = MLP(), torch.randn(4, 24)
+    m1 = lrcompile.rewrite(copy.deepcopy(base), policy("vera", rank=8), (x,))
+    m2 = lrcompile.rewrite(copy.deepcopy(base), policy("vera", rank=8), (x,))
+    assert m1.fc1.vera_A is not m2.fc1.vera_A and m1.fc1.vera_A is m1.head.vera_A
+    A1, ref1 = m1.fc1.vera_A.clone(), None
+    perturb_adapters(m1)
+    ref1 = m1(x)
+    other = lrcompile.rewrite(copy.deepcopy(base), policy("vera", rank=8, seed=5), (x,))
+    perturb_adapters(other)
+    lrcompile.load_adapter_state_dict(m2, lrcompile.adapter_state_dict(other))
+    torch.testing.assert_close(m2(x), other(x), atol=0, rtol=0)
+    assert torch.equal(m1.fc1.vera_A, A1)
+    torch.testing.assert_close(m1(x), ref1, atol=0, rtol=0)
+    # a larger model rewritten next to an untouched, unused one does not regrow the first one's pair
+    m3 = lrcompile.rewrite(copy.deepcopy(base), policy("vera", rank=4), (x,))
+    A3 = m3.fc1.vera_A.clone()
+    lrcompile.rewrite(nn.Sequential(nn.Linear(96, 96)), {"defaults": {"min_features": 0}, "rules": [
+        {"match": "*", "method": "vera", "rank": 4}]}, (torch.randn(2, 96),))
+    assert m3.fc1.vera_A.shape == A3.shape and torch.equal(m3.fc1.vera_A, A3)
+
+
+def test_vera_load_copies_a_pair_shared_with_another_model():
+    """One Policy object reused for two rewrites is one adapter (one pair, as one PEFT config would be);
+    loading into one model then gives that model a private copy first: the other keeps its numbers."""
+    torch.manual_seed(0)
+    base, x = MLP(), torch.randn(4, 24)
+    pol = lrcompile.load_policy(policy("vera", rank=8))
+    m1 = lrcompile.rewrite(copy.deepcopy(base), pol, (x,))
+    m2 = lrcompile.rewrite(copy.deepcopy(base), pol, (x,))
+    assert m1.fc1.vera_A is m2.fc1.vera_A
+    A1 = m1.fc1.vera_A.clone()
+    other = lrcompile.rewrite(copy.deepcopy(base), policy("vera", rank=8, seed=5), (x,))
+    perturb_adapters(other)
+    lrcompile.load_adapter_state_dict(m2, lrcompile.adapter_state_dict(other))
+    assert torch.equal(m1.fc1.vera_A, A1) and m1.fc1.vera_A is m1.fc2.vera_A
+    assert m2.fc1.vera_A is m2.fc2.vera_A is m2.head.vera_A and m2.fc1.vera_A is not m1.fc1.vera_A
+    torch.testing.assert_close(m2(x), other(x), atol=0, rtol=0)
 
 
 def test_vera_pair_in_use_never_changes():
@@ -312,20 +488,66 @@ def test_noble_pretraining_trains_with_param_groups():
     assert not torch.equal(site.weight, w0) and site.up.grad is not None
 
 
-def test_noble_branch_is_fp32_and_near_silent():
+def noble_reference(n, x):
+    """The branch in float64: W_up · cos(ω₂ ⊙ (M cos(ω₁ ⊙ (W_down x + b_down) + φ₁) + c) + φ₂)."""
+    d = {k: v.detach().double() for k, v in n.named_parameters()}
+    z = x.double() @ d["down"].T + d["down_bias"]
+    h = torch.cos(d["omega1"] * z + d["phi1"])
+    h = torch.cos(d["omega2"] * (h @ d["mid"].T + d["mid_bias"]) + d["phi2"])
+    return h @ d["up"].T
+
+
+def test_noble_bf16_sums_w_down_in_fp32():
+    """bf16 inputs of magnitude ~100: a bf16 W_down·x (rounded before the cosine) puts ~2% error on the
+    branch (measured 0.024); summed in fp32 only the bf16 rounding of h and y remains (measured 0.002)."""
     torch.manual_seed(0)
-    lin = nn.Linear(48, 32).to(torch.bfloat16)
-    n = NOBLE.from_dense(lin.weight, None, NOBLE.Config(rank=8))
-    n.weight, n.bias = lin.weight, lin.bias
-    x = torch.randn(5, 48, dtype=torch.bfloat16)
-    y = n(x)
+    W = torch.zeros(64, 256, dtype=torch.bfloat16)
+    n = NOBLE.from_dense(W, None, NOBLE.Config(rank=16)).to(torch.bfloat16)
+    with torch.no_grad():
+        n.up.normal_()  # a loud branch, so its error is measurable
+    x = (torch.randn(64, 256) * 100).bfloat16()
+    y = n.functional(x, W, None, *n.tensors())
     assert y.dtype == torch.bfloat16
-    z = F.linear(x.float(), n.down.float(), n.down_bias.float())
-    h = torch.cos(n.omega1.float() * z + n.phi1.float())
-    h = torch.cos(n.omega2.float() * F.linear(h, n.mid.float(), n.mid_bias.float()) + n.phi2.float())
-    ref = F.linear(x, lin.weight, lin.bias).float() + h @ n.up.float().T
-    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=2e-2)
-    assert (y.float() - F.linear(x, lin.weight, lin.bias).float()).abs().max() < 0.1  # W_up ~ N(0, 0.01²/r)
+    assert rel_err(y, noble_reference(n, x)) < 5e-3
+    # and a whole site in bf16: base plus a near-silent branch (W_up ~ N(0, 0.01²/r))
+    lin = nn.Linear(48, 32).to(torch.bfloat16)
+    site = NOBLE.from_dense(lin.weight, None, NOBLE.Config(rank=8))
+    site.weight, site.bias = lin.weight, lin.bias
+    x = torch.randn(5, 48, dtype=torch.bfloat16)
+    base = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    assert rel_err(site(x), base + noble_reference(site, x)) < 5e-3
+    assert (site(x).double() - base).abs().max() < 0.05
+
+
+def test_noble_inits_follow_the_paper():
+    """REFERENCE.md: W_down ~ N(0, 1/in), W_up ~ N(0, 0.01²/r), M ~ N(0, 0.25/r), ω ~ U[0.8, 1.2],
+    φ ~ N(0, 0.1²), biases 0; `init: scratch` re-initialises the main weight N(0, 0.25/in), `keep` keeps it."""
+    in_f, out_f, r = 512, 384, 64
+    n = NOBLE.from_dense(torch.randn(out_f, in_f), None, NOBLE.Config(rank=r))
+
+    def check_normal(t, std):
+        t = t.detach()
+        tol = 4 / (2 * t.numel()) ** 0.5
+        assert float(t.std()) == pytest.approx(std, rel=tol) and abs(float(t.mean())) < 4 * std / t.numel() ** 0.5
+
+    check_normal(n.down, 1 / in_f**0.5)
+    check_normal(n.up, 0.01 / r**0.5)
+    check_normal(n.mid, 0.5 / r**0.5)
+    check_normal(torch.cat([n.phi1, n.phi2]), 0.1)
+    omega = torch.cat([n.omega1, n.omega2]).detach()
+    assert 0.8 <= float(omega.min()) < 0.82 and 1.18 < float(omega.max()) <= 1.2
+    assert float(omega.std()) == pytest.approx(0.4 / 12**0.5, rel=4 / (2 * omega.numel()) ** 0.5)
+    assert torch.equal(n.down_bias, torch.zeros(r)) and torch.equal(n.mid_bias, torch.zeros(r))
+    # init: scratch through rewrite: the stored weight itself is re-drawn (same Parameter), keep leaves it alone
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_f, out_f), nn.Linear(out_f, 96))
+    w0, w1 = model[0].weight, model[1].weight.detach().clone()
+    lrcompile.rewrite(model, {"defaults": {"min_features": 0}, "rules": [
+        {"match": "0", "method": "noble", "rank": r, "init": "scratch"}, {"match": "1", "method": "noble", "rank": 8}]},
+        (torch.randn(2, in_f),))
+    assert model[0].weight is w0
+    check_normal(model[0].weight, 0.5 / in_f**0.5)
+    assert torch.equal(model[1].weight, w1)
 
 
 def test_adapter_state_dict_round_trips_into_a_fresh_model():
@@ -348,28 +570,49 @@ def test_adapter_state_dict_round_trips_into_a_fresh_model():
     torch.testing.assert_close(b(x), a(x), atol=0, rtol=0)
 
 
-def test_hot_swap_smaller_rank_other_alpha_recompiles_nothing():
+# (other adapter, the one compiled, a larger one) per family; other: smaller rank and another scaling/seed
+SWAPS = {
+    "lora": ({"rank": 4, "alpha": 32, "rslora": True}, {"rank": 8, "alpha": 16}, {"rank": 16}),
+    "dora": ({"rank": 4, "alpha": 32, "rslora": True}, {"rank": 8, "alpha": 16}, {"rank": 16}),
+    "vera": ({"rank": 4, "seed": 5}, {"rank": 8}, {"rank": 16}),
+}
+
+
+def hot_swap_recompiles_nothing(method, compile_fn):
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     base, x = MLP(), torch.randn(6, 24)
-    # another adapter: rank 4, alpha 32, rsLoRA (scaling 16 instead of 2); built first (rewrite resets Dynamo)
-    other = lrcompile.rewrite(copy.deepcopy(base), policy("lora", rank=4, alpha=32, rslora=True), (x,))
-    big = lrcompile.rewrite(copy.deepcopy(base), policy("lora", rank=16), (x,))
-    m = lrcompile.rewrite(copy.deepcopy(base), policy("lora", rank=8, alpha=16), (x,))
-    with torch.no_grad():
-        for t in TARGETS:
-            getattr(m, t).lora_B.normal_()
-            getattr(other, t).lora_B.normal_()
-    compiled = compile_eager(m)
-    torch.testing.assert_close(compiled(x), m(x))
+    other_opts, opts, big_opts = SWAPS[method]
+    # built before compiling (rewrite resets Dynamo)
+    other = lrcompile.rewrite(copy.deepcopy(base), policy(method, **other_opts), (x,))
+    big = lrcompile.rewrite(copy.deepcopy(base), policy(method, **big_opts), (x,))
+    m = lrcompile.rewrite(copy.deepcopy(base), policy(method, **opts), (x,))
+    perturb_adapters(m)
+    perturb_adapters(other)
+    compiled = compile_fn(m)
+    torch.testing.assert_close(compiled(x), m(x), atol=1e-5, rtol=1e-5)
     graphs = counters["stats"]["unique_graphs"]
     lrcompile.load_adapter_state_dict(m, lrcompile.adapter_state_dict(other))
-    assert float(m.fc1.scaling) == 16.0 and torch.equal(m.fc1.lora_A[4:], torch.zeros(4, 24))
     torch.testing.assert_close(compiled(x), other(x), atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs  # no recompile
     with pytest.raises(lrcompile.LrcompileError, match="larger rank"):
         lrcompile.load_adapter_state_dict(m, lrcompile.adapter_state_dict(big))
+    return m
+
+
+@pytest.mark.parametrize("method", list(SWAPS))
+def test_hot_swap_smaller_rank_other_scaling_recompiles_nothing(method):
+    m = hot_swap_recompiles_nothing(method, compile_eager)
+    if method == "lora":  # rsLoRA α=32, r=4: scaling 16 instead of 2; rank 4 zero-padded to 8
+        assert float(m.fc1.scaling) == 16.0 and torch.equal(m.fc1.lora_A[4:], torch.zeros(4, 24))
+    if method == "vera":  # rank 4 projections and λ_d zero-padded to rank 8
+        assert torch.equal(m.fc1.lambda_d[4:], torch.zeros(4)) and torch.equal(m.fc1.vera_A[4:], torch.zeros(4, 40))
+
+
+@pytest.mark.slow  # Inductor compile of the MLP
+def test_hot_swap_through_inductor_recompiles_nothing():
+    hot_swap_recompiles_nothing("lora", lambda m: torch.compile(m, backend="lrcompile"))
 
 
 def test_backend_policy_path_matches_eager_rewrite():

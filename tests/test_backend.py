@@ -131,13 +131,175 @@ def test_min_features_skips_and_max_error_keeps_dense(toy, tmp_path):
     torch.testing.assert_close(out, ref)  # nothing was rewritten
 
 
+def inner(exc: BaseException) -> BaseException:
+    """The exception the backend raised, out of Dynamo's multi-line BackendCompilerFailed."""
+    while isinstance(exc, torch._dynamo.exc.BackendCompilerFailed) or type(exc).__module__.startswith("torch._dynamo"):
+        nxt = getattr(exc, "inner_exception", None) or exc.__cause__
+        if nxt is None:
+            break
+        exc = nxt
+    return exc
+
+
 def test_strict_raises_one_line(toy):
     m, ids = toy
     pol = {"defaults": {"min_features": 0, "max_error": 0.01, "strict": True},
            "rules": [{"match": "*", "method": "lowrank", "rank": 1}]}
     with pytest.raises(Exception) as e:
         compile_eager(m, pol)(ids)
-    assert "max_error 0.01" in str(e.value) and "rule 1" in str(e.value)
+    err = inner(e.value)
+    assert isinstance(err, lrcompile.SiteError) and "\n" not in str(err)
+    assert "max_error 0.01" in str(err) and "rule 1" in str(err)
+
+
+def multi_line_failure(monkeypatch):
+    from lrcompile.structures import lowrank
+
+    def boom(*a, **k):
+        raise RuntimeError("svd did not converge\n  at line 2 of a long torch message\n  and line 3")
+
+    monkeypatch.setattr(lowrank, "truncated_svd", boom)
+
+
+def test_failure_messages_are_first_line_only(monkeypatch, tmp_path):
+    multi_line_failure(monkeypatch)
+    lin = nn.Linear(16, 16)
+    rep = tmp_path / "r.json"
+    with pytest.warns(UserWarning) as got:
+        compile_eager(lin, all_lowrank(4), report=str(rep))(torch.randn(2, 16))
+    msgs = [str(w.message) for w in got if "kept dense" in str(w.message)]
+    assert msgs and all("\n" not in m for m in msgs)
+    assert "RuntimeError: svd did not converge)" in msgs[0]
+    row = json.loads(rep.read_text())["sites"][0]
+    assert row["status"] == "failed" and row["reason"] == "RuntimeError: svd did not converge"
+    torch._dynamo.reset()
+    strict = all_lowrank(4, strict=True)
+    with pytest.raises(Exception) as e:
+        compile_eager(nn.Linear(16, 16), strict)(torch.randn(2, 16))
+    err = inner(e.value)
+    assert isinstance(err, lrcompile.SiteError) and "\n" not in str(err) and "svd did not converge" in str(err)
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"inductor": "no"}, "option 'inductor' must be true or false, got 'no'"),
+    ({"report": 3}, "option 'report' must be a file path, got 3"),
+    ({"tune": None}, "option 'tune' must be true or false, got None"),
+    ({"strict": "yes"}, "option 'strict' must be true or false"),
+])
+def test_option_types_are_one_line_errors(options, expected):
+    with pytest.raises(Exception) as e:
+        torch.compile(nn.Linear(4, 4), backend="lrcompile", options=options)(torch.randn(2, 4))
+    err = inner(e.value)
+    assert isinstance(err, lrcompile.LrcompileError) and "\n" not in str(err) and expected in str(err)
+
+
+def test_failed_stale_repair_keeps_factors_and_warns_once(monkeypatch):
+    lin = nn.Linear(16, 16)
+    x = torch.randn(4, 16)
+    c = compile_eager(lin, all_lowrank(4))
+    c(x)
+    U = lin.lrcompile.U.detach().clone()
+    multi_line_failure(monkeypatch)
+    with torch.no_grad():
+        lin.weight.add_(1.0)  # the factors are stale: their repair now fails
+    with pytest.warns(UserWarning, match="recomputing stale lowrank factors failed") as got:
+        out = c(x)
+    assert len([w for w in got if "stale" in str(w.message)]) == 1 and "\n" not in str(got[0].message)
+    torch.testing.assert_close(lin.lrcompile.U.detach(), U)  # the previous factors, still used
+    torch.testing.assert_close(out, x @ lin.lrcompile.to_dense().T + lin.bias)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per site, not per call
+        c(x)
+
+
+def test_session_is_keyed_by_the_options_not_their_id(tmp_path):
+    lin = nn.Linear(32, 32)
+    x = torch.randn(2, 32)
+    rep = tmp_path / "r.json"
+    opts = {"policy": all_lowrank(4), "inductor": False, "report": str(rep)}
+    torch.compile(lin, backend="lrcompile", options=opts)(x)
+    assert json.loads(rep.read_text())["sites"][0]["status"] == "rewritten"
+    torch._dynamo.reset()
+    opts["policy"] = all_lowrank(2)  # the same dict object (same id), another policy: not the old session
+    torch.compile(lin, backend="lrcompile", options=opts)(x)
+    row = json.loads(rep.read_text())["sites"][0]
+    assert row["status"] == "installed" and row["rank"] == 4  # rank-4 factors found; the new rule asks 2
+
+
+NET = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+
+
+def split_by_a_break(x):  # a function, not a module: the backend finds no root module
+    h = NET[0](x)
+    torch._dynamo.graph_break()
+    return NET[2](h)
+
+
+def test_rootless_graphs_share_one_report(tmp_path):
+    rep = tmp_path / "r.json"
+    x = torch.randn(3, 16)
+    ref = split_by_a_break(x)
+    out = torch.compile(split_by_a_break, backend="lrcompile",
+                        options={"policy": all_lowrank(16), "inductor": False, "report": str(rep)})(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    rows = json.loads(rep.read_text())["sites"]
+    assert [r["fqn"] for r in rows] == ["0", "2"]  # both graphs' sites: one session for the compile
+    assert all("module not found" in " ".join(r["notes"]) for r in rows)
+
+
+def test_tied_head_reports_the_broken_tie(toy, tmp_path):
+    m, ids = toy
+    rep = tmp_path / "r.json"
+    compile_eager(m, all_lowrank(6), report=str(rep))(ids)
+    rows = {s["fqn"]: s for s in json.loads(rep.read_text())["sites"]}
+    assert any("tie broken" in n for n in rows["lm_head"]["notes"])
+    assert not any("tie broken" in n for n in rows["blocks.0.fc"]["notes"])
+
+
+def test_progress_bar_when_stderr_is_a_terminal(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    compile_eager(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)), all_lowrank(4))(torch.randn(2, 16))
+    err = capsys.readouterr().err
+    assert "lrcompile:" in err and "/2 " in err  # the bar counts the graph's two sites
+
+
+@pytest.mark.parametrize("inductor", [True, False])
+def test_inductor_option_decides_compile_fx(monkeypatch, inductor):
+    import torch._inductor.compile_fx as cfx
+
+    calls = []
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, inputs, **kw: calls.append(gm) or gm.forward)
+    lin = nn.Linear(16, 16)
+    x = torch.randn(2, 16)
+    out = torch.compile(lin, backend="lrcompile", options={"policy": all_lowrank(16), "inductor": inductor})(x)
+    assert len(calls) == (1 if inductor else 0)
+    torch.testing.assert_close(out, lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_random_init_end_to_end(tmp_path):
+    import os
+
+    lin = nn.Linear(64, 48)
+    x = torch.randn(5, 64)
+    rep = tmp_path / "r.json"
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 8, "init": "random"}]}
+    out = compile_eager(lin, pol, report=str(rep))(x)
+    f = lin.lrcompile
+    torch.testing.assert_close(out, x @ f.to_dense().T + lin.bias)
+    row = json.loads(rep.read_text())["sites"][0]
+    W = lin.weight.detach().double()
+    assert row["status"] == "rewritten" and row["rank"] == 8
+    with torch.no_grad():
+        err = float((W - f.to_dense().double()).norm() / W.norm())
+    assert row["rel_error"] == pytest.approx(err, rel=1e-6)
+    assert row["rel_error"] > 0.9  # fresh factors, unrelated to W
+    assert f.V.detach().std().item() == pytest.approx(1 / 64 ** 0.5, rel=0.2)  # LowRank.init's scale
+    cache = os.path.join(os.environ["LRCOMPILE_CACHE_DIR"], "factors")
+    assert not os.path.exists(cache) or not any(fs for _, _, fs in os.walk(cache))  # random factors: never cached
 
 
 def test_failed_factorisation_stays_dense(toy, monkeypatch, tmp_path):

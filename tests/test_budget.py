@@ -60,15 +60,82 @@ def test_dense_when_low_rank_saves_nothing_and_full_budget():
     ranks = B.allocate(cs, {"params": 1.0}, None)
     assert ranks == {"thin": None, "sq": None}  # everything fits dense: no error left to buy
     ranks = B.allocate(cs, {"params": 0.5}, None)
-    assert ranks["thin"] is None or ranks["thin"] >= 1  # break-even of 64x2 is rank 1
-    assert ranks["sq"] is not None and ranks["sq"] < 8
+    # target 0.5·(128 + 256) = 192: thin dense (128) + sq rank 2 leaves error Σ_{i≥2} e^{-0.6i} = 0.67, less than
+    # thin rank 1 (66, error 1) + sq rank 3 (1 + 0.37)
+    assert ranks == {"thin": None, "sq": 2}
+    assert B.allocate([B.Candidate("col", weight(64, 1, 0.0, 0))], {"params": 0.5}, None) == {"col": None}  # 65 ≥ 64
+
+
+def sq(fqn, n=10):
+    return B.Candidate(fqn, torch.zeros(n, n, dtype=torch.float64))  # cost 2n·r, dense n², ranks 1..n/2-1
+
+
+def test_exact_allocation_on_a_hand_computed_case():
+    # 10x10, no bias: rank r costs 20r, dense 100, ranks 1..4. Lower hulls: a = (1, 2, dense), b = (1, dense).
+    errors = {"a": {1: 10.0, 2: 4.0, 3: 3.0, 4: 2.5}, "b": {1: 6.0, 2: 4.8, 3: 4.0, 4: 3.0}}
+    cs = [sq("a"), sq("b")]
+    # 80 to spend: a 1→2 (0.3 per param), then b's hull step to dense (80) and a's (60) do not fit; the fill buys
+    # b 1→2 (0.06) over a 2→3 (0.05). Total error 8.8, the optimum of every pair with cost ≤ 80.
+    assert B.allocate(cs, {"params": 0.4}, None, errors=errors) == {"a": 2, "b": 2}
+    # 160: a 1→2, b dense (0.075 > a's 0.067), then a 2→3 fills the last 20: error 3, the optimum.
+    assert B.allocate(cs, {"params": 0.8}, None, errors=errors) == {"a": 3, "b": None}
+    for frac in (0.4, 0.6, 0.8):  # brute force over every choice: the allocation is optimal on this case
+        got = B.allocate(cs, {"params": frac}, None, errors=errors)
+        err = lambda r, e: 0.0 if r is None else e[r]  # noqa: E731
+        best = min(err(ra, errors["a"]) + err(rb, errors["b"]) for ra in (1, 2, 3, 4, None) for rb in (1, 2, 3, 4, None)
+                   if B.budget_cost({"a": ra, "b": rb}, cs)[0] <= frac * 200)
+        assert err(got["a"], errors["a"]) + err(got["b"], errors["b"]) == pytest.approx(best)
+
+
+def test_curves_measured_above_rank_one_grade_ranks_instead_of_going_dense():
+    # sensitivity measured at ≥ 15% of break-even (rank 3 of a 40x40 site, break-even 20): ranks below are unknown,
+    # not free; with diminishing returns the budget is spread evenly, no site goes dense.
+    curve = {3: 1.0, 6: 0.45, 9: 0.25, 12: 0.12, 15: 0.05, 18: 0.02}
+    cs = [sq(f"s{i}", 40) for i in range(4)]
+    ranks = B.allocate(cs, {"params": 0.5}, None, errors={c.fqn: curve for c in cs})
+    assert all(r is not None and 9 <= r <= 12 for r in ranks.values())  # all on the hull's 9→12 segment
+    assert sum(ranks.values()) == 4 * 10  # 0.5·1600/80 each: the whole budget
+    # a budget below the first measured rank: the minimum ranks, with a warning
+    with pytest.warns(UserWarning, match="below the minimum rank"):
+        assert B.allocate(cs, {"params": 0.1}, None, errors={c.fqn: curve for c in cs}) == {c.fqn: 3 for c in cs}
+
+
+def test_plateau_is_skipped_for_the_drop_behind_it():
+    # "p" gains nothing from 1 to 3, then drops; "q" improves steadily. A ratio greedy would never start p's climb.
+    errors = {"p": {1: 5.0, 3: 5.0, 4: 0.5}, "q": {1: 2.0, 2: 1.6, 3: 1.3, 4: 1.1}}
+    cs = [sq("p"), sq("q")]
+    # 100 to spend from (1, 1) = 40: p 1→4 (60, 4.5 → 0.075/param) beats q's steps (0.02, 0.015, 0.01)
+    assert B.allocate(cs, {"params": 0.5}, None, errors=errors) == {"p": 4, "q": 1}
+
+
+def test_rank_caps_forbid_dense_and_min_ranks_hold():
+    errors = {"a": {1: 10.0, 2: 9.0, 3: 8.0, 4: 7.0}}
+    c = B.Candidate("a", torch.zeros(10, 10, dtype=torch.float64), max_rank=2)
+    assert B.allocate([c], {"params": 1.0}, None, errors=errors) == {"a": 2}  # cap, though dense would fit
+    c = B.Candidate("a", torch.zeros(10, 10, dtype=torch.float64), min_rank=3)
+    with pytest.warns(UserWarning, match="below the minimum rank"):
+        assert B.allocate([c], {"params": 0.2}, None, errors=errors) == {"a": 3}
+
+
+def test_uniform_ranks_count_bias_and_respect_caps():
+    cs = [B.Candidate("a", torch.zeros(30, 40), bias=30), B.Candidate("b", torch.zeros(30, 40), bias=0, max_rank=5),
+          B.Candidate("c", torch.zeros(64, 1))]
+    ranks = B.uniform_ranks(cs, {"params": 0.5})
+    # a: r·70 + 30 ≤ 0.5·(1200 + 30) = 615 → r = 8 (⌊0.5·1200/70⌋ = 8 too, but 9·70+30 = 660 > 615 shows the bias)
+    assert ranks["a"] == 8 and B.budget_cost({"a": 8}, cs[:1])[0] <= 0.5 * 1230
+    assert ranks["b"] == 5 and ranks["c"] is None  # capped; 64x1 saves nothing at rank 1
+    ranks = B.uniform_ranks(cs[:1], {"params": 0.8})
+    assert ranks["a"] == 13  # (0.8·1230 − 30)/70 = 13.6; without the bias ⌊0.8·1200/70⌋ = 13 — same; check cost
+    assert 13 * 70 + 30 <= 0.8 * 1230 < 14 * 70 + 30
+    assert B.uniform_ranks([B.Candidate("d", torch.zeros(100, 100), bias=100)], {"params": 0.5}) == {"d": 24}  # not 25
 
 
 def test_measured_error_curves_override_spectra():
     cs = cands()
     errors = {"fast": {2: 5.0, 10: 4.0}, "slow": {2: 0.01, 10: 0.0}, "wide": {2: 0.01, 10: 0.0}}
-    ranks = B.allocate(cs, {"params": 0.4}, None, errors=errors)
-    assert ranks["fast"] is None or ranks["fast"] > ranks["slow"]
+    # fast's measured error dwarfs the others: it stays dense; the others sit at their first measured rank
+    assert B.allocate(cs, {"params": 0.4}, None, errors=errors) == {"fast": None, "slow": 2, "wide": 2}
+    assert B.allocate(cs, {"params": 0.4}, None) != {"fast": None, "slow": 2, "wide": 2}  # the spectra differ
 
 
 def test_plan_ranks_counts_only_compressing_sites_and_respects_caps():

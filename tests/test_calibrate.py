@@ -44,13 +44,22 @@ def test_policy_limits_collection_to_compressing_sites():
 
 
 def test_save_load_round_trips_exactly(tmp_path):
-    st = lrcompile.calibrate(Two(), [torch.randn(5, 6)], progress=False)
+    m = Two()
+    st = lrcompile.calibrate(m, [torch.randn(5, 6)], progress=False)
     p = tmp_path / "stats.pt"
     st.save(p)
     back = CalibrationStats.load(p)
     assert set(back.keys()) == set(st.keys()) and back.digest() == st.digest()
     for k in st.keys():
-        assert torch.equal(back.get(k).xtx, st.get(k).xtx) and back.get(k).tokens == st.get(k).tokens
+        assert torch.equal(back.get(k).xtx, st.get(k).xtx) and torch.equal(back.get(k).abs_sum, st.get(k).abs_sum)
+        assert back.get(k).tokens == st.get(k).tokens and back.get(k).cross is None
+    other = Two()
+    crossed = lrcompile.calibrate(other, [torch.randn(5, 6)], reference=m, progress=False)
+    crossed.save(p)
+    back = CalibrationStats.load(p)
+    assert back.digest() == crossed.digest() != st.digest()
+    for k in crossed.keys():
+        assert torch.equal(back.get(k).cross, crossed.get(k).cross)
     with pytest.raises(FileNotFoundError, match="calibration file not found"):
         CalibrationStats.load(tmp_path / "missing.pt")
 
@@ -74,6 +83,50 @@ def test_padded_positions_are_ignored():
         assert b.get(k).tokens == a.get(k).tokens  # 6 per token-wise site; the pooler sees 1 row (CLS)
         torch.testing.assert_close(b.get(k).xtx, a.get(k).xtx, rtol=1e-5, atol=1e-6)
     assert b.get("encoder.layer.0.attention.self.query").tokens == 6
+
+
+class Flat(nn.Module):
+    """Flattens (batch, seq, d) to (batch·seq, d) before its linear, as some models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 6)
+        self.lin = nn.Linear(6, 4)
+        self.odd = nn.Linear(6, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        y = self.lin(h.reshape(-1, h.shape[-1]))
+        z = self.odd(h[:, :-1])  # (batch, seq-1, d): no row of the mask lines up with it
+        return y, z
+
+
+def test_flattened_inputs_are_masked_and_unmaskable_sites_warn():
+    m = Flat()
+    ids = torch.randint(0, 30, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with pytest.warns(UserWarning, match="attention_mask could not be applied at 1 site.*odd"):
+        st = lrcompile.calibrate(m, [{"input_ids": ids, "attention_mask": mask}], progress=False)
+    x = m.emb(ids).reshape(-1, 6)[mask.reshape(-1).bool()].double()
+    assert st.get("lin").tokens == 8
+    torch.testing.assert_close(st.get("lin").xtx, x.T @ x)
+    assert st.get("odd").tokens == 8  # 2·4 rows, padded ones included (and warned)
+
+
+def test_reference_gives_the_cross_moment_per_site():
+    torch.manual_seed(0)
+    ref, comp = Two(), Two()  # a different "compressed" model with the same site paths
+    xs = [torch.randn(4, 6) for _ in range(2)]
+    st = lrcompile.calibrate(comp, xs, reference=ref, progress=False)
+    x = torch.cat(xs).double()
+    with torch.no_grad():
+        hr, hc = torch.relu(ref.a(torch.cat(xs))).double(), torch.relu(comp.a(torch.cat(xs))).double()
+    torch.testing.assert_close(st.get("a").cross, x.T @ x)
+    torch.testing.assert_close(st.get("inner.b").xtx, hc.T @ hc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.get("inner.b").cross, hr.T @ hc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.get("inner.b").cross_mean, hr.T @ hc / 8, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reference has no linear site"):
+        lrcompile.calibrate(comp, xs, reference=nn.Sequential(nn.Linear(6, 8)), progress=False)
 
 
 def _batches(n=3, seq=9):
@@ -120,7 +173,14 @@ def test_end_to_end_backend_and_rewrite_with_budget(tmp_path):
     assert after <= 0.6 * before + 1e-9 and after >= 0.6 * before - sum(r["in_features"] + r["out_features"] for r in rows)
     assert len({r["rank"] for r in lowrank}) > 1  # non-uniform
     err = float((out - ref).norm() / ref.norm())
-    assert err < 1.0
+    uniform = {"defaults": {"min_features": 0}, "rules": [{"match": "pooler.dense", "method": "dense"},
+                                                          {"match": "*", "method": "lowrank", "rank": 0.6}]}
+    torch._dynamo.reset()
+    plain = bert()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    lrcompile.rewrite(plain, uniform, inputs)  # plain SVD at the same fraction everywhere
+    with torch.no_grad():
+        assert err < float((_hidden(plain, inputs) - ref).norm() / ref.norm())  # random BERT: a small margin
 
     # The eager path plans the same ranks and gives the same output.
     torch._dynamo.reset()
@@ -150,3 +210,65 @@ def test_whitened_beats_svd_end_to_end():
         with torch.no_grad():
             errs[init] = float((_hidden(m, inputs) - _hidden(model, inputs)).norm())
     assert errs["whitened_svd"] < errs["svd"]
+
+
+SENS_POLICY = {"defaults": {"min_features": 0}, "budget": {"params": 0.5, "allocate": "sensitivity"},
+               "rules": [{"match": "*", "method": "lowrank", "init": "whitened_svd"}]}
+
+
+def test_sensitivity_curves_are_measured_round_trip_and_drive_the_budget(tmp_path):
+    from lrcompile import budget as B
+    from lrcompile.calibrate import factorised, module_sites
+    from lrcompile.heal import loss_of
+
+    torch.manual_seed(0)
+    m = Two()
+    xs = [torch.randn(2, 5, 6) for _ in range(3)]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    st = lrcompile.calibrate(m, xs, SENS_POLICY, sensitivity_batches=2, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # weights restored
+    assert set(st.sensitivity) == {"a", "inner.b"}
+    # one point by hand: site a at rank 2 alone, loss vs the dense outputs on the first two batches
+    Wr = factorised(m.a.weight, st.get("a"))(2)
+    with torch.no_grad():
+        ref = [m(x) for x in xs[:2]]
+        saved = m.a.weight.clone()
+        m.a.weight.copy_(Wr.float())
+        want = sum(float(loss_of(m(x), t, x, 0.0)) for x, t in zip(xs[:2], ref)) / 2
+        m.a.weight.copy_(saved)
+    assert st.sensitivity["a"][2] == pytest.approx(want, rel=1e-5, abs=1e-9)
+    p = tmp_path / "s.safetensors"
+    st.save(p)
+    back = CalibrationStats.load(p)
+    assert back.sensitivity == st.sensitivity and back.digest() == st.digest()
+    # the budget reads them: make "a" look catastrophic at every rank and it stays dense
+    from lrcompile.policy import load_policy
+
+    pol = load_policy({**SENS_POLICY, "budget": {"params": 0.9, "allocate": "sensitivity"}})
+    back.sensitivity = {"a": {1: 9.0, 3: 9.0}, "inner.b": {1: 0.01, 2: 0.0}}
+    # 0.9·(56 + 45) = 90.9: a dense (56) + b rank 2 (2·13 + 5), not the other way round
+    assert B.plan_model(pol, m, back) == {"a": None, "inner.b": 2}
+    back.sensitivity = {"a": {1: 0.01, 2: 0.0}, "inner.b": {1: 9.0, 3: 9.0}}
+    assert B.plan_model(pol, m, back) == {"a": 2, "inner.b": None}
+    from lrcompile.errors import PlanError
+
+    with pytest.raises(PlanError, match="allocate: sensitivity needs calibration statistics"):
+        B.plan_ranks(pol, module_sites(m), CalibrationStats())
+
+
+def test_bench_calibration_and_held_out_text_are_disjoint(monkeypatch):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.data import generated
+    from bench.data.text import CALIBRATION, HELD_OUT
+
+    norm = lambda s: " ".join(s.lower().split())  # noqa: E731
+    corpus = generated.calibration_corpus(3000)
+    assert len(corpus) == len(CALIBRATION) + 3000 == len(set(corpus))
+    assert not {norm(s) for s in corpus} & {norm(s) for s in HELD_OUT}
+    assert len(HELD_OUT) >= 100
+    # the filter, not luck: a generator that emits held-out sentences still yields a disjoint corpus
+    monkeypatch.setattr(generated, "generate", lambda n, seed=0: HELD_OUT[:5] + [f"filler {i}." for i in range(n)])
+    assert not set(generated.calibration_corpus(50)) & set(HELD_OUT)

@@ -57,8 +57,16 @@ def test_full_rank_reproduces_and_half_rank_reports(make, tmp_path):
     with torch.no_grad():
         out2 = first(compile_eager(model2, all_lowrank(0.5), report=str(rep))(**inputs))
     rows = [s for s in json.loads(rep.read_text())["sites"] if s["status"] == "rewritten"]
-    assert rows and all(0 < s["rel_error"] < 1 for s in rows)
-    assert all(s["params_after"] < s["params_before"] for s in rows)
+    assert rows and all(s["params_after"] < s["params_before"] for s in rows)
+    for row in rows:  # the reported error is the factors' output error on isotropic inputs (≈ the weight error)
+        module = model2.get_submodule(row["fqn"])
+        W = module.weight.detach()
+        W = W.T if type(module).__name__ == "Conv1D" else W  # HF Conv1D stores (in, out)
+        x = torch.randn(4000, W.shape[1])
+        with torch.no_grad():
+            measured = ((x @ (W - module.lrcompile.to_dense()).T).norm() / (x @ W.T).norm()).item()
+        assert 0.05 < row["rel_error"] < 1
+        assert measured == pytest.approx(row["rel_error"], rel=0.05), row["fqn"]
     assert ((out2 - ref).norm() / ref.norm()) > 1e-3  # a lossy rewrite really runs
 
 
@@ -125,4 +133,6 @@ def test_pretrained_minilm(tmp_path):
     rows = [s for s in json.loads(rep.read_text())["sites"] if s["status"] == "rewritten"]
     assert len(rows) == 36  # every encoder linear of the 6 layers
     cos = torch.nn.functional.cosine_similarity(half, ref).mean()
-    assert 0.0 < cos < 0.999  # plain SVD at 50% visibly hurts a pretrained model (REFERENCE.md: ≈0.36 mean)
+    # plain SVD at 50% wrecks a pretrained model (REFERENCE.md: 0.36 mean over held-out text); these two sentences
+    # measured 0.317 (deterministic: pretrained weights, exact SVD at 384 features)
+    assert 0.25 < cos < 0.40

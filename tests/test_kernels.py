@@ -1,14 +1,16 @@
 """Every Triton kernel against its torch reference and a float64 reference, under TRITON_INTERPRET=1.
 
-Shapes are tiny, odd and non-power-of-two (rows include 1); every output buffer is poisoned with NaN first, so an
-element a kernel never writes fails the comparison. The interpreter multiplies in fp32 (its bf16 tl.dot is
-wrong), so bf16 cases check bf16 storage, casts and epilogues, not bf16 tensor-core arithmetic.
+Shapes are tiny, odd and non-power-of-two (rows include 1, in or out features 1, rank 1 where the family allows
+it); every output buffer is poisoned with NaN first, so an element a kernel never writes fails the comparison.
+Every test checks that Triton really ran (a spy on runtime.launch). The interpreter multiplies in fp32 (its bf16
+tl.dot is wrong), so bf16 cases check bf16 storage, casts and epilogues, not bf16 tensor-core arithmetic.
 """
 import os
 import warnings
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 triton = pytest.importorskip("triton")
 
@@ -22,51 +24,78 @@ from lrcompile.structures import FAMILIES  # noqa: E402
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 CORE = {"lowrank": lowrank.core, "lora": lora.core, "dora": dora.core, "noble": noble.core,
         "twocore": twocore.core, "blast": blast.core}
+OPNAME = {"monarch": "twocore", "btt": "twocore"}
 
 
 @pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
+def launches(monkeypatch):
+    """The kernels run interpreted (not the torch fallback): the flag took effect, and every launch is recorded."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert runtime.interpreting() is True
     monkeypatch.setattr(runtime, "POISON", True)
     warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning)
+    seen = []
+    real = runtime.launch
+
+    def spy(mod, name, *args, **kwargs):
+        seen.append(name)
+        return real(mod, name, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "launch", spy)
+    return seen
 
 
 def rel(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def family_case(name: str, in_f: int, out_f: int):
-    """(op name, tensors) for one family at (in_f, out_f), random but non-trivial (adapters' B not zero)."""
+def family_case(name: str, in_f: int, out_f: int, size=None):
+    """(op name, tensors) for one family at (in_f, out_f), random but non-trivial (adapters' B not zero).
+    size: the family's rank (monarch: blocks; btt: (rank, in_factors, out_factors); blast: (rank, blocks))."""
     F = FAMILIES
     if name == "lowrank":
-        return "lowrank", [torch.randn(out_f, 5) / 3, torch.randn(5, in_f) / in_f**0.5]
+        r = size or 5
+        return "lowrank", [torch.randn(out_f, r) / 3, torch.randn(r, in_f) / in_f**0.5]
     if name in ("lora", "dora"):
-        W, A, B = torch.randn(out_f, in_f) / in_f**0.5, torch.randn(6, in_f) / in_f**0.5, torch.randn(out_f, 6) / 3
+        r = size or 6
+        W, A, B = torch.randn(out_f, in_f) / in_f**0.5, torch.randn(r, in_f) / in_f**0.5, torch.randn(out_f, r) / 3
         s = torch.tensor(0.75)
         return name, ([W, A, B, s] if name == "lora" else [W, A, B, torch.rand(out_f) + 0.5, s])
     if name == "noble":
-        m = F["noble"].init(in_f, out_f, F["noble"].Config(rank=5))
+        m = F["noble"].init(in_f, out_f, F["noble"].Config(rank=size or 5))
         torch.nn.init.normal_(m.up, std=0.3)  # audible branch
         return "noble", [torch.randn(out_f, in_f) / in_f**0.5] + [t.detach() for t in m.tensors()]
     if name == "monarch":
-        m = F["monarch"].init(in_f, out_f, F["monarch"].Config(blocks=3))
+        m = F["monarch"].init(in_f, out_f, F["monarch"].Config(blocks=size or 3))
     elif name == "btt":
-        m = F["btt"].init(in_f, out_f, F["btt"].Config(rank=2))
+        rank, fin, fout = size or (2, None, None)
+        m = F["btt"].init(in_f, out_f, F["btt"].Config(rank=rank, in_factors=fin, out_factors=fout))
     elif name == "blast":
-        m = F["blast"].init(in_f, out_f, F["blast"].Config(rank=3, blocks=[2, 3]))
-    return ("blast" if name == "blast" else "twocore"), [t.detach() for t in m.tensors()]
+        rank, blocks = size or (3, [2, 3])
+        m = F["blast"].init(in_f, out_f, F["blast"].Config(rank=rank, blocks=blocks))
+    return OPNAME.get(name, name), [t.detach() for t in m.tensors()]
 
 
-# (family, in, out): odd sizes; BTT needs factorisable sizes, BLAST divisible ones, Monarch pads
-SHAPES = {"lowrank": (37, 23), "lora": (37, 23), "dora": (29, 19), "noble": (37, 23), "monarch": (37, 23),
-          "btt": (35, 22), "blast": (36, 22)}
+# (family) -> [(in, out, size)]: odd sizes, in or out = 1, rank 1 where the family allows it. BTT needs
+# factorisable sizes (explicit factors for primes), BLAST divisible ones, Monarch pads.
+CASES = {
+    "lowrank": [(37, 23, 5), (1, 9, 1), (13, 1, 1), (50, 29, 17)],
+    "lora": [(37, 23, 6), (1, 7, 1), (19, 1, 3)],
+    "dora": [(29, 19, 6), (1, 5, 1), (11, 1, 2)],
+    "noble": [(37, 23, 5), (1, 6, 1), (17, 1, 3)],
+    "monarch": [(37, 23, 3), (1, 5, 1), (7, 1, 1), (45, 50, 5)],
+    "btt": [(35, 22, (2, None, None)), (1, 6, (1, [1, 1], [2, 3])), (15, 1, (1, [3, 5], [1, 1])),
+            (21, 9, (3, None, None))],
+    "blast": [(36, 22, (3, [2, 3])), (1, 5, (1, [1, 1])), (9, 1, (1, [1, 3])), (30, 21, (4, [3, 5]))],
+}
+CASE_IDS = [(n, i) for n in CASES for i in range(len(CASES[n]))]
 EPI = "add_row,gelu,add"
 
 
-def run_case(name, dtype, lead, epilogue=EPI, alpha=1.3, check_torch=True):
-    in_f, out_f = SHAPES[name]
-    opname, tensors = family_case(name, in_f, out_f)
+def make_case(name, dtype, lead, epilogue=EPI, case=0):
+    in_f, out_f, size = CASES[name][case]
+    opname, tensors = family_case(name, in_f, out_f, size)
     tensors = [t.to(dtype) for t in tensors]
     x = torch.randn(*lead, in_f, dtype=dtype)
     operands = []
@@ -75,6 +104,11 @@ def run_case(name, dtype, lead, epilogue=EPI, alpha=1.3, check_torch=True):
             operands.append(torch.randn(out_f, dtype=dtype))
         elif s in ("add", "mul"):
             operands.append(torch.randn(*lead, out_f, dtype=dtype))
+    return opname, x, tensors, operands, out_f
+
+
+def run_case(name, dtype, lead, epilogue=EPI, alpha=1.3, check_torch=True, case=0):
+    opname, x, tensors, operands, out_f = make_case(name, dtype, lead, epilogue, case)
     if name == "noble":
         alpha = 1.0  # exercised separately: the branch is not linear in x
     y = OPS[opname](x, tensors, operands, epilogue, alpha, None)
@@ -90,26 +124,65 @@ def run_case(name, dtype, lead, epilogue=EPI, alpha=1.3, check_torch=True):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_forward_matches_float64(name, dtype):
-    run_case(name, dtype, (2, 7))
-    run_case(name, dtype, (1,), epilogue="add_row", check_torch=False)  # one row
+@pytest.mark.parametrize("name,case", CASE_IDS, ids=[f"{n}{i}" for n, i in CASE_IDS])
+def test_forward_matches_float64(name, case, dtype, launches):
+    run_case(name, dtype, (2, 7), case=case)
+    if dtype == torch.float32 or CASES[name][case][1] > 1:
+        # one row; not a lone bf16 output element: its rounding error relative to a cancelling sum is
+        # unbounded (the unfused torch sequence misses 2e-2 there just the same)
+        run_case(name, dtype, (1,), epilogue="add_row", check_torch=False, case=case)
+    assert launches, "no Triton kernel ran"
 
 
-def test_lowrank_two_stage_path(monkeypatch):
+def test_lowrank_two_stage_path(monkeypatch, launches):
     """Ranks too wide for the on-chip chain go through two GEMM launches with the same epilogue."""
     monkeypatch.setattr(lowrank, "CHAIN_MAX_R", 0)
     for dtype in (torch.float32, torch.bfloat16):
         run_case("lowrank", dtype, (3, 5))
+    assert set(launches) == {"gemm_kernel"}
+
+
+@pytest.mark.parametrize("name", ["monarch", "btt"])
+def test_twocore_one_kernel_and_two_launch_paths(name, monkeypatch, launches):
+    """Blocks that fit on chip run as one kernel (z in registers); wider ones as two batched GEMMs."""
+    for dtype in (torch.float32, torch.bfloat16):
+        run_case(name, dtype, (2, 3), case=0)
+    assert set(launches) == {"btt_kernel"}
+    launches.clear()
+    monkeypatch.setattr(twocore, "ONE_MAX_C1", 0)
+    for dtype in (torch.float32, torch.bfloat16):
+        run_case(name, dtype, (2, 3), case=0)
+    assert set(launches) == {"bgemm_kernel"}
 
 
 def test_noble_input_scale_applies_before_the_cosine():
-    in_f, out_f = SHAPES["noble"]
-    _, tensors = family_case("noble", in_f, out_f)
+    in_f, out_f, size = CASES["noble"][0]
+    _, tensors = family_case("noble", in_f, out_f, size)
     x = torch.randn(4, in_f)
     y = OPS["noble"](x, tensors, [], "", 0.6, None)
     y64 = noble.core(0.6 * x.double(), *[t.double() for t in tensors])
     assert rel(y, y64) < 1e-4
+
+
+def test_noble_rank_above_the_kernel_limit_forms_h_in_torch(monkeypatch, launches):
+    """A rank whose (BM × r) tile would not fit on chip: h in torch, the expand and epilogue still fused."""
+    monkeypatch.setattr(noble, "MAX_R", 16)
+    in_f, out_f = 21, 13
+    _, tensors = family_case("noble", in_f, out_f, 17)  # pow2(17) = 32 > 16
+    x, b = torch.randn(3, in_f), torch.randn(out_f)
+    y = OPS["noble"](x, tensors, [b], "add_row,relu", 1.0, None)
+    y64 = reference(noble.core, x.double(), [t.double() for t in tensors], [b.double()], "add_row,relu", 1.0, None)
+    assert rel(y, y64) < 1e-4
+    assert launches == ["gemm_kernel"]
+
+
+def test_cosnet_torch_is_the_structure_branch():
+    """The backward's and the rank fallback's CosNet is NOBLE.functional's branch."""
+    in_f, out_f, size = CASES["noble"][0]
+    _, (W, *branch, up) = family_case("noble", in_f, out_f, size)
+    x = torch.randn(5, in_f)
+    got = noble.cosnet_torch(x, *branch) @ up.T
+    assert rel(got, noble.core(x, torch.zeros_like(W), *branch, up)) < 1e-6
 
 
 @pytest.mark.parametrize("step", epi.STEPS)
@@ -132,29 +205,67 @@ def test_prologue_cast_and_output_cast():
     assert rel(y, y64) < 2e-2
 
 
-@pytest.mark.parametrize("name", ["lowrank", "lora", "dora", "noble", "monarch", "blast"])
-def test_backward_matches_float64(name):
-    """The op's autograd (reference vjp in torch) against float64 autograd of the reference."""
-    in_f, out_f = SHAPES[name]
-    opname, tensors = family_case(name, in_f, out_f)
+def grads_vs_float64(name, dtype, epilogue, case=0, frozen=()):
+    """Gradients of every input but the `frozen` tensor indices, against float64 autograd of the reference."""
+    in_f, out_f, size = CASES[name][case]
+    opname, tensors = family_case(name, in_f, out_f, size)
     x = torch.randn(3, 4, in_f)
-    ops = [torch.randn(out_f), torch.randn(3, 4, out_f)]
+    ops = [torch.randn(out_f) if s.endswith("_row") else torch.randn(3, 4, out_f)
+           for s in epi.parse(epilogue) if s in epi.WITH_OPERAND]
     alpha = 1.0 if name == "noble" else 0.8
-    leaves = [t.clone().requires_grad_() for t in [x, *tensors, *ops]]
+    leaves = [t.to(dtype).clone().requires_grad_(i - 1 not in frozen) for i, t in enumerate([x, *tensors, *ops])]
     lx, lt, lo = leaves[0], leaves[1:1 + len(tensors)], leaves[1 + len(tensors):]
-    y = OPS[opname](lx, lt, lo, "add_row,silu,add", alpha, None)
+    y = OPS[opname](lx, lt, lo, epilogue, alpha, None)
     gy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [g for g in leaves if g.dtype.is_floating_point and g.numel()], gy,
-                                allow_unused=True)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    with FlopCounterMode(display=False) as flops:  # the op's backward alone
+        y.backward(gy)
+    leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
     y64 = reference(CORE[opname], leaves64[0], leaves64[1:1 + len(tensors)], leaves64[1 + len(tensors):],
-                    "add_row,silu,add", alpha, None)
-    grads64 = torch.autograd.grad(y64, [g for g in leaves64 if g.numel()], gy.double(), allow_unused=True)
-    for g, g64 in zip(grads, grads64):
-        if g64 is None:
-            assert g is None or not g.any()
+                    epilogue, alpha, None)
+    y64.backward(gy.double())
+    checked = 0
+    for t, t64 in zip(leaves, leaves64):
+        if not t.requires_grad:
+            assert t.grad is None
             continue
-        assert rel(g, g64) < 1e-4
+        if not t.numel():  # Monarch's (0, out) width carrier
+            continue
+        if t64.grad is None:
+            assert t.grad is None or not t.grad.any()
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype
+        assert rel(t.grad, t64.grad) < TOL[dtype], (name, dtype, rel(t.grad, t64.grad))
+        checked += 1
+    assert checked >= 2
+    return leaves, flops.get_total_flops()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_backward_matches_float64(name, dtype):
+    """The op's autograd (family grads / restricted vjp, torch) against float64 autograd of the reference;
+    value-needing (silu, mul) and add-only epilogues."""
+    grads_vs_float64(name, dtype, "add_row,silu,add")
+    grads_vs_float64(name, dtype, "add_row,add")
+
+
+@pytest.mark.parametrize("name,case", [(n, i) for n in CASES for i in range(1, len(CASES[n]))],
+                         ids=[f"{n}{i}" for n in CASES for i in range(1, len(CASES[n]))])
+def test_backward_odd_shapes(name, case):
+    grads_vs_float64(name, torch.float32, "mul_row,tanh", case=case)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "noble"])
+def test_frozen_base_weight_gets_no_gradient_computation(name):
+    """A frozen W: no grad, and the backward runs exactly one (M × out × in) GEMM fewer (gᵀx) than with W
+    trainable; the other gradients still match float64."""
+    in_f, out_f, _ = CASES[name][0]
+    m = 3 * 4
+
+    leaves, frozen_flops = grads_vs_float64(name, torch.float32, "add_row", frozen=(0,))
+    assert not leaves[1].requires_grad and leaves[1].grad is None
+    _, full_flops = grads_vs_float64(name, torch.float32, "add_row")
+    assert full_flops - frozen_flops == 2 * m * out_f * in_f
 
 
 @pytest.mark.parametrize("opname", ["lowrank", "lora", "dora", "noble", "twocore", "blast"])
@@ -162,13 +273,26 @@ def test_opcheck(opname, monkeypatch):
     """torch.library.opcheck: schema, fake impl, autograd registration, AOT dispatch (torch path: fast)."""
     monkeypatch.delenv("TRITON_INTERPRET")
     name = {"twocore": "monarch"}.get(opname, opname)
-    in_f, out_f = SHAPES[name]
-    _, tensors = family_case(name, in_f, out_f)
+    in_f, out_f, size = CASES[name][0]
+    _, tensors = family_case(name, in_f, out_f, size)
     x = torch.randn(2, 3, in_f)
     args = (x, tensors, [torch.randn(out_f), torch.randn(2, 3, out_f)], "add_row,gelu_tanh,add", 1.0, None)
     torch.library.opcheck(OPS[opname], args)
     grad_args = (x.requires_grad_(), [t.requires_grad_() for t in tensors], args[2], *args[3:])
     torch.library.opcheck(OPS[opname], grad_args)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_opcheck_interpreted(name, launches):
+    """opcheck with the Triton path live, on the family's smallest case."""
+    case = min(range(len(CASES[name])), key=lambda i: CASES[name][i][0] * CASES[name][i][1])
+    in_f, out_f, size = CASES[name][case]
+    opname, tensors = family_case(name, in_f, out_f, size)
+    x = torch.randn(2, in_f, requires_grad=True)
+    args = (x, [t.requires_grad_() for t in tensors], [torch.randn(out_f), torch.randn(2, out_f)], "add_row,silu,mul",
+            1.0, None)
+    torch.library.opcheck(OPS[opname], args)
+    assert launches
 
 
 def test_without_gpu_or_interpreter_the_torch_path_runs(monkeypatch):
@@ -204,7 +328,7 @@ def test_kernel_source_cached_by_hash(tmp_path, monkeypatch):
     gemm(a, b, steps=("relu",))
     gemm(a, b, steps=("tanh",))
     files = sorted(os.listdir(tmp_path / "kernels"))
-    assert len(files) == 2 and all(f.startswith("gemm_") and f.endswith(".py") for f in files)
+    assert len(files) == 2 and all(f.startswith("gemm_") and f.endswith(".py") for f in files)  # no temp left
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ from torch import nn
 
 import lrcompile
 from conftest import Toy, all_lowrank, compile_eager
-from lrcompile import PlanError
+from lrcompile import PlanError, svd
+from lrcompile.policy import load_policy
 from lrcompile.structures import lowrank
 
 
@@ -16,7 +17,27 @@ def no_svd(monkeypatch):
         raise AssertionError("an SVD ran")
 
     monkeypatch.setattr(lowrank, "truncated_svd", boom)
+    monkeypatch.setattr(svd, "truncated_svd", boom)
     monkeypatch.setattr(torch.linalg, "svd", boom)
+
+
+class Attn(nn.Module):
+    """softmax(QKᵀ/√d)V by hand, then an MLP: attention rules and linear rules on one model."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc = nn.Linear(d, 2 * d)
+
+    def forward(self, x):
+        s = self.q(x) @ self.k(x).transpose(-2, -1) / 32 ** 0.5
+        h = self.o(torch.softmax(s, -1) @ self.v(x))
+        return self.fc(h)
+
+
+def attention_policy(**attn):
+    return {"defaults": {"min_features": 0}, "rules": [
+        {"match": "*", "kind": "attention", **attn}, {"match": "fc", "method": "lowrank", "rank": 5}]}
 
 
 def test_save_load_eager_rewrite_reproduces_exactly(toy, tmp_path, monkeypatch):
@@ -49,12 +70,88 @@ def test_save_load_backend_path(tmp_path, monkeypatch):
     assert torch.equal(compile_eager(fresh)(x), ref)  # attached factors found and reused, none recomputed
 
 
-def test_tied_weights_are_stored_once(tmp_path):
-    m = Toy()
+def test_tied_weights_are_stored_once(toy, tmp_path):
+    from safetensors import safe_open
+
+    m, ids = toy
+    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [
+        {"match": "lm_head", "method": "lora", "rank": 4}, {"match": "blocks.*", "method": "lowrank", "rank": 5}]},
+        (ids,))
+    assert m.lm_head.weight is m.embed.weight  # an adapter keeps the tie: its base is the embedding
     lrcompile.save(m, str(tmp_path / "ck"))
+    with safe_open(str(tmp_path / "ck" / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        stored = [k for k in keys if f.get_slice(k).get_shape() == list(m.embed.weight.shape)]
+    assert stored == ["embed.weight"] and "lm_head.weight" not in keys  # one copy of the tied tensor
+    assert {"lm_head.lora_A", "lm_head.lora_B", "blocks.0.fc.U"} <= keys
     fresh = lrcompile.load(Toy(), str(tmp_path / "ck"))
     assert fresh.lm_head.weight is fresh.embed.weight
     assert torch.equal(fresh.embed.weight, m.embed.weight)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), m(ids))
+
+
+@pytest.mark.parametrize("attn", [{"method": "shared_kv", "rank": 6}, {"method": "fused_qkv", "rank": 7},
+                                  {"method": "fused_qkv", "structure": {"method": "lowrank", "rank": 9}}],
+                         ids=["shared_kv", "fused_qkv", "fused_qkv_structure"])
+def test_attention_factors_round_trip(attn, tmp_path, monkeypatch):
+    m = Attn()
+    x = torch.randn(2, 6, 32)
+    pol = attention_policy(**attn)
+    lrcompile.rewrite(m, pol, (x,))
+    child = "lrcompile_kv" if attn["method"] == "shared_kv" else "lrcompile_qkv"
+    assert hasattr(m, child)
+    with torch.no_grad():
+        getattr(m, child).tensors()[0].mul_(1.5)  # trained factors are what gets saved
+    ref = compile_eager(m)(x)
+    lrcompile.save(m, str(tmp_path / "ck"))
+    plan = json.loads((tmp_path / "ck" / "plan.json").read_text())
+    entry = next(e for e in plan["sites"] if e["path"] == child)
+    assert entry["placement"] == "attached" and entry["policy"] == load_policy(pol).digest
+    torch._dynamo.reset()
+    no_svd(monkeypatch)
+    fresh = Attn()
+    lrcompile.load(fresh, str(tmp_path / "ck"))
+    assert type(getattr(fresh, child)) is type(getattr(m, child))
+    assert getattr(fresh, child).sources == getattr(m, child).sources
+    for k, v in m.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    assert {n for n, p in fresh.named_parameters() if not p.requires_grad} == {
+        n for n, p in m.named_parameters() if not p.requires_grad}
+    assert torch.equal(compile_eager(fresh)(x), ref)
+
+
+def test_plan_records_the_policy_digest(tmp_path):
+    m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
+    pol_a, pol_b = {"rules": [{"match": "0", "method": "lowrank", "rank": 4}], "defaults": {"min_features": 0}}, \
+        {"rules": [{"match": "2", "method": "lora", "rank": 2}]}
+    lrcompile.rewrite(m, pol_a, (torch.randn(2, 32),))
+    lrcompile.rewrite(m, pol_b, (torch.randn(2, 32),))
+    da, db = load_policy(pol_a).digest, load_policy(pol_b).digest
+    assert da != db and m.lrcompile_policy_digest == db
+    lrcompile.save(m, str(tmp_path / "ck"))
+    plan = json.loads((tmp_path / "ck" / "plan.json").read_text())
+    assert {e["path"]: e["policy"] for e in plan["sites"]} == {"0": da, "2": db}
+    assert plan["policies"] == sorted([da, db])
+    fresh = lrcompile.load(nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)), str(tmp_path / "ck"))
+    lrcompile.save(fresh, str(tmp_path / "again"))  # a loaded model keeps its provenance
+    assert json.loads((tmp_path / "again" / "plan.json").read_text())["sites"] == plan["sites"]
+    # the backend path records it too
+    b = nn.Linear(32, 32)
+    compile_eager(b, all_lowrank(4))(torch.randn(2, 32))
+    assert b.lrcompile.policy_digest == load_policy(all_lowrank(4)).digest
+
+
+def test_load_restores_requires_grad(tmp_path):
+    m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
+    lrcompile.rewrite(m, {"rules": [{"match": "*", "method": "lora", "rank": 2}]}, (torch.randn(2, 32),))
+    m[0].lora_B.requires_grad_(False)  # the user's own choice is kept too
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert {"0.weight", "0.bias", "2.weight", "0.lora_B"} <= frozen and "2.lora_A" not in frozen
+    lrcompile.save(m, str(tmp_path / "ck"))
+    fresh = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
+    lrcompile.load(fresh, str(tmp_path / "ck"))
+    assert {n for n, p in fresh.named_parameters() if not p.requires_grad} == frozen
 
 
 def test_mismatched_plan_names_the_site(tmp_path):
@@ -110,3 +207,61 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path):
     with pytest.warns(UserWarning, match="unreadable"):
         out = compile_eager(fresh, all_lowrank(4))(x)
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda e: e["config"].update(rank=5), r"model\.safetensors: '0\.U' has shape \(48, 6\), the rebuilt model expects \(48, 5\)"),
+    (lambda e: e["config"].update(rnak=5), r"plan\.json: site '0': unknown lowrank config field 'rnak'"),
+    (lambda e: e.update(dtype="float42"), r"plan\.json: site '0': unknown dtype 'float42'"),
+    (lambda e: e["config"].update(rank=0), r"plan\.json: site '0': bad lowrank config \(rank must be >= 1"),
+    (lambda e: e.update(family="lowrnk"), r"plan\.json: site '0': unknown family 'lowrnk'"),
+])
+def test_corrupt_plan_is_a_one_line_plan_error(tmp_path, edit, expected):
+    m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
+    lrcompile.rewrite(m, all_lowrank(6), (torch.randn(2, 32),))
+    lrcompile.save(m, str(tmp_path / "ck"))
+    path = tmp_path / "ck" / "plan.json"
+    plan = json.loads(path.read_text())
+    edit(plan["sites"][0])
+    path.write_text(json.dumps(plan))
+    with pytest.raises(PlanError, match=expected) as e:
+        lrcompile.load(nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)), str(tmp_path / "ck"))
+    assert "\n" not in str(e.value)
+
+
+def test_factor_cache_hit_reports_like_the_miss(tmp_path):
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    pol = all_lowrank(6)
+    pol["rules"][0]["init"] = "whitened_svd"  # no calibration given: falls back to svd, with a warning
+    x = torch.randn(4, 32)
+    rep = tmp_path / "r.json"
+    m = nn.Linear(32, 32)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+
+    def compile_fresh():
+        torch._dynamo.reset()
+        again = nn.Linear(32, 32)
+        again.load_state_dict(state)
+        with pytest.warns(UserWarning, match="no calibration statistics"):
+            compile_eager(again, pol, report=str(rep))(x)
+        return json.loads(rep.read_text())["sites"][0]
+
+    with pytest.warns(UserWarning, match="no calibration statistics"):
+        compile_eager(m, pol, report=str(rep))(x)
+    miss = json.loads(rep.read_text())["sites"][0]
+    assert miss["svd"] == "exact" and 0 < miss["kept_energy"] < 1
+    assert any("used svd" in n for n in miss["notes"]) and "factors from cache" not in miss["notes"]
+    hit = compile_fresh()
+    assert "factors from cache" in hit["notes"]
+    for key in ("kept_energy", "svd", "rel_error"):
+        assert hit[key] == miss[key], key
+    assert any("used svd" in n for n in hit["notes"])
+    # an entry written without the statistics (an older cache): the fallback is still said
+    root = os.environ["LRCOMPILE_CACHE_DIR"]
+    [entry] = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".safetensors")]
+    save_file(load_file(entry), entry)
+    bare = compile_fresh()
+    assert "factors from cache" in bare["notes"] and any("used svd" in n for n in bare["notes"])

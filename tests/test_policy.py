@@ -66,6 +66,9 @@ def test_rules_have_line_numbers():
     ("rules:\n  - just-a-string\n", "rule 1: a rule is a mapping"),
     ("budget: {params: 2}\n", "budget fraction must be in (0, 1]"),
     ("version: 2\n", "unsupported policy version 2"),
+    ("defaults: 5\n", "<policy>:1: defaults must be a mapping of min_features, max_error, strict, guard, got 5"),
+    ("defaults: [1, 2]\n", "defaults must be a mapping"),
+    ("rules: \x07\n", "<policy>: not valid YAML: unacceptable character #x0007"),  # a YAMLError without .problem
 ])
 def test_errors_are_one_line_with_location(text, expected):
     with pytest.raises(PolicyError) as e:
@@ -82,6 +85,18 @@ def test_error_names_the_file(tmp_path):
         load_policy(str(p))
     with pytest.raises(PolicyError, match="policy file not found"):
         load_policy(str(tmp_path / "missing.yaml"))
+
+
+def test_a_path_without_yaml_suffix_is_read_as_a_file(tmp_path):
+    p = tmp_path / "policy.txt"
+    p.write_text(GOOD)
+    pol = load_policy(str(p))
+    assert pol.source == "policy.txt" and pol.digest == load_policy(GOOD).digest
+    p.write_text("rules:\n  - match: a\n    method: lowrnk\n")
+    with pytest.raises(PolicyError, match=r"^policy\.txt:3: rule 1"):
+        load_policy(str(p))
+    with pytest.raises(PolicyError, match="a policy is a mapping"):  # not a file: read as YAML text (a string)
+        load_policy(str(tmp_path / "missing.txt"))
 
 
 def test_rank_without_budget_is_fine_with_budget():

@@ -38,15 +38,25 @@ def test_rewrite_accepts_kwargs_inputs():
     assert isinstance(m.fc, LowRank) and m.fc.U.shape == (16, 4)
 
 
-def test_dense_weights_are_released():
-    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
-    refs = [weakref.ref(m[0].weight), weakref.ref(m[2].weight)]
+def test_dense_weights_are_released(monkeypatch):
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    refs = [weakref.ref(m[i].weight) for i in (0, 2, 4)]
     bias = m[0].bias
+    alive_at = []
+    real = LowRank.from_dense.__func__
+
+    def spy(cls, weight, *a, **k):  # one site at a time: the previous sites' dense weights are gone already
+        gc.collect()
+        alive_at.append([r() is not None for r in refs])
+        return real(cls, weight, *a, **k)
+
+    monkeypatch.setattr(LowRank, "from_dense", classmethod(spy))
     lrcompile.rewrite(m, all_lowrank(8), (torch.randn(2, 64),))
+    assert alive_at == [[True, True, True], [False, True, True], [False, False, True]]
     gc.collect()
-    assert [r() for r in refs] == [None, None]
+    assert [r() for r in refs] == [None, None, None]
     assert m[0].bias is bias  # the bias parameter is kept, same object (optimizer state, state_dict key)
-    assert set(m.state_dict()) == {"0.U", "0.V", "0.bias", "2.U", "2.V", "2.bias"}
+    assert set(m.state_dict()) == {f"{i}.{n}" for i in (0, 2, 4) for n in ("U", "V", "bias")}
 
 
 def test_tied_head_gets_its_own_factors(toy, tmp_path):
@@ -94,3 +104,18 @@ def test_rule_matching_no_site_warns(toy):
     m, ids = toy
     with pytest.warns(UserWarning, match=r"rule 1 \(match 'nothing\.here'\) matches no site"):
         lrcompile.rewrite(m, {"rules": [{"match": "nothing.here", "method": "lowrank", "rank": 2}]}, (ids,))
+
+
+def test_adapter_rewrite_keeps_earlier_noble_bases_trainable(toy):
+    m, ids = toy
+    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [
+        {"match": ["blocks.0.fc", "blocks.0"], "method": "noble", "rank": 4}]}, (ids,))
+    noble_fc, noble_w = m.blocks[0].fc, m.blocks[0].lrcompile_w  # swapped in, attached beside F.linear
+    assert noble_fc.name == noble_w.name == "noble"
+    assert all(p.requires_grad for p in m.parameters())  # NOBLE alone freezes nothing
+    lrcompile.rewrite(m, {"rules": [{"match": "heads.shared", "method": "lora", "rank": 2}]}, (ids,))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if n.startswith("heads.shared.lora_")}
+    assert lora and trainable - lora == {"blocks.0.fc.weight", "blocks.0.w"}  # the NOBLE bases, nothing else
+    assert not noble_fc.tensors()[0].requires_grad  # the earlier NOBLE branch is pre-existing: frozen
+    assert not m.blocks[1].fc.weight.requires_grad and not m.heads["shared"].weight.requires_grad

@@ -78,7 +78,8 @@ def test_chosen_implementation_is_what_the_graph_runs(monkeypatch, tmp_path):
         cache.store({spec.key(): {"ms": {REFERENCE: 3.0, "addmm": 2.0, "pretransposed": 1.0, DENSE: 9.0}}})
     emitted = []
     real = backend.rewrite_graph
-    monkeypatch.setattr(backend, "rewrite_graph", lambda gm, chosen: emitted.extend(c[2] for c in chosen) or real(gm, chosen))
+    monkeypatch.setattr(backend, "rewrite_graph",
+                        lambda gm, chosen, **kw: emitted.extend(c[2] for c in chosen) or real(gm, chosen, **kw))
     before = timing.RUNS
     with torch.no_grad():
         ref = mlp()(x)
@@ -314,3 +315,53 @@ def test_chosen_implementations_survive_inductor():
             torch._dynamo.reset()
             out = torch.compile(m, backend="lrcompile", options={"policy": all_lowrank(8)})(x)
         assert ((out - eager).norm() / eager.norm()) < 1e-5, impl
+
+
+def test_measurement_stays_within_its_time_budget():
+    """Budget 0: the correctness gate (one run per candidate) and one timed round, nothing more."""
+    spec = spec_for("lowrank", _cfg(nn.Linear(64, 96), 8), 64, 96, True, 64, torch.float32, "cpu", False)
+    n = len(candidates_for("lowrank", 2, "cpu", grad=False))
+    before = timing.RUNS
+    entry = measure(spec, budget_s=0.0)
+    assert timing.RUNS - before == 2 * n and len(entry["ms"]) == n
+
+
+def test_dynamic_sizes_tune_once_per_token_bucket(tmp_path):
+    """The recompile for a new size is symbolic (automatic dynamic); the tuner reads the sizes' hints, so sizes
+    within one power-of-two bucket share one measurement."""
+    from lrcompile.backend import lrcompile_backend
+
+    calls = []
+
+    def counting(gm, inputs):
+        calls.append(any(isinstance(i, torch.SymInt) for i in inputs))
+        return lrcompile_backend(gm, inputs, options={"policy": all_lowrank(8), "inductor": False,
+                                                       "report": str(tmp_path / "r.json")})
+
+    c = torch.compile(mlp(), backend=counting)
+    before = timing.RUNS
+    with torch.no_grad():
+        c(torch.randn(3, 20, 64))  # 60 tokens
+        measured = timing.RUNS - before
+        for shape in ((2, 31, 64), (4, 15, 64)):  # 62 and 60 tokens: bucket 64
+            c(torch.randn(*shape))
+    assert measured > 0 and timing.RUNS - before == measured
+    assert calls == [False, True]  # one static compile, one symbolic recompile that served both new sizes
+    assert {r["notes"][-1].split(" (")[0] for r in report_rows(tmp_path / "r.json").values()} == {"tuned at 64 tokens"}
+
+
+def test_cache_entry_without_the_reference_time_is_corrupt():
+    p = cache_file()
+    p.write_text(json.dumps({"format": cache.FORMAT, "entries": {"k": {"ms": {"addmm": 1.0}}}}))
+    cache._memo.clear()
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert cache.entries() == {}
+
+
+def test_a_shape_log_line_left_without_newline_does_not_swallow_the_next():
+    p = Path(shapelog.path())
+    p.write_text('{"family": "lowrank", "broken": tru')  # a crash mid-write
+    shapelog._logged.clear()
+    spec = spec_for("lowrank", _cfg(nn.Linear(64, 96), 8), 64, 96, True, 64, torch.float32, "cpu", False)
+    shapelog.record(spec.as_dict())
+    assert shapelog.read() == [spec.as_dict()]

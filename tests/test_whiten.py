@@ -38,21 +38,54 @@ def test_rank_deficient_stats_stay_finite(init, compensate):
     x = correlated(7, 40)  # 7 tokens for 40 channels: XᵀX has rank 7
     x[:, 5] = 0  # a dead channel
     st = stats_of(x)
+    plain = objective(W, LowRank.from_dense(W, None, LowRankConfig(rank=5, init="svd"), st).to_dense(), x)
     for damping in (0.0, 1e-2):
-        cfg = LowRankConfig(rank=10, init=init, compensate=compensate, damping=damping)
+        cfg = LowRankConfig(rank=5, init=init, compensate=compensate, damping=damping)
         m = LowRank.from_dense(W, None, cfg, st)
         assert torch.isfinite(m.U).all() and torch.isfinite(m.V).all()
+        if init == "whitened_svd" or compensate:  # the calibration objective never loses to plain SVD's
+            assert objective(W, m.to_dense(), x) <= plain * (1 + 1e-6)
     zero = SiteStats(torch.zeros(40, 40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64), 0)
-    m = LowRank.from_dense(W, None, LowRankConfig(rank=10, init=init, compensate=compensate), zero)
-    assert torch.isfinite(m.to_dense()).all()
+    ref = LowRank.from_dense(W, None, LowRankConfig(rank=10, init="svd"), None).to_dense()
+    with pytest.warns(UserWarning, match="all zero|no usable"):  # zero tokens: missing statistics, said so
+        m = LowRank.from_dense(W, None, LowRankConfig(rank=10, init=init, compensate=compensate), zero)
+    torch.testing.assert_close(m.to_dense(), ref)  # exactly plain SVD (compensate leaves it alone)
+
+
+def test_zero_token_stats_are_missing_stats():
+    W = torch.randn(12, 10, dtype=torch.float64)
+    st = stats_of(torch.zeros(0, 10, dtype=torch.float64))  # every row masked
+    assert st.tokens == 0
+    with pytest.warns(UserWarning, match="saw no tokens"):
+        U, V, _ = whiten.whitened_svd(W, st, 3)
+    P, S, Qh = torch.linalg.svd(W)
+    torch.testing.assert_close(U @ V, (P[:, :3] * S[:3]) @ Qh[:3])
 
 
 def test_eigen_fallback_when_cholesky_fails():
     x = correlated(5, 16)
-    wh = whiten.Whitener(x.T @ x, damping=0.0)  # singular, undamped: Cholesky fails
+    C = x.T @ x
+    wh = whiten.Whitener(C, damping=0.0)  # singular, undamped
     assert wh.kind == "eigh"
+    torch.testing.assert_close(wh.L @ wh.L.T, C, atol=1e-9 * float(C.diagonal().max()), rtol=0)
     A = torch.randn(3, 16, dtype=torch.float64)
     torch.testing.assert_close(wh.unright(wh.right(A)), A, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(wh.unright_t(A @ wh.L.T), A, atol=1e-6, rtol=1e-6)
+
+
+def test_tiny_cholesky_pivots_take_the_eigen_path():
+    # Cholesky succeeds, but with a pivot 1e-10 of the largest: numerically singular (L⁻¹ amplifies noise 1e10×)
+    e = torch.ones(20, dtype=torch.float64)
+    e[7] = 1e-20
+    C = torch.diag(e)
+    L, info = torch.linalg.cholesky_ex(C)
+    assert int(info) == 0 and float(L.diagonal().min()) > 0
+    wh = whiten.Whitener(C, damping=0.0)
+    assert wh.kind == "eigh"
+    torch.testing.assert_close(wh.L @ wh.L.T, C, atol=1e-9 * float(C.diagonal().max()), rtol=0)
+    good = whiten.Whitener(C + torch.eye(20, dtype=torch.float64), damping=0.0)
+    assert good.kind == "cholesky"
+    torch.testing.assert_close(good.L @ good.L.T, C + torch.eye(20, dtype=torch.float64))
 
 
 def test_whitened_beats_plain_svd_on_the_calibration_objective():
@@ -66,11 +99,66 @@ def test_whitened_beats_plain_svd_on_the_calibration_objective():
     assert errs[("whitened_svd", False)] <= errs[("svd", False)] * 0.9
     assert errs[("whitened_svd", False)] <= min(errs.values()) * (1 + 1e-6)  # SVD-LLM is the optimum
     assert errs[("svd", True)] < errs[("svd", False)]  # least-squares refit of U helps given V
+    # at damping 0 the objective is exactly the dropped tail of the whitened spectrum: ‖(W−Ŵ)Xᵀ‖ = √Σ_{i>r} σᵢ²(W L)
+    s = torch.linalg.svdvals(W @ torch.linalg.cholesky(x.T @ x))
+    assert errs[("whitened_svd", False)] == pytest.approx(float(s[8:].square().sum().sqrt()), rel=1e-8)
     # the report's weighted error is the same objective, relative
     m = LowRank.from_dense(W, None, LowRankConfig(rank=8, init="whitened_svd", damping=0.0), st)
     rel = whiten.weighted_error(W, m.to_dense(), st.cov)
     assert rel == pytest.approx(errs[("whitened_svd", False)] / float(torch.linalg.norm(W @ x.T)), rel=1e-3)
     assert 0 < m.kept_energy < 1
+
+
+def test_exact_on_the_calibration_data_at_rank_of_the_statistics():
+    W = torch.randn(30, 40, dtype=torch.float64)
+    x = correlated(9, 40)  # XᵀX has rank 9: rank 9 reproduces W on every calibration row, though Ŵ ≠ W
+    m = LowRank.from_dense(W, None, LowRankConfig(rank=9, init="whitened_svd", damping=0.0), stats_of(x))
+    assert objective(W, m.to_dense(), x) <= 1e-6 * float(torch.linalg.norm(W @ x.T))
+    assert float(torch.linalg.norm(W - m.to_dense())) > 0.1 * float(torch.linalg.norm(W))
+
+
+def test_cross_moment_fits_original_outputs_from_compressed_inputs():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(20, 16, generator=g, dtype=torch.float64)
+    x = correlated(400, 16, seed=1)  # the dense model's inputs at this site
+    xt = x + 0.3 * torch.randn(400, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    st = stats_of(xt)  # inputs the compressed model feeds it, with the cross moment Σ xᵀ x̃
+    st.cross = x.T @ xt
+
+    def target_err(What):
+        return float(torch.linalg.norm(xt @ What.T - x @ W.T))
+
+    U, V, _ = whiten.whitened_svd(W, st, 16, damping=0.0)  # full rank: the least-squares map W K C̃⁻¹
+    ls = torch.linalg.lstsq(xt, x @ W.T).solution.T
+    torch.testing.assert_close(U @ V, ls, atol=1e-8, rtol=1e-8)
+    for r in (4, 8):
+        U, V, _ = whiten.whitened_svd(W, st, r, damping=0.0)
+        ours = target_err(U @ V)
+        plain = whiten.whitened_svd(W, stats_of(xt), r, damping=0.0)  # SVD-LLM on x̃, blind to x
+        assert ours < 0.95 * target_err(plain[0] @ plain[1])
+        Ur = torch.randn(20, r, generator=g, dtype=torch.float64)  # no rank-r map does better (random probes)
+        for _ in range(3):
+            What = (U + 0.01 * Ur) @ V
+            assert ours <= target_err(What)
+        # compensation (fixed V) with the cross moment reaches at least as far as from plain SVD's U
+        P, S, Qh = torch.linalg.svd(W, full_matrices=False)
+        Uc = whiten.compensate(W, P[:, :r] * S[:r], Qh[:r], st, damping=0.0)
+        assert target_err(Uc @ Qh[:r]) < target_err((P[:, :r] * S[:r]) @ Qh[:r])
+    x_same = stats_of(x)
+    x_same.cross = x.T @ x  # x̃ = x: exactly SVD-LLM
+    a, b = whiten.whitened_svd(W, x_same, 5), whiten.whitened_svd(W, stats_of(x), 5)
+    torch.testing.assert_close(a[0] @ a[1], b[0] @ b[1], atol=1e-9, rtol=1e-9)
+
+
+def test_compensate_warns_when_redundant_or_without_statistics():
+    W = torch.randn(18, 14, dtype=torch.float64)
+    st = stats_of(correlated(300, 14))
+    U, V, _ = whiten.whitened_svd(W, st.cov, 4)
+    with pytest.warns(UserWarning, match="changed nothing"):
+        Uc = whiten.compensate(W, U, V, st.cov)
+    torch.testing.assert_close(Uc, U)
+    with pytest.warns(UserWarning, match="no usable calibration statistics"):
+        assert torch.equal(whiten.compensate(W, U, V, torch.zeros(14, 14, dtype=torch.float64)), U)
 
 
 def test_factors_are_balanced():

@@ -29,6 +29,11 @@ def n_operands(steps) -> int:
     return sum(s in WITH_OPERAND for s in steps)
 
 
+def needs_value(steps) -> bool:
+    """Whether the epilogue's vjp depends on its input's value (anything but additions)."""
+    return any(s not in ("add_row", "add") for s in steps)
+
+
 def apply(y: torch.Tensor, steps, operands) -> torch.Tensor:
     """Torch reference: `y` (..., out) in the working dtype; operands as the kernels take them."""
     ops = iter(operands)

@@ -5,6 +5,8 @@ GEMM's work and never re-reads or re-writes the (M, out) output. s is read from 
 """
 from __future__ import annotations
 
+import torch
+
 from ..structures.lora import LoRA
 from .gemm import gemm
 from .op import define, flat
@@ -27,4 +29,16 @@ def core(x, W, A, B, s):
     return LoRA.functional(x, W, None, A, B, s)
 
 
-lora = define("lora", core, launch, lambda t: t[0].shape[0])
+def grads(x, tensors, g, need_x, need_t):
+    """y = x Wᵀ + s·(x Aᵀ) Bᵀ in closed form, only the needed gradients: a frozen W costs no gᵀx GEMM."""
+    W, A, B, s = tensors
+    need_W, need_A, need_B, need_s = need_t
+    gb = g @ B if need_x or need_A or need_s else None  # (M, r): what reaches the branch's s·h
+    h = x @ A.t() if need_B or need_s else None
+    gx = torch.addmm(g @ W, gb * s, A) if need_x else None
+    gs = (gb.float() * h.float()).sum().reshape(s.shape).to(s.dtype) if need_s else None
+    return gx, [g.t() @ x if need_W else None, (gb * s).t() @ x if need_A else None,
+                (g.t() @ h) * s if need_B else None, gs]
+
+
+lora = define("lora", core, launch, lambda t: t[0].shape[0], grads)

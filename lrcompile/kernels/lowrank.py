@@ -82,4 +82,12 @@ def core(x, U, V):
     return LowRank.functional(x, None, None, U, V)
 
 
-lowrank = define("lowrank", core, launch, lambda t: t[0].shape[0])
+def grads(x, tensors, g, need_x, need_t):
+    """y = (x Vᵀ) Uᵀ: gU = gᵀ(x Vᵀ), gV = (g U)ᵀ x, gx = (g U) V; only the needed ones."""
+    U, V = tensors
+    need_U, need_V = need_t
+    gh = g @ U if need_x or need_V else None
+    return (gh @ V if need_x else None), [g.t() @ (x @ V.t()) if need_U else None, gh.t() @ x if need_V else None]
+
+
+lowrank = define("lowrank", core, launch, lambda t: t[0].shape[0], grads)

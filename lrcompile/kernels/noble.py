@@ -3,16 +3,18 @@
 The shrink kernel owns whole rows: the cosine needs the complete W_down x sum, so K is never split; the sum,
 both cosines and the r×r middle linear run in fp32 on chip, and only h (M × r) reaches memory. The expand rides
 the base GEMM as a second K loop (gemm.py). alpha (an absorbed input scale) is applied to x up front: the branch
-is not linear in x.
+is not linear in x. Ranks whose (BM × r) tile would not fit on chip (above MAX_R) form h in torch; the expand
+and the epilogue still ride the base GEMM.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..structures.noble import NOBLE
 from . import runtime
 from .gemm import gemm
-from .op import define, flat
+from .op import define, flat, partial_vjp
 
 MAX_R = 128
 
@@ -50,12 +52,21 @@ CONFIGS = [({"BM": bm, "BK": bk}, w, s) for bm, bk, w, s in [(64, 64, 4, 3), (12
 SMALL = {"BM": 16, "BK": 16}
 
 
+def cosnet_torch(x2, down, down_bias, omega1, phi1, mid, mid_bias, omega2, phi2) -> torch.Tensor:
+    """h = CosNet(x W_downᵀ + b_down) as NOBLE.functional computes it (fp32 inside, x's dtype out): the rank
+    fallback and the backward's branch."""
+    z = F.linear(x2, down, down_bias).float()
+    h = torch.cos(torch.addcmul(phi1.float(), z, omega1.float()))
+    h = F.linear(h, mid.float(), mid_bias.float())
+    return torch.cos(torch.addcmul(phi2.float(), h, omega2.float())).to(x2.dtype)
+
+
 def cosnet(x2: torch.Tensor, down, down_bias, omega1, phi1, mid, mid_bias, omega2, phi2) -> torch.Tensor:
     """h = CosNet(x W_downᵀ + b_down): (M, r) in W_down's dtype."""
     m, k = x2.shape
     r = down.shape[0]
     if runtime.pow2(r) > MAX_R:
-        raise ValueError(f"lrcompile: the fused NOBLE kernel takes rank <= {MAX_R}, got {r}")
+        return cosnet_torch(x2.to(down.dtype), down, down_bias, omega1, phi1, mid, mid_bias, omega2, phi2)
     h = runtime.alloc((m, r), down.dtype, x2.device)
     if m == 0:
         return h
@@ -82,4 +93,21 @@ def core(x, W, *tensors):
     return NOBLE.functional(x, W, None, *tensors)
 
 
-noble = define("noble", core, launch, lambda t: t[0].shape[0])
+def grads(x, tensors, g, need_x, need_t):
+    """Base part in closed form (gx = g W, gW = gᵀx, only if needed); the branch through the vjp of its CosNet,
+    taken w.r.t. the needed inputs only (recomputing h costs O(M·in·r), not the base GEMM)."""
+    W, *branch, up = tensors
+    need_W, *need_b, need_up = need_t
+    gx = g @ W if need_x else None
+    g_b: list = [None] * len(branch)
+    g_up = None
+    if need_x or need_up or any(need_b):
+        h, vjp = partial_vjp(cosnet_torch, [x, *branch], [need_x, *need_b])
+        g_up = g.t() @ h if need_up else None
+        if need_x or any(need_b):
+            gxb, *g_b = vjp(g @ up)
+            gx = gx + gxb if need_x else None
+    return gx, [g.t() @ x if need_W else None, *g_b, g_up]
+
+
+noble = define("noble", core, launch, lambda t: t[0].shape[0], grads)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import tempfile
 import warnings
 from typing import Optional
 
@@ -77,10 +78,16 @@ def load(name: str, source: str):
         return mod
     path = cache_path("kernels", f"{name}_{digest}.py")
     if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)  # atomic: concurrent writers produce the same bytes
+        # a unique temp file beside the target (threads and processes alike), then an atomic rename:
+        # concurrent writers produce the same bytes
+        fd, tmp = tempfile.mkstemp(prefix=f"{name}_{digest}.", suffix=".tmp", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(source)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     spec = importlib.util.spec_from_file_location(f"lrcompile_kernel_{name}_{digest}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -1,11 +1,14 @@
 """FX pass: partition the rewritten graph into fusion groups, each grown around one structured or adapter site.
 
 A group is: an optional prologue (an input cast to the compute dtype, a scale by a number) → the site (a call of
-its family's `functional`) → an epilogue chain (bias, GELU/SiLU/ReLU/tanh, residual or branch add, multiply by a
-same-shape tensor, dtype cast, views that keep the last dim, eval-mode dropout). Everything else stays with
-Inductor. A node joins a group only if
+its family's `functional`, or of a lossless alternative the autotuner chose: the same function) → an epilogue
+chain (bias, GELU/SiLU/ReLU/tanh, residual or branch add, multiply by a same-shape tensor, dtype cast, views that
+keep the last dim, eval-mode dropout). Everything else stays with Inductor. A node joins a group only if
   - it does no duplicated work: every member but the last has all its users inside the group (a prologue node's
-    only user is the site; an epilogue node's only user is the next one), and
+    only user is the site; an epilogue node's only user is the next one),
+  - no other group holds it: groups grow in graph order and each claims its members, so the partition is
+    disjoint (Llama's gate(x)·up(x): the gate group takes the product, the up group ends at its site and
+    becomes the product's operand), and
   - the group stays contractible: contracting it must leave the graph acyclic (checked with networkx on the
     graph condensed by the groups, per step and once more over the whole partition).
 Shapes come from fake-tensor propagation; a node without them ends its group.
@@ -102,9 +105,16 @@ def propagate(gm: fx.GraphModule, inputs) -> bool:
 
 
 def site_families() -> dict:
+    """Site function -> family, for the families that have a kernel: each family's `functional` and the lossless
+    alternatives the autotuner may have emitted in its place (same signature, same function)."""
     from ..kernels import KERNEL_OF
+    from ..tune.candidates import EXTRA
 
-    return {cls.functional: name for name, cls in FAMILIES.items() if name in KERNEL_OF}
+    fams = {cls.functional: name for name, cls in FAMILIES.items() if name in KERNEL_OF}
+    for name, cands in EXTRA.items():
+        if name in KERNEL_OF:
+            fams.update({c.fn: name for c in cands if c.lossless})
+    return fams
 
 
 def _dag(graph: fx.Graph) -> nx.DiGraph:
@@ -233,7 +243,8 @@ def _compute_dtype(tensors) -> Optional[torch.dtype]:
     return v.dtype if v is not None else None
 
 
-def _grow(site: fx.Node, family: str, dag: nx.DiGraph) -> Optional[Group]:
+def _grow(site: fx.Node, family: str, dag: nx.DiGraph, claimed: set) -> Optional[Group]:
+    """The group around `site`, never taking a node in `claimed` (another group's)."""
     cls = FAMILIES[family]
     x, weight, bias, *tensors = site.args
     names = cls.tensor_names
@@ -252,7 +263,7 @@ def _grow(site: fx.Node, family: str, dag: nx.DiGraph) -> Optional[Group]:
     # prologue: at most one cast (to the compute dtype) and one scale, each used only by the group
     for _ in range(2):
         p = g.x
-        if p.op not in ("call_function", "call_method") or len(p.users) != 1:
+        if p.op not in ("call_function", "call_method") or len(p.users) != 1 or p in claimed:
             break
         if _is_cast(p) and _val(p) is not None and _val(p).dtype == cd and not any(_is_cast(q) for q in g.prologue):
             nxt = p.args[0]
@@ -272,6 +283,8 @@ def _grow(site: fx.Node, family: str, dag: nx.DiGraph) -> Optional[Group]:
         if len(users) != 1:
             break
         u = users[0]
+        if u in claimed:
+            break
         step = _epilogue_step(u, cur, width)
         if step is None:
             break
@@ -299,7 +312,12 @@ def find_groups(gm: fx.GraphModule, inputs) -> list[Group]:
     if not sites or not propagate(gm, inputs):
         return []
     dag = _dag(gm.graph)
-    groups = [g for g in (_grow(s, fams[s.target], dag) for s in sites) if g is not None]
+    groups, claimed = [], set()
+    for s in sites:  # graph order
+        g = _grow(s, fams[s.target], dag, claimed)
+        if g is not None:
+            groups.append(g)
+            claimed.update(g.members)
     # The whole partition, condensed, must be a DAG; drop a group on any cycle until it is (never expected:
     # each group only leaks through its last node, but this is what keeps lowering safe).
     while groups:

@@ -2,7 +2,8 @@
 
 Dense (no rank): one matmul with [W_q; W_k; W_v] concatenated in the graph from the sites' own weights (they
 keep training, nothing new is stored), outputs split back. Low rank (`rank`): [W_q; W_k; W_v] ≈ U V, so
-x·Vᵀ is computed once and one matmul with U gives Q, K and V.
+x·Vᵀ is computed once and one matmul with U gives Q, K and V. Structured (`structure`): the stacked weight as
+a linear family (e.g. Monarch), one call of its functional gives Q, K and V.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from .projection import Part, stack_projection
+from .projection import Part, Project, stack_projection
 
 ROLES = ("q", "k", "v")
 
@@ -26,6 +27,6 @@ def refuse(parts: list[Part], low_rank: bool) -> Optional[str]:
     return None
 
 
-def rewrite_fused_qkv(gm: fx.GraphModule, vm: dict, parts: list[Part], factors=None) -> dict:
-    """`parts` in q, k, v order; `factors` (V, U) graph inputs for the low-rank form. Returns {erased: new}."""
-    return stack_projection(gm, vm, parts, factors)
+def rewrite_fused_qkv(gm: fx.GraphModule, vm: dict, parts: list[Part], project: Optional[Project] = None) -> dict:
+    """`parts` in q, k, v order; `project` the compressed stacked projection (None: dense). Returns {erased: new}."""
+    return stack_projection(gm, vm, parts, project)

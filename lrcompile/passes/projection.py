@@ -2,13 +2,14 @@
 
 A part is (site, (a, b)): output features a..b of a linear site (a whole nn.Linear, or the K rows of GPT-2's
 fused c_attn). The parts' stacked weight runs as one projection — dense (the sites' own weights concatenated
-in the graph: they keep training) or low rank (x·Vᵀ once, then one matmul with the stacked U) — and each site
-node is replaced by its rows of the result; rows of a site that no part claims stay dense.
+in the graph: they keep training) or through the factors' own `project` (low rank: x·Vᵀ once, then one matmul
+with the stacked U; a structured family: its functional) — and each site node is replaced by its rows of the
+result; rows of a site that no part claims stay dense.
 """
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -49,10 +50,12 @@ def _stacked_bias(graph: fx.Graph, vm: dict, parts: list[Part]) -> Optional[fx.N
     return pieces[0] if len(pieces) == 1 else graph.call_function(torch.cat, (pieces, 0))
 
 
-def stack_projection(gm: fx.GraphModule, vm: dict, parts: list[Part], factors: Optional[tuple[fx.Node, fx.Node]]
-                     ) -> dict:
-    """Rewrite, in place, the site nodes (mapped through `vm`) of `parts`. `factors`: (V, U) placeholders for
-    the low-rank form, None for the dense one. Returns {erased node: replacement}."""
+Project = Callable[[fx.Graph, fx.Node, Optional[fx.Node]], fx.Node]  # (graph, x, stacked bias) -> y
+
+
+def stack_projection(gm: fx.GraphModule, vm: dict, parts: list[Part], project: Optional[Project]) -> dict:
+    """Rewrite, in place, the site nodes (mapped through `vm`) of `parts`. `project` inserts the compressed
+    stacked projection (AttnFactors.project), None for the dense one. Returns {erased node: replacement}."""
     graph = gm.graph
     sites = list({id(s): s for s, _ in parts}.values())
     nodes = [vm[s.node] for s in sites]
@@ -63,13 +66,12 @@ def stack_projection(gm: fx.GraphModule, vm: dict, parts: list[Part], factors: O
     replaced = {}
     with graph.inserting_before(first):
         bias = _stacked_bias(graph, vm, parts)
-        if factors is None:
+        if project is None:
             ws = [_rows(graph, vm, s, a, b) for s, (a, b) in parts]
             w = ws[0] if len(ws) == 1 else graph.call_function(torch.cat, (ws, 0))
             y = graph.call_function(F.linear, (x, w, bias))
         else:
-            V, U = factors
-            y = graph.call_function(F.linear, (graph.call_function(F.linear, (x, V)), U, bias))
+            y = project(graph, x, bias)
         sizes = [b - a for _, (a, b) in parts]
         if len(parts) > 1:
             split = graph.call_function(torch.split, (y, sizes, -1))

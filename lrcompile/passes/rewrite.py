@@ -33,9 +33,18 @@ def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name).strip("_") or "root"
 
 
-def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple]) -> tuple[fx.GraphModule, list[Structure]]:
+def add_bias_after_gemm(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """y + bias as a pointwise op that Inductor fuses into the consumer's kernel (GELU, residual add, the QKV
+    split copy) instead of a GEMM with beta=1, which first copies the broadcast bias into the whole output.
+    The view keeps Inductor's mm+add -> addmm pattern (post_grad) from folding it back on 2-D inputs."""
+    return (y.unsqueeze(0) + bias).squeeze(0)
+
+
+def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple], bias_epilogue: bool = False
+                  ) -> tuple[fx.GraphModule, list[Structure]]:
     """`chosen`: (site, structure) or (site, structure, fn), fn an implementation of the family's `functional`
-    (the autotuner's choice). Returns the rewritten copy and the structures whose tensors the new trailing inputs
+    (the autotuner's choice). With `bias_epilogue` (Inductor on CPU), a site's bias is added after its GEMMs
+    (`add_bias_after_gemm`). Returns the rewritten copy and the structures whose tensors the new trailing inputs
     expect, in order."""
     new, val_map = _copy(gm)
     graph = new.graph
@@ -63,7 +72,10 @@ def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple]) -> tuple[fx.GraphModu
                 if site.transposed:
                     weight = graph.call_method("t", (weight,))
             fn = impl[0] if impl else type(struct).functional
-            repl = graph.call_function(fn, (x, weight, bias, *inputs[id(struct)]))
+            split = bias_epilogue and bias is not None
+            repl = graph.call_function(fn, (x, weight, None if split else bias, *inputs[id(struct)]))
+            if split:
+                repl = graph.call_function(add_bias_after_gemm, (repl, bias))
         repl.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
         node.replace_all_uses_with(repl)
         graph.erase_node(node)

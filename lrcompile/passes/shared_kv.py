@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .projection import Part, stack_projection
+from .projection import Part, Project, stack_projection
 
 ROLES = ("k", "v")
 
 
-def rewrite_shared_kv(gm: fx.GraphModule, vm: dict, parts: list[Part], factors) -> dict:
-    """`parts` in k, v order; `factors` the (V, U) graph inputs. Returns {erased node: replacement}."""
-    return stack_projection(gm, vm, parts, factors)
+def rewrite_shared_kv(gm: fx.GraphModule, vm: dict, parts: list[Part], project: Project) -> dict:
+    """`parts` in k, v order; `project` the shared basis' stacked projection. Returns {erased node: replacement}."""
+    return stack_projection(gm, vm, parts, project)

@@ -56,6 +56,9 @@ class MethodConfig:
         if self.init not in self.INITS:
             raise ValueError(f"init must be one of {', '.join(self.INITS)}, got {self.init!r}")
 
+    def bind(self) -> None:
+        """Called once when a policy rule creates this config (families with per-rule state override it)."""
+
 
 class Structure(nn.Module):
     """Base class of every family module. Subclasses set `name`, `Config`, `compressing`, `tensor_names`."""
@@ -97,7 +100,9 @@ class Structure(nn.Module):
         return self.functional(x, self.weight, self.bias, *self.tensors())
 
     def to_dense(self) -> torch.Tensor:
-        """The (out, in) matrix this module applies (without bias), computed through `functional`."""
+        """The (out, in) matrix this module applies (without bias). This default runs `functional` on the
+        identity, so it cannot check `functional`: families whose forward is more than a plain matmul override
+        it with an independent construction from their factors (TwoCore, BLAST)."""
         eye = torch.eye(self.in_features, dtype=self.tensors()[0].dtype, device=self.tensors()[0].device)
         return self.functional(eye, self.weight, None, *self.tensors()).T
 
@@ -146,6 +151,7 @@ def parse_config(cls: type[Structure], options: dict, where: str) -> MethodConfi
     try:
         cfg = cls.Config(**kwargs)
         cfg.validate()
+        cfg.bind()
     except (TypeError, ValueError) as e:
         raise PolicyError(f"{where}: method '{cls.name}': {e}") from None
     return cfg

@@ -10,22 +10,29 @@ U, V, s in turn with its gradient preconditioned by (Gram of the others + εI)�
 is a proximal least-squares step, so the loss never increases. It starts from the global truncated SVD (s = 1,
 the best point of the family's low-rank corner), so the result is never worse than plain SVD at rank r. The
 Grams make the loss and every gradient cheap: Ŵ is never rebuilt, an iteration costs two W-sized matmuls.
+The fit stops after `ITERS` iterations, when it is exact (relative error < EXACT), or when the relative error
+improved by less than TOL (relative) over the last CHECK iterations; a progress bar shows for slow fits.
+
+`init: whitened_svd` fits W·blockdiag(L_j) instead of W, one L_j per column block (whitening_blocks.py), and
+maps V_j back by L_j⁻ᵀ: right-multiplying column block j keeps the form U_i diag(s_ij) V_jᵀ, so the result is
+the fit of the activation-weighted objective under the block-diagonal approximation of the statistics.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import sympy
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import MethodConfig, Structure, mark_owned, register
+from .. import whiten
+from .base import Structure, mark_owned, register
 from .btt import mup_std
 from .lowrank import check_rank
+from .whitening_blocks import StructuredConfig, block_whitener
 
 ITERS = 300
 TOL = 1e-4  # stop when the relative error improved by less than this fraction over CHECK iterations
@@ -73,7 +80,7 @@ def resolve_blast_rank(rank: Union[int, float], in_f: int, out_f: int, b1: int, 
 
 
 @dataclasses.dataclass
-class BlastConfig(MethodConfig):
+class BlastConfig(StructuredConfig):
     blocks: Union[int, list] = 4  # b (a b×b grid) or [b₁, b₂] (block rows along out, block columns along in)
     rank: Optional[Union[int, float]] = None
 
@@ -105,8 +112,23 @@ def _solve_right(G: torch.Tensor, P: torch.Tensor, eps: torch.Tensor) -> torch.T
     return torch.linalg.solve(P + eps * eye, G.transpose(-1, -2)).transpose(-1, -2)
 
 
+class BlastFit(NamedTuple):
+    U: torch.Tensor  # (b₁, p, r)
+    V: torch.Tensor  # (b₂, q, r)
+    s: torch.Tensor  # (b₁, b₂, r)
+    iterations: int  # descent iterations run (≤ iters: the tolerance or exactness stop may end it early)
+    rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F of the returned factors
+
+
+def balance_channels(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale U against V per rank channel (the product is unchanged): factors of equal scale train well."""
+    r = U.shape[-1]
+    Ub, Vb = whiten.balance(U.reshape(-1, r), V.reshape(-1, r).T)
+    return Ub.reshape(U.shape), Vb.T.reshape(V.shape)
+
+
 def fit_blast(weight: torch.Tensor, b1: int, b2: int, r: int, iters: int = ITERS, tol: float = TOL,
-              delta: float = DELTA, seed: int = SEED, progress: Optional[bool] = None):
+              delta: float = DELTA, seed: int = SEED, progress: Optional[bool] = None) -> BlastFit:
     """U (b₁,p,r), V (b₂,q,r), s (b₁,b₂,r) approximating `weight` (out, in); see the module doc."""
     W = weight.detach()
     W = W.double() if W.dtype == torch.float64 else W.float()
@@ -137,7 +159,9 @@ def fit_blast(weight: torch.Tensor, b1: int, b2: int, r: int, iters: int = ITERS
     loss = loss_of(U, V, s)
     history = [float(loss)]
     bar, t0 = None, time.perf_counter()
+    done = 0
     for it in range(iters):
+        done = it + 1
         eps = delta * loss.sqrt()
         # U step: Gram P_Ui = Σ_j diag(s_ij) VjᵀVj diag(s_ij); gradient U_i P_Ui − Σ_j W_ij V_j diag(s_ij)
         GV = V.transpose(1, 2) @ V
@@ -178,12 +202,9 @@ def fit_blast(weight: torch.Tensor, b1: int, b2: int, r: int, iters: int = ITERS
             break
     if bar is not None:
         bar.close()
-    _, U, V, s = best
-    # Balance U against V per rank channel (their product is unchanged): factors of equal scale train well.
-    nu, nv = U.pow(2).sum((0, 1)).sqrt(), V.pow(2).sum((0, 1)).sqrt()
-    ok = (nu > 0) & (nv > 0)
-    k = torch.where(ok, (nv / nu.clamp_min(1e-30)).sqrt(), torch.ones_like(nu))
-    return U * k, V / k, s
+    lf, U, V, s = best
+    U, V = balance_channels(U, V)
+    return BlastFit(U, V, s, done, math.sqrt(lf / max(float(norm2), 1e-300)))
 
 
 @register
@@ -221,21 +242,42 @@ class Blast(Structure):
         if cfg.init == "random":
             return cls.init(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
         b1, p, b2, q, r = _geometry(in_f, out_f, cfg)
-        U, V, s = fit_blast(weight, b1, b2, r)
+        wh, used = block_whitener(cls.name, cfg, stats, weight, b2, q)
+        if wh is None:
+            fit = fit_blast(weight, b1, b2, r)
+            U, V = fit.U, fit.V
+        else:  # fit W·blockdiag(L_j), then V_j ← L_j⁻ᵀ V_j (module doc)
+            Wc = weight.detach().double().reshape(out_f, b2, q).transpose(0, 1)  # (b₂, out, q)
+            fit = fit_blast(wh.right(Wc).transpose(0, 1).reshape(out_f, in_f), b1, b2, r)
+            U, V = balance_channels(fit.U, wh.unright(fit.V.transpose(1, 2)).transpose(1, 2))
         m = cls(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             m.U.copy_(U)
             m.V.copy_(V)
-            m.s.copy_(s)
+            m.s.copy_(fit.s)
+        m.init_used = used  # for the report (whiten.site_quality)
         return m
 
+    def to_dense(self) -> torch.Tensor:
+        """Assembled from the factors, independently of `functional`: block (i, j) is U_i diag(s_ij) V_jᵀ."""
+        b1, p, _ = self.U.shape
+        b2, q, _ = self.V.shape
+        return torch.einsum("ipr,ijr,jqr->ipjq", self.U, self.s, self.V).reshape(b1 * p, b2 * q)
+
     def lr_multipliers(self) -> dict[str, float]:
-        """μP Adam multipliers under `init: random`: (in / fan_in) / number of factors (as for BTT's cores);
-        1.0 for factors fitted to a trained dense weight."""
+        """Adam lr multipliers under `init: random` (1.0 for factors fitted to a trained dense weight).
+
+        U and V are width-growing matrices (fan-in r and q): BTT's μP rule, (in / fan_in) / number of
+        factors. s is not: it is a per-channel coupling whose fan-in b₂ is fixed while the layer widens, so
+        μP counts it as vector-like (like a bias or a norm gain), whose Adam step must not shrink with width.
+        The BTT rule applied to it would give in / b₂ / 3 — a factor growing with width (64× at in = 768,
+        b = 4), far beyond what the rest of the model's vector-like parameters get from param_groups (the
+        base rate). So s trains at the base rate like them: 1.0."""
         fans = self._fans()
         if self.cfg.init != "random":
             return {n: 1.0 for n in fans}
-        return {n: (self.in_features / fi) / len(fans) for n, (fi, _) in fans.items()}
+        mats = {n: f for n, f in fans.items() if n != "s"}
+        return {"s": 1.0, **{n: (self.in_features / fi) / len(fans) for n, (fi, _) in mats.items()}}
 
     @staticmethod
     def functional(x, weight, bias, U, V, s):

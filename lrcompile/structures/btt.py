@@ -6,19 +6,23 @@ Monarch (monarch.py) is the same map with a₁ = c₀ = b and t = block size / b
 
 From dense: each (c₀, a₁) sub-block's own truncated SVD — the factors of different sub-blocks are disjoint
 entries of W1/W2, so this is the Frobenius-optimal projection, exact on matrices already in the family.
+`init: whitened_svd` whitens each input block with its own square root of the calibration second moment
+(whitening_blocks.py: block-diagonal, so the result stays in the family).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Optional, Union
+from typing import Optional
 
 import sympy
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MethodConfig, Structure, mark_owned, register
+from .. import whiten
+from .base import Structure, mark_owned, register
+from .whitening_blocks import BlockWhitener, StructuredConfig, block_whitener
 
 
 # --- the shared forward ---------------------------------------------------------------------------------------
@@ -52,19 +56,35 @@ def btt_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Option
     return y.view(*lead, out_features)
 
 
-def blockwise_svd(weight: torch.Tensor, a1: int, a0: int, c0: int, c1: int, t: int):
-    """Optimal W1, W2 (see module doc) for an (out, in) weight, zero-padded up to (c₀·c₁, a₁·a₀)."""
+def blockwise_svd(weight: torch.Tensor, a1: int, a0: int, c0: int, c1: int, t: int,
+                  whitener: Optional[BlockWhitener] = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(W1, W2, kept energy) for an (out, in) weight, zero-padded up to (c₀·c₁, a₁·a₀): see the module doc.
+
+    With a whitener (one L_j per input block, whitening_blocks.py) each sub-block W_blk is replaced by
+    trunc_t(W_blk L_j) L_j⁻¹, optimal for the block-diagonal activation-weighted objective; `kept` is the
+    fraction of the (whitened) spectral energy the rank keeps.
+    """
     w = weight.detach()
-    w = w.double() if w.dtype == torch.float64 else w.float()
+    w = w.double() if w.dtype == torch.float64 or whitener is not None else w.float()
     out_f, in_f = w.shape
     if (out_f, in_f) != (c0 * c1, a1 * a0):
         w = F.pad(w, (0, a1 * a0 - in_f, 0, c0 * c1 - out_f))
     blocks = w.reshape(c0, c1, a1, a0).permute(0, 2, 1, 3)  # (c₀, a₁, c₁, a₀)
+    if whitener is not None:
+        blocks = whitener.right(blocks)  # L_j runs along the a₁ axis
     P, S, Qh = torch.linalg.svd(blocks, full_matrices=False)
     root = S[..., :t].sqrt()
-    w2 = (P[..., :t] * root[..., None, :]).transpose(-1, -2)  # (c₀, a₁, t, c₁)
-    w1 = (Qh[..., :t, :] * root[..., None]).permute(1, 3, 0, 2)  # (c₀, a₁, t, a₀) -> (a₁, a₀, c₀, t)
-    return w1.contiguous(), w2.contiguous()
+    U = P[..., :t] * root[..., None, :]  # (c₀, a₁, c₁, t)
+    V = Qh[..., :t, :] * root[..., None]  # (c₀, a₁, t, a₀)
+    if whitener is not None:
+        V = whitener.unright(V)
+        # √S split evenly is balanced only before ·L⁻¹: rebalance each rank component (same product)
+        U, V = (f.reshape(c0, a1, *f.shape[-2:]) for f in torch.vmap(whiten.balance)(U.flatten(0, 1), V.flatten(0, 1)))
+    total = float(S.double().square().sum())
+    kept = float(S[..., :t].double().square().sum()) / total if total > 0 else 1.0
+    w2 = U.transpose(-1, -2)  # (c₀, a₁, t, c₁)
+    w1 = V.permute(1, 3, 0, 2)  # (c₀, a₁, t, a₀) -> (a₁, a₀, c₀, t)
+    return w1.contiguous(), w2.contiguous(), kept
 
 
 def mup_std(fan_in: int, fan_out: int) -> float:
@@ -108,12 +128,22 @@ class TwoCore(Structure):
         if cfg.init == "random":
             return cls.init(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
         a1, a0, c0, c1, t = cls.geometry(in_f, out_f, cfg)
-        w1, w2 = blockwise_svd(weight, a1, a0, c0, c1, t)
+        wh, used = block_whitener(cls.name, cfg, stats, weight, a1, a0)
+        w1, w2, kept = blockwise_svd(weight, a1, a0, c0, c1, t, wh)
         m = cls(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             m.W1.copy_(w1)
             m.W2.copy_(w2)
+        m.kept_energy, m.init_used = kept, used  # for the report (whiten.site_quality)
         return m
+
+    def to_dense(self) -> torch.Tensor:
+        """Assembled from the cores, independently of `functional`: sub-block (c₀, a₁), of shape c₁ × a₀, is
+        W2[c₀, a₁]ᵀ · W1[a₁, :, c₀, :]ᵀ; the grid is output blocks × input blocks, sliced to (out, in)."""
+        a1, a0, c0, _ = self.W1.shape
+        c1 = self.W2.shape[-1]
+        grid = torch.einsum("katc,azkt->kcaz", self.W2, self.W1)  # (c₀, c₁, a₁, a₀)
+        return grid.reshape(c0 * c1, a1 * a0)[: self.out_features, : self.in_features]
 
     def lr_multipliers(self) -> dict[str, float]:
         """Adam lr multiplier per core (REFERENCE.md): (in / fan_in_core) / number of cores under `init: random`
@@ -159,13 +189,16 @@ def even_split(n: int, what: str) -> tuple[int, int]:
 
 
 @dataclasses.dataclass
-class BTTConfig(MethodConfig):
+class BTTConfig(StructuredConfig):
     rank: Optional[int] = None  # tensor-train rank t: each (c₀, a₁) sub-block has rank ≤ t
     in_factors: Optional[list] = None  # [a₁, a₀] with a₁·a₀ = in (default: the most even split)
     out_factors: Optional[list] = None  # [c₀, c₁] with c₀·c₁ = out
+    cores: int = 2  # tensor-train length; only the two-core BTT of the paper's experiments is implemented
 
     def validate(self) -> None:
         super().validate()
+        if isinstance(self.cores, bool) or self.cores != 2 or not isinstance(self.cores, int):
+            raise ValueError(f"btt cores must be 2 (only the two-core block tensor-train is implemented), got {self.cores!r}")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"btt rank is the tensor-train rank, an int >= 1, got {self.rank!r}")
         _pair(self.in_factors, "in_factors")

@@ -3,8 +3,8 @@
 y = g ⊙ (W x + s·B A x) + b with g = m / ‖W + s·BA‖_row, m (out) a trainable magnitude initialised to the row
 norms, and the norm treated as a constant (detached) as PEFT does. The norm is computed without materialising
 BA (REFERENCE.md): ‖W+sBA‖²_row = ‖W‖²_row + 2s·rowsum((W Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B) — an
-(out×r) product instead of an (out×in) one. ‖W‖²_row is recomputed each call (one pass over W, far cheaper
-than the GEMM), which keeps it right if the base weight is loaded or trained.
+(out×r) product instead of an (out×in) one. ‖W‖²_row is recomputed each call (one reduction pass over W, no
+W-sized temporary, far cheaper than the GEMM), which keeps it right if the base weight is loaded or trained.
 
 With dropout active PEFT applies the magnitude to the dropped input's base term only:
 y = W x + b + (g − 1) ⊙ W x̃ + g ⊙ s·B A x̃ (x̃ = dropout(x)); that is what runs when `dropout > 0`.
@@ -23,7 +23,7 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     """‖W + s·BA‖ per output row, detached, without forming BA."""
     W, A, B = weight.detach(), lora_A.detach(), lora_B.detach()
     s = scaling.detach() if isinstance(scaling, torch.Tensor) else scaling
-    sq = W.pow(2).sum(1)
+    sq = torch.linalg.vector_norm(W, dim=1).square()  # a reduction: no W-sized temporary (W.pow(2) makes one)
     sq = sq + (2 * s) * ((W @ A.t()) * B).sum(1) + (s * s) * ((B @ (A @ A.t())) * B).sum(1)
     return sq.clamp_min(0).sqrt()
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import whiten
+from .. import svd, whiten
 from .base import MethodConfig, Structure, mark_owned, register
 
 
@@ -66,12 +66,10 @@ class LowRankConfig(MethodConfig):
         return dataclasses.replace(self, rank=resolve_rank(self.rank, in_features, out_features))
 
 
-def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-`rank` singular triplets of a 2-D weight, computed in float32 at least."""
-    w = weight.detach()
-    work = w.double() if w.dtype == torch.float64 else w.float()
-    P, S, Qh = torch.linalg.svd(work, full_matrices=False)
-    return P[:, :rank], S[:rank], Qh[:rank]
+def truncated_svd(weight: torch.Tensor, rank: int) -> svd.Truncated:
+    """Top-`rank` singular triplets of a 2-D weight, in float32 at least: exact, or randomized where that is
+    faster and within 1% of the exact error (lrcompile.svd). `.algorithm` says which ran."""
+    return svd.truncated_svd(weight, rank)
 
 
 @register
@@ -101,7 +99,7 @@ class LowRank(Structure):
         out_f, in_f = weight.shape
         if cfg.init == "random":
             return cls.init(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
-        init = cfg.init
+        init, algorithm = cfg.init, None
         if init in cfg.ACTIVATION_AWARE and stats is None:
             warnings.warn(f"lrcompile: lowrank init {init!r} has no calibration statistics for this "
                           f"{out_f}x{in_f} weight; using plain svd", stacklevel=3)
@@ -111,7 +109,9 @@ class LowRank(Structure):
         elif init == "asvd":
             U, V, kept = whiten.asvd(weight, stats.abs_mean, cfg.rank, cfg.asvd_alpha)
         else:
-            P, S, Qh = truncated_svd(weight, cfg.rank)
+            got = truncated_svd(weight, cfg.rank)
+            P, S, Qh = got
+            algorithm = getattr(got, "algorithm", None)
             U, V = P * S.sqrt(), S.sqrt()[:, None] * Qh
             total = float(weight.detach().double().square().sum())
             kept = float(S.double().square().sum()) / total if total > 0 else 1.0  # ‖W‖_F² = Σ σ²
@@ -123,6 +123,7 @@ class LowRank(Structure):
             m.V.copy_(V)
         m.kept_energy = kept  # fraction of the (whitened) spectrum's energy the rank keeps: for the report
         m.init_used = init
+        m.svd_algorithm = algorithm  # 'exact' / 'randomized' for plain svd (lrcompile.svd); None otherwise
         return m
 
     @staticmethod

@@ -16,12 +16,13 @@ import math
 
 import torch
 
-from .base import MethodConfig, register
+from .base import register
 from .btt import TwoCore, btt_matmul
+from .whitening_blocks import StructuredConfig
 
 
 @dataclasses.dataclass
-class MonarchConfig(MethodConfig):
+class MonarchConfig(StructuredConfig):
     blocks: int = 4  # b: diagonal blocks in each factor (the GPT-2 and ViT runs used 4)
 
     def validate(self) -> None:

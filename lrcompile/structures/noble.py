@@ -2,8 +2,8 @@
 
 y = x Wᵀ + b + W_up · CosNet(W_down x + b_down), CosNet(z) = cos(ω₂ ⊙ (M cos(ω₁ ⊙ z + φ₁) + c) + φ₂), with
 M (r×r) and c the middle linear. The base weight keeps training (rewrite() leaves it trainable even next to
-LoRA rules); the branch is nonlinear, so the site is not mergeable. The CosNet runs in float32 whatever the
-input dtype (the cosine of a low-precision sum loses the phase).
+LoRA rules); the branch is nonlinear, so the site is not mergeable. W_down x and the CosNet run in float32
+whatever the input dtype (the cosine of a low-precision sum loses the phase); W_up takes the input dtype.
 
 Paper inits (REFERENCE.md): W_down ~ N(0, 1/in), W_up ~ N(0, 0.01²/r) (near-silent, not zero),
 ω ~ U[0.8, 1.2], φ ~ N(0, 0.1²), M ~ N(0, 0.25/r); biases zero. `init: scratch` also re-initialises the main
@@ -85,8 +85,8 @@ class NOBLE(Adapter):
     def functional(x, weight, bias, down, down_bias, omega1, phi1, mid, mid_bias, omega2, phi2, up):
         x2 = flat(x)
         y = F.linear(x2, weight, bias)
-        # the cosine needs the complete W_down x sum; CosNet in fp32
-        z = F.linear(x2, down, down_bias).float()
+        # the cosine needs the complete W_down x sum, accumulated in fp32 (a bf16 sum loses the phase)
+        z = F.linear(x2.float(), down.float(), down_bias.float())
         h = torch.cos(torch.addcmul(phi1.float(), z, omega1.float()))
         h = F.linear(h, mid.float(), mid_bias.float())
         h = torch.cos(torch.addcmul(phi2.float(), h, omega2.float()))

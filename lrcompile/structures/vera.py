@@ -1,14 +1,21 @@
 """VeRA (Kopiczko et al.; reference semantics: HF PEFT `VeraConfig`): y = W x + b + λ_b ⊙ B (λ_d ⊙ A x).
 
-A (r×in_max) and B (out_max×r) are frozen random projections shared by every VeRA site of a rank: one tensor
-object registered as a buffer in each module (so `state_dict` shows it per site but it is stored once), sliced
-per layer to [:, :in] and [:out]. They are drawn exactly as PEFT draws them — a CPU generator seeded with
+A (r×in_max) and B (out_max×r) are frozen random projections shared by the VeRA sites of one adapter: one
+tensor object registered as a buffer in each module (so `state_dict` shows it per site but it is stored once),
+sliced per layer to [:, :in] and [:out]. They are drawn exactly as PEFT draws them — a CPU generator seeded with
 `seed` (PEFT's projection_prng_key, default 0), Kaiming-uniform A then B at the largest (in, out) over the
 sites — so the same targets give PEFT's very numbers. Sites are built one at a time, so the pair grows (in
 place: the same tensor object, regenerated at the larger size) while a larger site arrives; growing is safe
 only while every user is untouched (λ_b = 0 at init makes the branch silent). Once a pair has been used (a
 forward outside compile, a feed to a compiled graph, or its λ's trained or loaded) it never changes again;
 later sites that do not fit get a fresh pair.
+
+One adapter is one VeRA rule of one loaded policy (PEFT: a pair per adapter config). The rule's config carries
+a scope (`VeRAConfig.bind`) that keys its pairs, and `rewrite` loads its policy per call (the backend once per
+compiled model), so two models rewritten one after the other never share projections: neither growing nor
+loading one reaches the other. A Policy object reused for several models is one adapter and shares; configs
+made outside a policy (persist.load rebuilds them from plan.json) share one process-wide scope. In both cases
+`load_adapter_state_dict` first gives the model private copies of shared pairs (`own_projections`).
 
 Trainable: λ_d (r, init `d_initial` = 0.1) and λ_b (out, init 0). Options default as in PEFT: rank 256.
 """
@@ -17,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +44,9 @@ class VeRAConfig(MethodConfig):
 
     INITS: ClassVar[tuple[str, ...]] = ("kaiming",)
 
+    def bind(self) -> None:
+        self._projection_scope = ProjectionScope()  # this rule's sites share one pair (module doc)
+
     def validate(self) -> None:
         super().validate()
         check_int_rank(self.rank)
@@ -53,6 +63,10 @@ def _kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor
     bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
     with torch.no_grad():
         return t.uniform_(-bound, bound, generator=generator)
+
+
+class ProjectionScope:
+    """Identity of one adapter (a policy rule): part of the key of its projection pairs."""
 
 
 class SharedProjections:
@@ -80,12 +94,19 @@ class SharedProjections:
             self.A.set_(A.to(dtype=self.dtype, device=self.device))
             self.B.set_(B.to(dtype=self.dtype, device=self.device))
 
+    def copy(self) -> "SharedProjections":
+        """A private, final copy (new tensor objects with the same numbers)."""
+        new = SharedProjections(self.rank, self.seed, self.dtype, self.device)
+        new.A, new.B, new.sealed = self.A.detach().clone(), self.B.detach().clone(), True
+        return new
+
 
 _PAIRS: "weakref.WeakValueDictionary[tuple, SharedProjections]" = weakref.WeakValueDictionary()
 
 
-def shared_projections(rank: int, seed: int, in_features: int, out_features: int, dtype, device) -> SharedProjections:
-    key = (rank, seed, dtype, str(torch.device(device) if device is not None else torch.device("cpu")))
+def shared_projections(rank: int, seed: int, in_features: int, out_features: int, dtype, device,
+                       scope: Optional[ProjectionScope] = None) -> SharedProjections:
+    key = (scope, rank, seed, dtype, str(torch.device(device) if device is not None else torch.device("cpu")))
     pair = _PAIRS.get(key)
     if pair is None or not pair.growable():  # a used pair keeps its numbers: later sites get their own
         pair = SharedProjections(rank, seed, dtype, device)
@@ -109,10 +130,17 @@ class VeRA(Adapter):
         self.lambda_d = mark_owned(nn.Parameter(torch.full((r,), float(cfg.d_initial), dtype=dtype, device=device)))
         self.lambda_b = mark_owned(nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)))
         self._lrc_init_versions = (self.lambda_d._version, self.lambda_b._version)
-        self._pair = shared_projections(r, cfg.seed, in_features, out_features, dtype, device)
+        self._pair = shared_projections(r, cfg.seed, in_features, out_features, dtype, device,
+                                        getattr(cfg, "_projection_scope", None))
         self._pair.users.add(self)
         self.register_buffer("vera_A", self._pair.A)
         self.register_buffer("vera_B", self._pair.B)
+
+    def use_pair(self, pair: SharedProjections) -> None:
+        self._pair.users.discard(self)
+        self._pair = pair
+        pair.users.add(self)
+        self.vera_A, self.vera_B = pair.A, pair.B  # registered buffers: rebinds them
 
     def untouched(self) -> bool:
         return (self.lambda_d._version, self.lambda_b._version) == self._lrc_init_versions
@@ -153,3 +181,18 @@ class VeRA(Adapter):
     @classmethod
     def flops_per_token(cls, in_features, out_features, cfg) -> int:
         return 2 * cfg.rank * (in_features + out_features) + cfg.rank
+
+
+def own_projections(model: nn.Module) -> None:
+    """Make the VeRA pairs of `model` its own before writing into them: a pair that a module outside `model`
+    also uses (a model built next to it in the process-wide scope) is replaced, for `model`'s sites, by a
+    private copy — so loading into `model` cannot change another model."""
+    mine = [m for m in model.modules() if isinstance(m, VeRA)]
+    ids = {id(m) for m in mine}
+    copies: dict[int, SharedProjections] = {}
+    for m in mine:
+        pair = m._pair
+        if id(pair) not in copies and any(id(u) not in ids for u in pair.users):
+            copies[id(pair)] = pair.copy()
+        if id(pair) in copies:
+            m.use_pair(copies[id(pair)])

@@ -18,6 +18,7 @@ import warnings
 from typing import Optional
 
 from ..cache_dir import cache_path
+from .candidates import REFERENCE
 
 FORMAT = 1
 
@@ -39,7 +40,8 @@ def _locked(p: str):
 def _valid(data) -> bool:
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
         return False
-    return all(isinstance(e, dict) and isinstance(e.get("ms"), dict) and
+    # every entry holds the reference's time: `pick` compares the others with it
+    return all(isinstance(e, dict) and isinstance(e.get("ms"), dict) and REFERENCE in e["ms"] and
                all(isinstance(v, (int, float)) for v in e["ms"].values()) for e in data["entries"].values())
 
 

@@ -50,11 +50,20 @@ def record(spec: dict) -> None:
     with open(p, "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
+            # a line a crashed writer left without its newline would swallow this one
+            if os.path.getsize(p) > 0 and not _ends_with_newline(p):
+                f.write("\n")
             f.write(k + "\n")
             f.flush()
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     known.add(k)
+
+
+def _ends_with_newline(p: str) -> bool:
+    with open(p, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def read() -> list[dict]:
