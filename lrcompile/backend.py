@@ -201,14 +201,22 @@ def _plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool 
 
 
 def _tune(site: Site, decision: Decision, policy, prev: Optional[Structure], enabled: bool):
-    """The autotuner's choice for a site (lrcompile.tune). The original dense layer is a choice only under the
-    policy's `guard: dense` and only before factors exist: attached factors may be trained or loaded (the truth)."""
-    if not decision.rewrites or (prev is not None and not store.same_config(prev, FAMILIES[decision.method], decision.config)):
+    """The autotuner's choice for a site (lrcompile.tune). The original dense layer is a choice only before factors
+    exist (attached factors may be trained or loaded: the truth), and then under `guard: dense`, or by default
+    where the rewrite is exact (full rank: dense is the same function, no larger); `guard: off` forces it."""
+    cls = FAMILIES.get(decision.method)
+    if not decision.rewrites or (prev is not None and not store.same_config(prev, cls, decision.config)):
         return None
     from .tune import tune_site
 
     guard = decision.rule.guard if decision.rule.guard is not None else policy.defaults.guard
-    return tune_site(site, decision, allow_dense=guard == "dense" and prev is None, enabled=enabled)
+    why = None
+    if prev is None and cls.compressing:
+        if guard == "dense":
+            why = "guard: dense"
+        elif guard is None and cls.exact(site.in_features, site.out_features, decision.config):
+            why = "the rewrite is exact and saves nothing here"
+    return tune_site(site, decision, dense_why=why, enabled=enabled)
 
 
 def _stats_for(session: Session, site: Site):

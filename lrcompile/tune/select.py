@@ -159,8 +159,8 @@ def lookup_or_measure(spec: Spec, budget_s: float = TIME_BUDGET_S) -> tuple[dict
     return entry, False
 
 
-def pick(entry: dict, allow_dense: bool) -> tuple[str, str]:
-    """(implementation, why) from a cache entry. `dense` only when allowed (the policy's `guard: dense`)."""
+def pick(entry: dict, dense_why: Optional[str]) -> tuple[str, str]:
+    """(implementation, why) from a cache entry. `dense` only when allowed: `dense_why` says why it may be."""
     ms = entry["ms"]
     ref = ms[REFERENCE]
     lossless = {k: v for k, v in ms.items() if k != DENSE}
@@ -172,8 +172,8 @@ def pick(entry: dict, allow_dense: bool) -> tuple[str, str]:
     else:
         why = f"{REFERENCE}: no alternative {MARGIN:.0%} faster ({_fmt(ms)})"
     if DENSE in ms and ms[DENSE] < lossless[best] * (1 - MARGIN):
-        if allow_dense:
-            return DENSE, f"guard: dense: the original layer is faster ({_fmt(ms)})"
+        if dense_why:
+            return DENSE, f"{dense_why}: the original layer is faster ({_fmt(ms)})"
         why += "; slower than the dense layer it replaced (set guard: dense to fall back)"
     return best, why
 

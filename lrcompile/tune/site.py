@@ -42,10 +42,11 @@ class Tuned:
         row.notes.append(f"{NOTE_PREFIX} at {self.tokens} tokens ({src}): {self.why}")
 
 
-def tune_site(site, decision, allow_dense: bool, enabled: bool) -> Optional[Tuned]:
+def tune_site(site, decision, dense_why: Optional[str], enabled: bool) -> Optional[Tuned]:
     """Records the site's shape in the shape log; with `enabled`, chooses its implementation (cache or timing).
-    None when the site cannot be described (no input shape) or tuning is off. Never raises: a failure keeps the
-    family's own functional, with a warning."""
+    `dense_why`: why the original layer may be chosen where it measures faster (None: it may not). None when the
+    site cannot be described (no input shape) or tuning is off. Never raises: a failure keeps the family's own
+    functional, with a warning."""
     tokens = site_tokens(site.input_node.meta.get("example_value")) if site.input_node is not None else None
     if tokens is None or not decision.rewrites:
         return None
@@ -58,7 +59,7 @@ def tune_site(site, decision, allow_dense: bool, enabled: bool) -> Optional[Tune
         if not has_choice(spec):
             return Tuned(decision.method, REFERENCE, f"{REFERENCE}: the only implementation here", {}, False, spec.tokens)
         entry, cached = lookup_or_measure(spec)
-        impl, why = pick(entry, allow_dense and FAMILIES[decision.method].compressing)
+        impl, why = pick(entry, dense_why if FAMILIES[decision.method].compressing else None)
     except Exception as e:
         warnings.warn(f"lrcompile: autotune of {site.fqn} failed ({type(e).__name__}: {e}); using {decision.method}'s "
                       f"own implementation", stacklevel=2)
