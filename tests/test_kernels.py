@@ -349,3 +349,36 @@ def test_compiled_training_step_through_the_kernel_op():
     g64 = torch.autograd.grad(loss64.square().sum(), (x64, U64, V64))
     assert rel(loss, loss64.square().sum()) < 1e-4
     assert all(rel(a, c) < 1e-4 for a, c in zip(g, g64))
+
+
+KERNEL_CFG = {"lowrank": {"rank": 5}, "lora": {"rank": 4}, "dora": {"rank": 4}, "noble": {"rank": 4},
+              "monarch": {"blocks": 3}, "btt": {"rank": 2}, "blast": {"rank": 3, "blocks": [2, 3]}}
+
+
+@pytest.mark.parametrize("family", sorted(KERNEL_CFG))
+def test_autotuner_kernel_candidate_computes_the_family_function(family, launches):
+    """The autotuner's `triton` candidate (timed on CUDA only) wraps the family's kernel behind the family's
+    functional signature: interpreted here, it must launch the kernel and match the functional, bias included."""
+    from lrcompile.tune.candidates import KERNEL, candidates_for, implementation
+
+    cls = FAMILIES[family]
+    n = len(cls.tensor_names)
+    assert KERNEL in [c.name for c in candidates_for(family, n, "cuda", grad=True)]
+    assert KERNEL not in [c.name for c in candidates_for(family, n, "cpu", grad=False)]
+    assert KERNEL not in [c.name for c in candidates_for(family, n + 1, "cuda", grad=False)]  # dropout tensor
+    in_f, out_f = 36, 22
+    W, b = torch.randn(out_f, in_f) / 6, torch.randn(out_f)
+    cfg = cls.Config(**KERNEL_CFG[family])
+    cfg = cfg.resolve(in_f, out_f) if hasattr(cfg, "resolve") else cfg
+    m = cls.from_dense(W, b, cfg)
+    with torch.no_grad():
+        for p in m.parameters():  # adapters start with a zero branch: make every tensor audible
+            p.add_(torch.randn_like(p) * 0.2)
+    ts = [t.detach() for t in m.tensors()]
+    x = torch.randn(3, 5, in_f)
+    got = implementation(family, KERNEL)(x, W, b, *ts)
+    ref = cls.functional(x, W, b, *ts)
+    assert launches, "the kernel did not launch"
+    assert got.shape == ref.shape and rel(got, ref) < 1e-5
+    got_nb = implementation(family, KERNEL)(x, W, None, *ts)
+    assert rel(got_nb, cls.functional(x, W, None, *ts)) < 1e-5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import inspect
 import sys
 from typing import Callable
@@ -33,6 +34,12 @@ class Candidate:
     device_types: tuple[str, ...] = ("cpu", "cuda")  # Triton kernels: ("cuda",)
     # timed forward only: a merged adapter's backward needs a full dW GEMM that the forward timing never sees
     inference_only: bool = False
+    # computes the function of the family's base tensors only: not where the site passes extra ones (dropout)
+    base_tensors_only: bool = False
+
+    def __post_init__(self):
+        if self.inference_only:  # merged forms fold the branch into W: the branch input must be x itself
+            object.__setattr__(self, "base_tensors_only", True)
 
 
 def dense(x, weight, bias, *tensors):
@@ -73,15 +80,39 @@ def vera_merged(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b):
     return F.linear(x, weight + delta, bias)
 
 
+def _kernel_fn(family: str) -> Callable:
+    """The family's generated Triton kernel (lrcompile.kernels) behind the family's functional signature, bias in
+    its epilogue. Timed on CUDA only: without a GPU the op would run its torch reference (the same numbers, but
+    its time says nothing about the kernel); launch configs are Triton's own autotuner's (runtime.py)."""
+    from ..kernels import KERNEL_OF, OPS
+
+    cls = FAMILIES[family]
+
+    def kernel(x, weight, bias, *tensors):
+        ts = list(tensors) if cls.compressing else [weight, *tensors]
+        operands, epilogue = ([bias], "add_row") if bias is not None else ([], "")
+        return OPS[KERNEL_OF[family]](x, ts, operands, epilogue, 1.0, None)
+
+    kernel.__name__ = kernel.__qualname__ = f"{family}_triton"
+    return kernel
+
+
+KERNEL = "triton"
+_KERNEL_FAMILIES = ("lowrank", "lora", "dora", "noble", "monarch", "btt", "blast")
+_KERNELS = {f: Candidate(KERNEL, _kernel_fn(f), device_types=("cuda",), base_tensors_only=True)
+            for f in _KERNEL_FAMILIES}
+
 # Alternatives beyond the family's own functional. Merged forms apply only without dropout (the branch input is
 # then x itself); `candidates_for` checks that the site passes exactly the family's base tensors.
 EXTRA: dict[str, tuple[Candidate, ...]] = {
     # (U V) formed per call is the same function too, but it rebuilds the dense matrix the rewrite was asked to
     # drop (peak memory): not a candidate
-    "lowrank": (Candidate("addmm", lowrank_addmm), Candidate("pretransposed", lowrank_pretransposed)),
-    "lora": (Candidate("merged", lora_merged, inference_only=True),),
-    "dora": (Candidate("merged", dora_merged, inference_only=True),),
+    "lowrank": (Candidate("addmm", lowrank_addmm), Candidate("pretransposed", lowrank_pretransposed),
+                _KERNELS["lowrank"]),
+    "lora": (Candidate("merged", lora_merged, inference_only=True), _KERNELS["lora"]),
+    "dora": (Candidate("merged", dora_merged, inference_only=True), _KERNELS["dora"]),
     "vera": (Candidate("merged", vera_merged, inference_only=True),),
+    **{f: (_KERNELS[f],) for f in ("noble", "monarch", "btt", "blast")},
 }
 
 
@@ -92,7 +123,7 @@ def candidates_for(family: str, n_tensors: int, device_type: str, grad: bool) ->
     for c in EXTRA.get(family, ()):
         if device_type not in c.device_types or (grad and c.inference_only):
             continue
-        if c.inference_only and n_tensors != len(cls.tensor_names):
+        if c.base_tensors_only and n_tensors != len(cls.tensor_names):
             continue  # dropout tensors present: the branch sees a dropped input, merging changes the function
         out.append(c)
     if cls.compressing:
@@ -114,8 +145,15 @@ def implementation(family: str, name: str) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def source_hash(family: str) -> str:
-    """Hash of this file and the family's own file: editing either invalidates the family's cached timings."""
+    """Hash of this file, the family's own file and its Triton kernel's sources: editing any invalidates the
+    family's cached timings."""
+    from .. import kernels
+    from ..kernels import epilogue, op, runtime
+
+    mods = [sys.modules[__name__], sys.modules[FAMILIES[family].__module__]]
+    if family in kernels.KERNEL_OF:
+        mods += [importlib.import_module(f"{kernels.__name__}.{kernels.KERNEL_OF[family]}"), epilogue, op, runtime]
     h = hashlib.blake2b(digest_size=8)
-    for mod in (sys.modules[__name__], sys.modules[FAMILIES[family].__module__]):
+    for mod in mods:
         h.update(inspect.getsource(mod).encode())
     return h.hexdigest()
