@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import whiten
 from .base import Structure, mark_owned, register
+from .blockmm import column_blocks
 from .btt import mup_std
 from .lowrank import check_rank
 from .whitening_blocks import StructuredConfig, block_whitener
@@ -57,11 +58,8 @@ def blast_matmul(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, s: torch.Ten
     zt = zt.transpose(0, 1).contiguous()  # (r, b₂, n)
     wt = torch.bmm(s.permute(2, 0, 1).contiguous(), zt)  # per channel (b₁ × b₂) @ (b₂ × n): (r, b₁, n)
     w = wt.transpose(0, 1).contiguous().transpose(1, 2)  # (b₁, n, r), a plain transpose of contiguous blocks
-    if bias is not None:
-        y = torch.baddbmm(bias.view(b1, 1, p), w, U.transpose(1, 2))
-    else:
-        y = torch.bmm(w, U.transpose(1, 2))  # (b₁, n, r) @ (b₁, r, p)
-    return y.transpose(0, 1).reshape(*lead, b1 * p)
+    y = column_blocks(w, U.transpose(1, 2), bias)  # (b₁, n, r) @ (b₁, r, p), each block into its columns
+    return y.view(*lead, b1 * p)
 
 
 def _blocks(value) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import whiten
 from .base import Structure, mark_owned, register
+from .blockmm import column_blocks
 from .whitening_blocks import BlockWhitener, StructuredConfig, block_whitener
 
 
@@ -32,7 +33,8 @@ def btt_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Option
 
     Layout: the first bmm reads x's blocks through a strided view (BLAS takes the row stride, no copy) and
     writes (a₁, N, c₀·t); the only shuffle copies that small intermediate to (c₀, N, a₁·t) so that the second
-    bmm reads contiguous blocks; the bias rides in the second GEMM's accumulator (baddbmm).
+    bmm reads contiguous blocks; the second stage's GEMMs write their column blocks of the output in place, bias
+    in their accumulators (blockmm.py).
     """
     lead, in_f = x.shape[:-1], x.shape[-1]
     a1, a0, c0, t = w1.shape
@@ -43,14 +45,9 @@ def btt_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Option
     n = x2.shape[0]
     z = torch.bmm(x2.view(n, a1, a0).transpose(0, 1), w1.reshape(a1, a0, c0 * t))
     z = z.view(a1, n, c0, t).permute(2, 1, 0, 3).reshape(c0, n, a1 * t)
-    w2m = w2.reshape(c0, a1 * t, c1)
-    if bias is not None:
-        if out_features != c0 * c1:
-            bias = F.pad(bias, (0, c0 * c1 - out_features))
-        y = torch.baddbmm(bias.view(c0, 1, c1), z, w2m)
-    else:
-        y = torch.bmm(z, w2m)
-    y = y.transpose(0, 1).reshape(n, c0 * c1)
+    if bias is not None and out_features != c0 * c1:
+        bias = F.pad(bias, (0, c0 * c1 - out_features))
+    y = column_blocks(z, w2.reshape(c0, a1 * t, c1), bias)  # each block GEMM writes its output columns
     if out_features != c0 * c1:
         y = y[:, :out_features].contiguous()  # callers .view() linear outputs freely
     return y.view(*lead, out_features)
