@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lrcompile.structures import blockmm
-from lrcompile.structures.blockmm import column_blocks
+from lrcompile.structures.blockmm import column_blocks, swap_block_axes
 
 
 def reference(a, b, bias):
@@ -43,3 +43,16 @@ def test_eager_path_writes_in_place_only_without_gradients(monkeypatch):
     assert calls == []
     column_blocks(a.requires_grad_(True), b, None)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype, t", [(torch.float32, 4), (torch.float32, 2), (torch.float32, 3),
+                                      (torch.bfloat16, 4), (torch.float64, 2)])
+def test_swap_block_axes_moves_whole_rank_rows(dtype, t):
+    z = torch.randn(5, 7, 6, t).to(dtype)
+    want = z.permute(2, 1, 0, 3).contiguous()
+    with torch.no_grad():
+        got = swap_block_axes(z)
+    assert got.dtype == dtype and got.shape == want.shape and torch.equal(got, want)
+    zg = z.clone().requires_grad_(True)  # autograd: the plain permute, gradients flow
+    swap_block_axes(zg).sum().backward()
+    assert torch.equal(zg.grad, torch.ones_like(z))

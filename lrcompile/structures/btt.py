@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import whiten
 from .base import Structure, mark_owned, register
-from .blockmm import column_blocks
+from .blockmm import column_blocks, swap_block_axes
 from .whitening_blocks import BlockWhitener, StructuredConfig, block_whitener
 
 
@@ -44,7 +44,7 @@ def btt_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Option
         x2 = F.pad(x2, (0, a1 * a0 - in_f))
     n = x2.shape[0]
     z = torch.bmm(x2.view(n, a1, a0).transpose(0, 1), w1.reshape(a1, a0, c0 * t))
-    z = z.view(a1, n, c0, t).permute(2, 1, 0, 3).reshape(c0, n, a1 * t)
+    z = swap_block_axes(z.view(a1, n, c0, t)).view(c0, n, a1 * t)
     if bias is not None and out_features != c0 * c1:
         bias = F.pad(bias, (0, c0 * c1 - out_features))
     y = column_blocks(z, w2.reshape(c0, a1 * t, c1), bias)  # each block GEMM writes its output columns
