@@ -4,7 +4,12 @@ LoRA r=16, DoRA r=16 and HF PEFT LoRA r=16 run with the base weight frozen (only
 compared with the frozen dense layer's step; NOBLE r=32 trains its base weight and is compared with the dense
 layer's full step (dx, dW, db). Medians of interleaved runs; gradients are cleared inside every step.
 
-    python bench/cpu_adapters.py [--reps 20] [--threads N]
+Two tables: eager (the installed structure's `functional`, as `options={"inductor": False}` runs it) and
+compiled (`torch.compile(backend="lrcompile")` with the adapter policy, default options, against the dense layer
+under `backend="inductor"`) — the compiled path is what users run, and Inductor fuses the adapter's elementwise
+steps (scaling, DoRA's column scale and its reduction) into neighbouring kernels.
+
+    python bench/cpu_adapters.py [--reps 20] [--threads N] [--no-compiled]
 """
 from __future__ import annotations
 
@@ -49,29 +54,57 @@ def install(cls, lin: nn.Linear, cfg, train_base: bool):
     return m
 
 
-def step_fn(module: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+def step_fn(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, run=None):
     params = [p for p in module.parameters() if p.requires_grad]
+    run = module if run is None else run
 
     def step():
         x.grad = None
         for p in params:
             p.grad = None
-        module(x).backward(dy)
+        run(x).backward(dy)
 
     return step
+
+
+def compiled_fns(base: nn.Linear, x: torch.Tensor, dy: torch.Tensor) -> dict:
+    """The same steps through the compilers: dense under Inductor, adapters through the lrcompile backend."""
+    pol = {"lora": {"method": "lora", "rank": 16, "alpha": 32}, "dora": {"method": "dora", "rank": 16, "alpha": 32},
+           "noble": {"method": "noble", "rank": 32}}
+    fns = {}
+    for name, train_base in (("dense_frozen", False), ("dense_full", True)):
+        m = One(copy.deepcopy(base)).requires_grad_(train_base)
+        fns[name] = step_fn(m, x, dy, torch.compile(m, backend="inductor"))
+    for name, rule in pol.items():
+        m = One(copy.deepcopy(base)).requires_grad_(name == "noble")
+        c = torch.compile(m, backend="lrcompile", options={"policy": {"rules": [{"match": "fc", **rule}]}})
+        c(x)  # the rewrite installs the adapter's parameters: collect them after it
+        fns[name] = step_fn(m, x, dy, c)
+    return fns
+
+
+def ratios(t: dict) -> dict:
+    return {k: t[k] / t["dense_full" if k == "noble" else "dense_frozen"] for k in t if not k.startswith("dense")}
+
+
+def row(shape, t: dict) -> list:
+    ms, r = {k: v * 1e3 for k, v in t.items()}, ratios(t)
+    cells = [shape, f"{ms['dense_frozen']:.1f}", f"{ms['dense_full']:.1f}"]
+    return cells + [f"{ms[k]:.1f} ({r[k]:.3f}×)" for k in ("lora", "dora", "noble", "peft_lora") if k in t]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--no-compiled", action="store_true", help="skip the compiled table")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     import peft
 
-    rows = []
+    rows, crows = [], []
     for in_f, out_f in SHAPES:
         x = torch.randn(TOKENS, in_f, requires_grad=True)
         dy = torch.randn(TOKENS, out_f)
@@ -85,17 +118,24 @@ def main():
         fns = {k: step_fn(m, x, dy) for k, m in
                {"dense_frozen": frozen, "dense_full": full, "lora": lora, "dora": dora, "noble": noble, "peft_lora": pm}.items()}
         t = interleaved(fns, reps=args.reps)
-        ms = {k: v * 1e3 for k, v in t.items()}
-        r = {k: t[k] / t["dense_full" if k == "noble" else "dense_frozen"] for k in ("lora", "dora", "noble", "peft_lora")}
-        rows.append([f"{in_f}→{out_f}", f"{ms['dense_frozen']:.1f}", f"{ms['dense_full']:.1f}",
-                     f"{ms['lora']:.1f} ({r['lora']:.3f}×)", f"{ms['dora']:.1f} ({r['dora']:.3f}×)",
-                     f"{ms['noble']:.1f} ({r['noble']:.3f}×)", f"{ms['peft_lora']:.1f} ({r['peft_lora']:.3f}×)"])
+        rows.append(row(f"{in_f}→{out_f}", t))
         print(rows[-1], flush=True)
+        if not args.no_compiled:
+            torch._dynamo.reset()
+            t = interleaved(compiled_fns(base, x, dy), reps=args.reps)
+            crows.append(row(f"{in_f}→{out_f}", t))
+            print(crows[-1], flush=True)
     headers = ["shape", "dense frozen ms", "dense full ms", "LoRA r=16 (vs frozen)", "DoRA r=16 (vs frozen)",
                "NOBLE r=32 (vs full)", "PEFT LoRA r=16 eager (vs frozen)"]
     notes = (f"{TOKENS} tokens, fp32, eager, forward+backward (grads cleared each step), medians of {args.reps} "
              f"interleaved reps. Targets: LoRA ≤ {TARGETS['lora']}×, DoRA ≤ {TARGETS['dora']}×, NOBLE ≤ {TARGETS['noble']}×. "
-             "Shared 2-core machine: other jobs may add noise; ratios are taken side by side.")
+             f"Shared 2-core machine (1-minute load average {os.getloadavg()[0]:.2f} at the end): other jobs may add "
+             "noise; ratios are taken side by side.")
+    if crows:
+        from tabulate import tabulate
+
+        notes += ("\n\n## Compiled: `backend=\"lrcompile\"` (default options) vs the dense layer under "
+                  "`backend=\"inductor\"`\n\n" + tabulate(crows, headers=headers[:-1], tablefmt="github"))
     write_result("cpu_adapters", "Adapter step cost on CPU (one layer)", rows, headers, notes)
 
 
