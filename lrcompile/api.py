@@ -2,7 +2,8 @@
 
 nn.Linear and HF Conv1D sites are swapped for the family module (the dense weight of a compressed site is
 released); functional sites (F.linear with a bare parameter) get their factors attached next to the module,
-as the backend does, and run factored under `torch.compile(backend="lrcompile")`.
+as the backend does, and run factored under `torch.compile(backend="lrcompile")` (the dense weight of a
+compressed functional site stays, frozen). Budgets are planned by `budget.plan_model`, as in the backend.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .plan import TIE_NOTE, build, decide, tie_broken
 from .policy import load_policy
 from .report import Report
 from .structures import Structure
+from .structures.base import site_scope
 
 
 def _swappable(module: Optional[nn.Module], site) -> bool:
@@ -51,15 +53,14 @@ def _load_stats(calibration):
     return calibration if isinstance(calibration, CalibrationStats) else CalibrationStats.load(calibration)
 
 
-def _plan_budget(pol, captured, stats):
-    """The policy budget's ranks, allocated once over every site of the model (None without a budget)."""
+def _plan_budget(pol, model: nn.Module, stats):
+    """The policy budget's ranks, allocated once over the whole model (None without a budget): the backend's
+    own planner (`budget.plan_model`) over the same module list, so both paths give every site the same rank."""
     if pol is None or not pol.budget:
         return None
-    from .budget import plan_ranks
+    from .budget import plan_model
 
-    sites = {c.site.fqn: (c.site.fqn, c.site.dense_weight, c.site.bias) for c in captured
-             if c.site.kind == "linear" and not c.site.installed}
-    return plan_ranks(pol, list(sites.values()), stats)
+    return plan_model(pol, model, stats)
 
 
 def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, report: Optional[str] = None,
@@ -78,7 +79,7 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
     for row in attn_rows:
         rep.add(row)
     seen: set = set()
-    ranks = _plan_budget(pol, captured, stats)
+    ranks = _plan_budget(pol, model, stats)
     n_sites = len({c.site.fqn for c in captured if c.site.kind == "linear"})
     bar = tqdm(total=n_sites, desc="lrcompile rewrite", unit="site", disable=not progress)
     for c in captured:
@@ -91,7 +92,8 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
         decision = decide(site, pol, ranks)
         if decision.status == "installed":
             continue
-        struct, row = build(site, decision, pol, stats.get(site.fqn) if stats is not None else None)
+        with site_scope(site.fqn):  # the families' warnings name the site
+            struct, row = build(site, decision, pol, stats.get(site.fqn) if stats is not None else None)
         rep.add(row)
         if struct is None:
             continue
@@ -147,6 +149,15 @@ def _install(model: nn.Module, c: CapturedSite, struct: Structure, row) -> None:
         store.attach(module, site.weight, struct)
         store.record_versions(struct, site.weight)
         row.notes.append("functional site: factors attached; they run under torch.compile(backend='lrcompile')")
+        if struct.compressing:
+            # The graph no longer uses the dense weight. A swapped module's weight leaves the model; this one
+            # stays (the module's forward names it) but is frozen, so optimizers and DDP's buckets skip it —
+            # unless a tie partner (an embedding) still trains it.
+            if site.weight_shared or tie_broken(site, model):
+                row.notes.append("dense weight left trainable: the model uses it elsewhere too")
+            else:
+                site.weight.requires_grad_(False)
+                row.notes.append("dense weight frozen (requires_grad=False): the compiled graph does not use it")
     else:
         row.status = "failed"
         row.reason = "module not found"

@@ -34,6 +34,7 @@ class SiteStats:
     abs_sum: torch.Tensor  # (in,) float64, Σ over tokens of |x|
     tokens: int
     cross: Optional[torch.Tensor] = None  # (in, in) float64, Σ xᵀ x̃ (reference input x, this model's x̃)
+    fqn: Optional[str] = dataclasses.field(default=None, compare=False)  # set by CalibrationStats.get: warnings name it
 
     @property
     def in_features(self) -> int:
@@ -79,7 +80,10 @@ class CalibrationStats:
         self.sensitivity: dict[str, dict[int, float]] = dict(sensitivity or {})
 
     def get(self, fqn: str) -> Optional[SiteStats]:
-        return self.sites.get(fqn)
+        s = self.sites.get(fqn)
+        if s is not None and s.fqn is None:
+            s.fqn = fqn
+        return s
 
     def __contains__(self, fqn) -> bool:
         return fqn in self.sites

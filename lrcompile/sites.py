@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .structures import Structure, is_owned
 
@@ -48,6 +49,8 @@ class Site:
     transposed: bool = False  # stored parameter is (in, out): W = weightᵀ
     weight_path: Optional[str] = None  # the parameter's own module path (differs from fqn when tied)
     installed: bool = False  # inside a module that lrcompile installed, or applies an lrcompile parameter
+    # the graph uses the weight elsewhere too (an embedding lookup, another site): the dense weight stays live
+    weight_shared: bool = False
 
     @property
     def dense_weight(self) -> torch.Tensor:
@@ -89,12 +92,39 @@ def innermost_module(node: fx.Node) -> tuple[Optional[str], Optional[type]]:
 
 
 def _placeholder_tensor(node, real: dict) -> Optional[torch.Tensor]:
+    """The tensor a placeholder stands for: the backend's example input, unless that is a FakeTensor and the
+    grapharg still holds the real one (DDPOptimizer compiles its split subgraphs with fake inputs; a
+    parameter's identity is what finds its attached factors)."""
     if node is None or not isinstance(node, fx.Node) or node.op != "placeholder":
         return None
-    if node in real:
-        return real[node]
     ga = node.meta.get("grapharg")
-    return getattr(ga, "example", None) if ga is not None else None
+    example = getattr(ga, "example", None) if ga is not None else None
+    t = real.get(node)
+    if t is None or (isinstance(t, FakeTensor) and isinstance(example, torch.Tensor)
+                     and not isinstance(example, FakeTensor)):
+        return example
+    return t
+
+
+def _owned_by_record(ga) -> bool:
+    """The parameter is lrcompile's by its module's record (structures.base.OWNED_NAMES): FSDP2 hands Dynamo
+    unsharded parameters without lrcompile's mark. The owner module is found from the parameter's source
+    against the frame being compiled."""
+    if ga is None or getattr(ga, "source", None) is None:
+        return False
+    from .resolve import eval_root, frame_locals
+
+    f_locals = frame_locals()
+    if f_locals is None:
+        return False
+    name = ga.source.name if isinstance(ga.source.name, str) else ga.source.name()
+    owner_path, _, leaf = source_path(ga.source).rpartition(".")
+    root = eval_root(name, f_locals)
+    try:
+        owner = root.get_submodule(owner_path) if owner_path else root
+    except (AttributeError, TypeError):
+        return False
+    return isinstance(owner, nn.Module) and is_owned(None, owner, leaf)
 
 
 def _unwrap_transpose(node) -> tuple[Optional[fx.Node], bool]:
@@ -128,7 +158,28 @@ def find_sites(gm: fx.GraphModule, example_inputs=None) -> list[Site]:
         if site is not None:
             sites.append(site)
     _disambiguate(sites)
+    _mark_shared_weights(sites)
     return sites
+
+
+def _mark_shared_weights(sites: list[Site]) -> None:
+    """`weight_shared` for linear sites whose weight placeholder feeds anything but calls of this one site
+    (a module called twice is one site; its transposes `P.t()` count as the call)."""
+    calls: dict[str, set] = {}
+    for s in sites:
+        if s.kind == "linear":
+            calls.setdefault(s.fqn, set()).add(s.node)
+    for s in sites:
+        if s.kind != "linear" or s.weight_node is None:
+            continue
+        mine = calls[s.fqn]
+        for user in s.weight_node.users:
+            if user in mine:
+                continue
+            if _unwrap_transpose(user)[0] is s.weight_node and all(u in mine for u in user.users):
+                continue
+            s.weight_shared = True
+            break
 
 
 def _arg(node, i, name):
@@ -169,7 +220,8 @@ def _linear_site(node: fx.Node, real: dict) -> Optional[Site]:
     wpath = source_path(ga.source) if ga is not None else w_src.name
     expr, mtype = innermost_module(node)
     fqn = strip_root(expr) if expr is not None else _strip_weight(wpath)
-    installed = bool(mtype is not None and issubclass(mtype, Structure)) or is_owned(weight)
+    installed = (bool(mtype is not None and issubclass(mtype, Structure)) or is_owned(weight)
+                 or _owned_by_record(ga))
     return Site(
         fqn=fqn, kind="linear", node=node, form=form, module_expr=expr, module_type=mtype, input_node=x,
         weight_node=w_src, bias_node=b_node if isinstance(b_node, fx.Node) else None, weight=weight, bias=bias,

@@ -29,8 +29,10 @@ def _moments(stats) -> tuple[Optional[Tensor], Optional[Tensor]]:
     if isinstance(stats, Tensor):
         return stats, None
     if stats.tokens <= 0:
-        warnings.warn(f"lrcompile: calibration statistics for a {stats.in_features}-input site saw no tokens "
-                      f"(every row masked?): treated as missing", stacklevel=3)
+        fqn = getattr(stats, "fqn", None)
+        where = f"site {fqn!r}" if fqn else f"a {stats.in_features}-input site"
+        warnings.warn(f"lrcompile: calibration statistics for {where} saw no tokens (every row masked?): "
+                      f"treated as missing", stacklevel=3)
         return None, None
     return stats.cov, getattr(stats, "cross_mean", None)
 

@@ -81,4 +81,7 @@ def compile_eager(model, policy=None, **options):
 
 
 def all_lowrank(rank, **extra):
-    return {"defaults": {"min_features": 0, **extra}, "rules": [{"match": "*", "method": "lowrank", "rank": rank}]}
+    """Every site low-rank. `guard: off` unless given: a full-rank test must exercise the factors, not the dense
+    layer the autotuner may pick for an exact rewrite."""
+    return {"defaults": {"min_features": 0, "guard": "off", **extra},
+            "rules": [{"match": "*", "method": "lowrank", "rank": rank}]}

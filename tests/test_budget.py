@@ -155,3 +155,53 @@ def test_bad_budget_is_a_one_line_error():
 
     with pytest.raises(PlanError, match="budget must be"):
         B.allocate(cands(), {"bytes": 0.5}, None)
+
+
+class Mixed(torch.nn.Module):
+    """nn.Linear sites with different spectra and a root functional site (F.linear with a bare parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(48, 64)
+        self.b = torch.nn.Linear(64, 40)
+        self.w = torch.nn.Parameter(weight(40, 40, 0.01, 5).float())
+        with torch.no_grad():
+            self.a.weight.copy_(weight(64, 48, 0.3, 3))
+            self.b.weight.copy_(weight(40, 64, 0.05, 4))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.relu(self.b(torch.relu(self.a(x)))), self.w)
+
+
+def test_eager_rewrite_and_backend_plan_the_same_ranks(tmp_path):
+    """The budget is planned once over the whole model by `plan_model` in both paths: same rank per site, and
+    the same function (the backend sees one graph here; the eager trace sees the functional site too)."""
+    import json
+
+    import lrcompile
+
+    pol = {"defaults": {"min_features": 0}, "budget": {"params": 0.4},
+           "rules": [{"match": "*", "method": "lowrank", "init": "whitened_svd"}]}
+    torch.manual_seed(0)
+    ref = Mixed()
+    xs = [torch.randn(16, 48) for _ in range(3)]
+    stats = lrcompile.calibrate(ref, xs, pol, progress=False)
+    eager, lazy = Mixed(), Mixed()
+    eager.load_state_dict(ref.state_dict())
+    lazy.load_state_dict(ref.state_dict())
+    lrcompile.rewrite(eager, pol, (xs[0],), calibration=stats, progress=False)
+    eager_rows = {r.fqn: (r.status, r.rank) for r in eager.lrcompile_report.sites() if r.kind == "linear"}
+    path = tmp_path / "report.json"
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        out = torch.compile(lazy, backend="lrcompile", options={"policy": pol, "calibration": stats,
+                                                                "inductor": False, "report": str(path)})(x)
+    rows = {r["fqn"]: (r["status"], r.get("rank")) for r in json.loads(path.read_text())["sites"] if r["kind"] == "linear"}
+    assert set(rows) == {"a", "b", "w"}
+    assert eager_rows == rows
+    expected = B.plan_model(load_policy(pol), ref, stats)
+    assert {f: rows[f][1] for f in ("a", "b")} == expected and expected["a"] != expected["b"]  # non-uniform
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(eager, backend="lrcompile", options={"inductor": False})(x)
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)

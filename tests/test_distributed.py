@@ -20,6 +20,7 @@ from lrcompile.backend import lrcompile_backend
 from lrcompile.distributed import ADVICE
 from lrcompile.errors import LrcompileError
 from lrcompile.structures import is_owned
+from lrcompile.structures.base import owned_parameters
 from test_attention import ManualAttn
 
 POLICY = {"defaults": {"min_features": 0}, "rules": [
@@ -71,14 +72,20 @@ def train(model: nn.Module, params, data) -> list[float]:
 
 
 def factors(m: nn.Module, names: set) -> dict:
-    """lrcompile's parameters (`names`, taken before wrapping: FSDP2's DTensors do not carry lrcompile's
-    ownership mark), whole: an FSDP2 DTensor is gathered from both ranks."""
+    """lrcompile's parameters `names`, whole: an FSDP2 DTensor is gathered from both ranks."""
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for n, p in m.named_parameters() if n in names}
 
 
 def owned(m: nn.Module) -> set:
+    """lrcompile's parameters by their own mark (what a freshly rewritten model carries)."""
     return {n for n, p in m.named_parameters() if is_owned(p)}
+
+
+def owned_after_wrapping(m: nn.Module) -> set:
+    """The same after DDP / FSDP2 wrapped the model (FSDP2 replaces them by unmarked DTensors): the modules'
+    records (structures.base.OWNED_NAMES) still know them."""
+    return {n for n, _ in owned_parameters(m)}
 
 
 class Counting:
@@ -131,11 +138,14 @@ def run_wrapped(mode: str, rank: int, mesh, functional=True) -> dict:
         fully_shard(m.mlp, mesh=mesh)
         wrapped = fully_shard(m, mesh=mesh)
     backend = Counting()
+    marks_after = owned(m)  # FSDP2: none survive on the DTensors
+    owned_after = owned_after_wrapping(m)
     half = [(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2]) for x, y in batches()]
     refits = REFITS["n"]
     losses = train(torch.compile(wrapped, backend=backend), [p for p in m.parameters() if p.requires_grad], half)
-    return {"losses": losses, "factors": factors(m, names), "graphs": backend.graphs, "feeds": backend.feeds,
-            "refits": REFITS["n"] - refits}
+    return {"losses": losses, "factors": factors(m, owned_after), "graphs": backend.graphs, "feeds": backend.feeds,
+            "refits": REFITS["n"] - refits, "owned_before": names, "owned_after": owned_after,
+            "marks_after": marks_after}
 
 
 def refusal(mode: str, mesh) -> list[str]:
@@ -243,16 +253,17 @@ def test_ddp_two_processes_reproduce_one(ranks, single):
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_reproduce_one(ranks, single):
+    for r in ranks:  # fully_shard dropped every tensor mark; the module records still name each factor
+        assert r["fsdp2"]["marks_after"] == set() and r["fsdp2"]["owned_after"] == r["fsdp2"]["owned_before"]
     check_reproduces(ranks[0]["fsdp2"], ranks[1]["fsdp2"], single[True])
     assert "lrcompile_w.U" in single[True]["factors"] and "Feed" in ranks[0]["fsdp2"]["feeds"]  # attach.Feed ran
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="under DDPOptimizer the subgraphs' example inputs are fake tensors and "
-                   "lrcompile.sites._placeholder_tensor prefers them to the grapharg's real parameter, so a "
-                   "functional site's attached factors are not found by identity: its dense weight runs and "
-                   "DDP finds the factors unused")
 def test_ddp_functional_site_uses_its_attached_factors(ranks, single):
+    """DDPOptimizer compiles its subgraphs with fake example inputs: the sites take the real parameters from
+    the graphargs (sites._placeholder_tensor), find the attached factors, and rewrite froze the dense weight,
+    so DDP sees every trainable parameter used."""
     r0, r1 = ranks[0]["ddp-functional"], ranks[1]["ddp-functional"]
     assert "error" not in r0, r0.get("error")
     check_reproduces(r0, r1, single[True])
@@ -276,3 +287,44 @@ def test_backend_refuses_new_factors_under_a_wrapper(mode, wrapper, group):
     first = refusal(mode, group)[0]  # lrcompile's whole message is its first line
     assert first.startswith("lrcompile: ") and first.endswith(ADVICE), first
     assert f"cannot add new parameters under {wrapper}" in first
+
+
+class Manual(nn.Module):
+    """After `rewrite`, `manual` makes the forward also apply the installed factors functionally, outside their
+    module: the sites of those calls are lrcompile's parameters, never sites for another rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+        self.manual = False
+
+    def forward(self, x):
+        y = self.proj(x)
+        return y + F.linear(F.linear(x, self.proj.V), self.proj.U) if self.manual else y
+
+
+def test_fsdp2_sharding_keeps_ownership(group):
+    """fully_shard swaps every parameter for an unmarked DTensor (and hands Dynamo unmarked unsharded ones):
+    ownership survives through the modules' records, both for listing the factors and for the site finder —
+    otherwise the functional uses of U and V below would be new sites, which the backend refuses under FSDP2."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    m = Manual()
+    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 8}]},
+                      (torch.randn(2, 32),), progress=False)
+    m.manual = True
+    before = owned(m)
+    assert before == {"proj.U", "proj.V"}
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        U, V, b = m.proj.U.double(), m.proj.V.double(), m.proj.bias.double()
+        want = x.double() @ (U @ V).T + b + x.double() @ V.T @ U.T
+    fully_shard(m, mesh=group)
+    assert owned(m) == set()  # the tensor marks are gone
+    assert owned_after_wrapping(m) == before
+    torch._dynamo.reset()
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 4}]}  # < 8: lossy
+    c = torch.compile(m, backend="lrcompile", options={"policy": pol, "inductor": False})
+    with torch.no_grad():
+        torch.testing.assert_close(c(x).double(), want, rtol=1e-5, atol=1e-5)

@@ -127,3 +127,34 @@ def test_root_prefixes_are_stripped():
         name = "L['s']._modules['blocks']._modules['0']._parameters['w']"
 
     assert source_path(Src()) == "blocks.0.w"
+
+
+def test_fake_example_inputs_resolve_to_the_real_parameters(toy):
+    """DDPOptimizer compiles its split subgraphs with FakeTensor example inputs: the sites must still carry the
+    real parameters (their identity is how attached factors are found), taken from each placeholder's grapharg."""
+    m, ids = toy
+    found = []
+
+    def record(gm, inputs, **_):
+        mode = torch._guards.TracingContext.get().fake_mode
+        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+        assert any(isinstance(f, torch._subclasses.FakeTensor) for f in fakes)
+        found.extend(find_sites(gm, fakes))
+        return gm.forward
+
+    torch.compile(m, backend=record)(ids)
+    by = {s.fqn: s for s in found if s.kind == "linear"}
+    assert by["blocks.0.fc"].weight is m.blocks[0].fc.weight and by["blocks.0.fc"].bias is m.blocks[0].fc.bias
+    assert by["blocks.1"].weight is m.blocks[1].w  # functional site: the bare parameter itself
+    assert by["v"].weight is m.v and by["lm_head"].weight is m.embed.weight
+
+
+def test_weight_shared_marks_weights_the_graph_also_uses_elsewhere(toy):
+    m, ids = toy
+    by = {}
+    for s in sites_of(m, ids):
+        if s.kind == "linear":
+            by.setdefault(s.fqn, []).append(s.weight_shared)
+    assert by["lm_head"] == [True]  # tied: the embedding lookup reads the same placeholder
+    assert by["heads.shared"] == [False, False]  # one module called twice is one site, not a second use
+    assert by["blocks.0"] == [False] and by["v"] == [False] and by["blocks.0.fc"] == [False]

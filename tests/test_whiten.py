@@ -47,7 +47,7 @@ def test_rank_deficient_stats_stay_finite(init, compensate):
             assert objective(W, m.to_dense(), x) <= plain * (1 + 1e-6)
     zero = SiteStats(torch.zeros(40, 40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64), 0)
     ref = LowRank.from_dense(W, None, LowRankConfig(rank=10, init="svd"), None).to_dense()
-    with pytest.warns(UserWarning, match="all zero|no usable"):  # zero tokens: missing statistics, said so
+    with pytest.warns(UserWarning, match="saw no tokens"):  # zero tokens: missing statistics, said so
         m = LowRank.from_dense(W, None, LowRankConfig(rank=10, init=init, compensate=compensate), zero)
     torch.testing.assert_close(m.to_dense(), ref)  # exactly plain SVD (compensate leaves it alone)
 
@@ -182,3 +182,65 @@ def test_config_validation():
     with pytest.raises(ValueError, match="damping"):
         LowRankConfig(rank=2, damping=-1).validate()
     LowRankConfig(rank=2, init="asvd").validate()
+
+
+def test_lowrank_passes_the_site_statistics_whole():
+    """from_dense hands whiten the SiteStats, not only its C: a cross moment (statistics from a compressed
+    model) changes the target, and compensate refits with it too."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(20, 16, generator=g, dtype=torch.float64)
+    x = correlated(300, 16, seed=2)
+    xt = x + 0.3 * torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    st = stats_of(xt)
+    st.cross = x.T @ xt
+    target = lambda What: float(torch.linalg.norm(xt @ What.detach().T - x @ W.T))  # noqa: E731
+    m = LowRank.from_dense(W, None, LowRankConfig(rank=6, init="whitened_svd"), st)
+    U, V, _ = whiten.whitened_svd(W, st, 6)
+    torch.testing.assert_close(m.to_dense(), U @ V, atol=1e-10, rtol=1e-10)
+    blind = whiten.whitened_svd(W, st.cov, 6)  # C only: SVD-LLM on x̃, blind to x
+    assert target(m.to_dense()) < 0.95 * target(blind[0] @ blind[1])
+    c = LowRank.from_dense(W, None, LowRankConfig(rank=6, init="svd", compensate=True), st)
+    P, S, Qh = torch.linalg.svd(W, full_matrices=False)
+    V0 = S[:6].sqrt()[:, None] * Qh[:6]
+    Uc = whiten.compensate(W, P[:, :6] * S[:6].sqrt(), V0, st)
+    torch.testing.assert_close(c.to_dense(), Uc @ V0, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("init", ["whitened_svd", "asvd"])
+def test_zero_token_site_is_missing_and_named(init):
+    from lrcompile.calibrate import CalibrationStats
+
+    W = torch.randn(14, 11, dtype=torch.float64)
+    cal = CalibrationStats({"enc.fc": stats_of(torch.zeros(0, 11, dtype=torch.float64))})
+    with pytest.warns(UserWarning, match=r"site 'enc\.fc'.*saw no tokens.*plain svd") as rec:
+        m = LowRank.from_dense(W, None, LowRankConfig(rank=4, init=init, compensate=True), cal.get("enc.fc"))
+    assert m.init_used == "svd"
+    assert any("compensate" in str(w.message) and "'enc.fc'" in str(w.message) for w in rec)
+    ref = LowRank.from_dense(W, None, LowRankConfig(rank=4, init="svd"), None)
+    torch.testing.assert_close(m.to_dense(), ref.to_dense(), atol=1e-12, rtol=1e-12)
+
+
+def test_compensate_without_statistics_warns_naming_the_site():
+    import torch.nn.functional as F
+    from torch import nn
+
+    import lrcompile
+    from lrcompile.structures.base import site_scope
+
+    W = torch.randn(12, 9, dtype=torch.float64)
+    with site_scope("blk.proj"), pytest.warns(UserWarning, match=r"site 'blk\.proj'.*compensate.*no calibration"):
+        m = LowRank.from_dense(W, None, LowRankConfig(rank=3, compensate=True), None)
+    ref = LowRank.from_dense(W, None, LowRankConfig(rank=3), None)
+    torch.testing.assert_close(m.to_dense(), ref.to_dense())
+
+    class M(nn.Module):  # the eager rewrite names its sites for the families
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(10, 10)
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 3, "compensate": True}]}
+    with pytest.warns(UserWarning, match=r"site 'fc'.*compensate: true has no calibration statistics"):
+        lrcompile.rewrite(M(), pol, (torch.randn(2, 10),), progress=False)

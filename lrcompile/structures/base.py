@@ -9,6 +9,8 @@ A family is an nn.Module that replaces or augments one linear map y = x Wᵀ + b
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import ClassVar, Optional
 
@@ -22,6 +24,9 @@ FAMILIES: dict[str, type["Structure"]] = {}
 
 # Marks a parameter lrcompile created: it is never a site for another rewrite.
 OWNED_ATTR = "_lrcompile_owned"
+# The same, kept on the module that holds the parameter (names of its owned parameters): FSDP2's fully_shard,
+# deepcopy and the like replace parameter objects and drop the tensor's mark, but keep the module and the name.
+OWNED_NAMES = "_lrcompile_owned_names"
 
 
 def register(cls: type["Structure"]) -> type["Structure"]:
@@ -38,8 +43,57 @@ def mark_owned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def is_owned(t) -> bool:
-    return bool(getattr(t, OWNED_ATTR, False))
+def _record_owned(module: nn.Module, name: str, param) -> None:
+    """Global parameter-registration hook: a marked parameter registered on a module makes `name` owned there.
+    Only ever adds: FSDP2's slow path re-registers unmarked DTensors under the same names."""
+    if param is not None and getattr(param, OWNED_ATTR, False):
+        names = module.__dict__.get(OWNED_NAMES)
+        if names is None:
+            names = module.__dict__[OWNED_NAMES] = set()
+        names.add(name)
+
+
+nn.modules.module.register_module_parameter_registration_hook(_record_owned)
+
+
+def is_owned(t, module: Optional[nn.Module] = None, name: Optional[str] = None) -> bool:
+    """`t` was made by lrcompile: by its own mark, or (`module`, `name`: where it is registered) by the module's
+    record, which survives parameter replacement (FSDP2 sharding / unsharding)."""
+    if bool(getattr(t, OWNED_ATTR, False)):
+        return True
+    return module is not None and name is not None and name in module.__dict__.get(OWNED_NAMES, ())
+
+
+def owned_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(path, parameter) of every lrcompile parameter of `model`, also after FSDP2 swapped them for DTensors;
+    the current parameter objects are re-marked, so `is_owned(p)` holds for them too."""
+    out = []
+    for mpath, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            if is_owned(p, mod, pname):
+                mark_owned(p)
+                out.append((f"{mpath}.{pname}" if mpath else pname, p))
+    return out
+
+
+_SITE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lrcompile_site", default=None)
+
+
+@contextlib.contextmanager
+def site_scope(fqn: Optional[str]):
+    """Name the site being built, for the families' warnings (`from_dense` sees only tensors)."""
+    token = _SITE.set(fqn)
+    try:
+        yield
+    finally:
+        _SITE.reset(token)
+
+
+def site_label(stats=None, default: str = "this site") -> str:
+    """`site 'fqn'` for warnings: from the statistics (CalibrationStats.get names them), else the enclosing
+    `site_scope`, else `default`."""
+    fqn = getattr(stats, "fqn", None) or _SITE.get()
+    return f"site {fqn!r}" if fqn else default
 
 
 @dataclasses.dataclass

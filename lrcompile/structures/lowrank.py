@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import svd, whiten
-from .base import MethodConfig, Structure, mark_owned, register
+from .base import MethodConfig, Structure, mark_owned, register, site_label
 
 
 RANK_MULTIPLE = 8
@@ -103,16 +103,23 @@ class LowRank(Structure):
 
     @classmethod
     def from_dense(cls, weight, bias, cfg: LowRankConfig, stats=None) -> "LowRank":
+        """`stats`: the site's SiteStats (lrcompile.calibrate), passed whole to lrcompile.whiten so that a cross
+        moment (statistics from a compressed model) is used; statistics that saw no tokens count as missing."""
         out_f, in_f = weight.shape
         if cfg.init == "random":
             return cls.init(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
         init, algorithm = cfg.init, None
+        where = site_label(stats, f"this {out_f}x{in_f} weight")
+        if stats is not None and getattr(stats, "tokens", 1) <= 0:
+            why = "calibration statistics that saw no tokens (every row masked?)"
+            stats = None
+        else:
+            why = "no calibration statistics"
         if init in cfg.ACTIVATION_AWARE and stats is None:
-            warnings.warn(f"lrcompile: lowrank init {init!r} has no calibration statistics for this "
-                          f"{out_f}x{in_f} weight; using plain svd", stacklevel=3)
+            warnings.warn(f"lrcompile: {where}: lowrank init {init!r} has {why}; using plain svd", stacklevel=3)
             init = "svd"
         if init == "whitened_svd":
-            U, V, kept = whiten.whitened_svd(weight, stats.cov, cfg.rank, cfg.damping)
+            U, V, kept = whiten.whitened_svd(weight, stats, cfg.rank, cfg.damping)
         elif init == "asvd":
             U, V, kept = whiten.asvd(weight, stats.abs_mean, cfg.rank, cfg.asvd_alpha)
         else:
@@ -122,8 +129,12 @@ class LowRank(Structure):
             U, V = P * S.sqrt(), S.sqrt()[:, None] * Qh
             total = float(weight.detach().double().square().sum())
             kept = float(S.double().square().sum()) / total if total > 0 else 1.0  # ‖W‖_F² = Σ σ²
-        if cfg.compensate and stats is not None:
-            U, V = whiten.balance(whiten.compensate(weight, U, V, stats.cov, cfg.damping), V)
+        if cfg.compensate:
+            if stats is None:  # asked for and impossible: say so rather than return unrefitted factors quietly
+                warnings.warn(f"lrcompile: {where}: lowrank compensate: true has {why}; factors not refitted",
+                              stacklevel=3)
+            else:
+                U, V = whiten.balance(whiten.compensate(weight, U, V, stats, cfg.damping), V)
         m = cls(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             m.U.copy_(U)
