@@ -537,3 +537,12 @@ def test_gpt2_eager_rewrite(name, tmp_path):
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, eager, atol=1e-6, rtol=1e-6)
+
+
+def test_whitened_fallback_warning_names_the_site():
+    from lrcompile.structures.base import site_scope
+
+    cls = FAMILIES["monarch"]
+    cfg = cls.Config(blocks=2, init="whitened_svd").resolve(8, 8)
+    with site_scope("encoder.fc"), pytest.warns(UserWarning, match=r"no calibration statistics for site 'encoder\.fc'"):
+        cls.from_dense(torch.randn(8, 8), None, cfg)

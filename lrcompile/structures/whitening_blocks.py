@@ -23,7 +23,7 @@ from typing import ClassVar, Optional
 import torch
 
 from .. import whiten
-from .base import MethodConfig
+from .base import MethodConfig, site_label
 
 
 @dataclasses.dataclass
@@ -82,7 +82,8 @@ def block_whitener(family: str, cfg: StructuredConfig, stats, weight: torch.Tens
     if not whiten.usable(cov):
         out_f, in_f = weight.shape
         why = "no calibration statistics" if stats is None else "calibration statistics that carry nothing"
-        warnings.warn(f"lrcompile: {family} init 'whitened_svd' has {why} for this {out_f}x{in_f} weight; "
+        warnings.warn(f"lrcompile: {family} init 'whitened_svd' has {why} for "
+                      f"{site_label(stats, 'this site')} ({out_f}x{in_f} weight); "
                       "using plain svd", stacklevel=4)
         return None, "svd"
     return BlockWhitener(cov, n, k, cfg.damping), "whitened_svd"
