@@ -1,12 +1,13 @@
 """lrcompile.heal: distillation of installed factors toward the dense teacher."""
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import lrcompile
-from lrcompile.heal import loss_of
+from lrcompile.heal import _lr_factor, loss_of
 from lrcompile.structures.base import is_owned
 
 
@@ -18,12 +19,13 @@ class Tiny(nn.Module):
         self.emb = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), nn.Dropout(0.1))
                                     for _ in range(2))
+        self.norm = nn.LayerNorm(d)
 
     def forward(self, input_ids, attention_mask=None):
         h = self.emb(input_ids)
         for b in self.blocks:
             h = h + b(h)
-        return h
+        return self.norm(h)
 
 
 def batches(n=4, seq=7, seed=0):
@@ -53,8 +55,10 @@ def pair():
     return student, teacher
 
 
-@pytest.mark.parametrize("layers", [(), ("blocks.0",)])
-def test_heal_lowers_the_loss_and_trains_only_the_factors(pair, layers):
+@pytest.mark.parametrize("layers,extra", [((), {}), (("blocks.0",), {}),
+                                          (("blocks.0", "blocks.1"), {"layer_loss": "nmse", "layer_weight": 1.0}),
+                                          ((), {"warmup": 10, "schedule": "cosine"})])
+def test_heal_lowers_the_loss_and_trains_only_the_factors(pair, layers, extra):
     student, teacher = pair
     bs = batches()
     before = total_loss(student, teacher, bs)
@@ -65,7 +69,7 @@ def test_heal_lowers_the_loss_and_trains_only_the_factors(pair, layers):
     student.train()
     teacher.train()
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
-    lrcompile.heal(student, teacher, bs, steps=60, lr=1e-2, layers=layers, progress=False)
+    lrcompile.heal(student, teacher, bs, steps=60, lr=1e-2, layers=layers, progress=False, **extra)
     assert student.training and all(m.training for m in student.modules())  # modes restored
     assert teacher.training and all(m.training for m in teacher.modules())
     assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
@@ -82,6 +86,50 @@ def test_heal_lowers_the_loss_and_trains_only_the_factors(pair, layers):
     assert after < 0.5 * before, (before, after)
 
 
+def test_lr_schedule_warms_up_then_decays():
+    steps, warm = 110, 10
+    assert [_lr_factor(i, steps, warm, "linear") for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert _lr_factor(10, steps, warm, "cosine") == pytest.approx(1.0)
+    assert _lr_factor(60, steps, warm, "cosine") == pytest.approx(0.5)  # half way through the decay
+    assert _lr_factor(35, steps, warm, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert _lr_factor(60, steps, warm, "linear") == pytest.approx(0.5)
+    assert _lr_factor(steps, steps, warm, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert _lr_factor(5, 20, 0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_layer_nmse_sees_the_norm():
+    """A scaled copy has zero per-token cosine loss but a normalised MSE of (s − 1)²."""
+    from lrcompile.heal import _token_cos, _token_nmse
+
+    t = torch.randn(2, 5, 8, dtype=torch.float64)
+    m = torch.ones(2, 5, dtype=torch.float64)
+    m[1, 3:] = 0
+    assert float(_token_cos(1.5 * t, t, m)) == pytest.approx(0.0, abs=1e-12)
+    assert float(_token_nmse(1.5 * t, t, m)) == pytest.approx(0.25)
+    h = torch.randn_like(t)
+    want = ((h - t).square().sum(-1) / t.square().sum(-1))[m.bool()].mean()
+    assert float(_token_nmse(h, t, m)) == pytest.approx(float(want))
+
+
+@pytest.mark.parametrize("also", [("biases",), ("norms",), ("biases", "norms")])
+def test_train_also_opts_in_biases_and_norms(pair, also):
+    student, teacher = pair
+    bs = batches()
+    before = total_loss(student, teacher, bs)
+    state = {n: p.detach().clone() for n, p in student.named_parameters()}
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    lrcompile.heal(student, teacher, bs, steps=40, lr=1e-2, train_also=also, progress=False)
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, state[n])}
+    owned = {n for n, p in student.named_parameters() if is_owned(p)}
+    site_biases = {n for n in state if n.startswith("blocks.") and n.endswith(".bias") and n not in owned}
+    norms = {"norm.weight", "norm.bias"}
+    assert len(site_biases) == 4
+    want = owned | (site_biases if "biases" in also else set()) | (norms if "norms" in also else set())
+    assert changed == want
+    assert total_loss(student, teacher, bs) < 0.5 * before
+
+
 def test_heal_errors_are_one_line(pair):
     student, teacher = pair
     with pytest.raises(ValueError, match="no batches"):
@@ -90,3 +138,8 @@ def test_heal_errors_are_one_line(pair):
         lrcompile.heal(Tiny(), teacher, batches(1), steps=1, progress=False)
     with pytest.raises(ValueError, match="no submodule 'blocks.9'"):
         lrcompile.heal(student, teacher, batches(1), steps=1, layers=["blocks.9"], progress=False)
+    for kw, msg in [({"layer_loss": "mse"}, "layer_loss 'mse' is not one of cos, nmse"),
+                    ({"schedule": "step"}, "schedule 'step' is not one of linear, cosine"),
+                    ({"train_also": ["emb"]}, "train_also 'emb' is not one of biases, norms")]:
+        with pytest.raises(ValueError, match=msg):
+            lrcompile.heal(student, teacher, batches(1), steps=1, progress=False, **kw)

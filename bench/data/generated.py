@@ -121,3 +121,40 @@ def calibration_corpus(n: int = 2000) -> list[str]:
     held = set(HELD_OUT)
     extra = [s for s in generate(n + len(held)) if s not in held and s not in CALIBRATION][:n]
     return list(CALIBRATION) + extra
+
+
+def _words(sentences) -> list[str]:
+    return sorted({w.strip(".,;:!?\"'()").lower() for s in sentences for w in s.split()} - {""})
+
+
+def augment(sentences: list[str], n: int, vocab: list[str] = (), p: float = 0.2, seed: int = 1) -> list[str]:
+    """n distinct new sentences made from `sentences` (TinyBERT-style augmentation for distillation): splice the
+    start of one sentence onto the end of another, then replace each word with probability p by a random word
+    (from `vocab` if given, else from the sentences' own words). The teacher's output on any text is a valid
+    target, and varied text is what keeps a short healing run from fitting its few templates."""
+    rng = random.Random(seed)
+    pool = list(vocab) or _words(sentences)
+    base = list(sentences)
+    out, seen = [], set(base)
+    while len(out) < n:
+        a, b = rng.choice(base).split(), rng.choice(base).split()
+        if rng.random() < 0.5 and len(a) > 3 and len(b) > 3:
+            a = a[:rng.randint(2, len(a) - 1)] + b[rng.randint(1, len(b) - 2):]
+        words = [rng.choice(pool) if rng.random() < p else w for w in a]
+        s = " ".join(words)
+        s = s[0].upper() + s[1:]
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def healing_corpus(n_generated: int = 2000, n_augmented: int = 0, vocab: list[str] = ()) -> list[str]:
+    """calibration_corpus(n_generated) followed by n_augmented augmented sentences made from it; never a
+    held-out sentence."""
+    from .text import HELD_OUT
+
+    base = calibration_corpus(n_generated)
+    held = set(HELD_OUT)
+    extra = [s for s in augment(base, n_augmented + len(held), vocab) if s not in held][:n_augmented]
+    return base + extra
