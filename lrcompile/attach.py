@@ -7,7 +7,9 @@ second graph that calls the same module) finds and reuses them instead of factor
 
 Freshness: a site records the dense weight's `_version` and its factors' versions when the factors are made.
 If the weight moved (e.g. `load_state_dict`) while the factors did not, the factors are recomputed in place;
-if the factors moved (training), they are the truth and are kept.
+if the factors moved (training), they are the truth and are kept. If recomputing fails, the factors no longer
+describe the weight: the feed says so (`failed`) and the backend runs that graph dense until a later change of
+the weight is recomputed successfully.
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ class Feed:
         self.weight = weight  # stored parameter the factors came from (None: installed, nothing to track)
         self.transposed = transposed
         self.stats = stats
+        self.failed = False  # the last stale repair failed: the factors are not the weight's
         if weight is not None and not hasattr(struct, "_lrc_weight_version"):
             record_versions(struct, weight)
 
@@ -91,17 +94,20 @@ class Feed:
         if w is not None and w._version != self.struct._lrc_weight_version:
             trained = tuple(t._version for t in self.struct.tensors()) != self.struct._lrc_factor_versions
             if not trained and self.struct.compressing:
-                self._refit(w)
+                self.failed = not self._refit(w)
             record_versions(self.struct, w)
         return self.struct.tensors()
 
-    def _refit(self, w: torch.Tensor) -> None:
-        """Stale repair runs inside the user's forward: a failure keeps the previous factors, with one warning
-        (DESIGN: stale repair is never an error). The new version is recorded either way: no retry per call."""
+    def _refit(self, w: torch.Tensor) -> bool:
+        """Stale repair runs inside the user's forward: a failure is one warning, never an error (DESIGN), and the
+        site then runs dense (see the module doc). The new version is recorded either way: no retry per call."""
         try:
             self.struct.refit(w.detach().T if self.transposed else w.detach(), self.stats)
+            return True
         except Exception as e:
             if not self.warned:
                 self.warned = True
                 warnings.warn(f"lrcompile: recomputing stale {self.struct.name} factors failed ({first_line(e)}); "
-                              "keeping the previous factors", stacklevel=3)
+                              "the graph runs the dense weights instead (uncompiled) until they change again",
+                              stacklevel=3)
+            return False

@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import os
 import sys
+import warnings
 import weakref
 from typing import Optional
 
@@ -23,10 +24,10 @@ from .distributed import check_new_factors
 from .options import Options
 from .passes.rewrite import rewrite_graph
 from .plan import TIE_NOTE, Decision, build, decide, rel_error, site_row, tie_broken
-from .policy import Policy, load_policy
+from .policy import KEEP, Policy, load_policy
 from .report import Report, SiteRow
 from .resolve import frame_locals, root_module, site_module
-from .sites import Site, find_sites
+from .sites import Site, find_sites, strip_root
 from .structures import FAMILIES, Structure
 
 
@@ -99,22 +100,26 @@ def _load_calibration(calibration):
 
 def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
     opts = Options.parse(options)
+    dynamo_gm = gm  # Dynamo's own graph, never changed: what another instance runs when it cannot share ours
     sites = find_sites(gm, example_inputs)
     f_locals = frame_locals()
-    root = root_module(sites, f_locals)
-    session = _session(root, options, opts)
-    if session.policy is not None and session.policy.budget and session.ranks is None and root is not None:
-        from .budget import plan_model
-
-        session.ranks = plan_model(session.policy, root, session.calibration)
+    root = root_module(sites, f_locals)  # this frame's module; `model`: the compiled model it lies in
+    model, prefix = _enclosing(root)
+    rel = {id(s): _relative(s) for s in sites}  # this frame's own names, for other instances of the graph
+    if prefix:
+        sites = [_prefixed(s, prefix) for s in sites]
+        rel = dict(zip(map(id, sites), rel.values()))
+    session = _session(model, options, opts)
+    _plan_budget(session, model)
     # attention rules first: the projections they claim are no linear rule's sites (lrcompile.attention)
     plans, rows = attention.plan_attention(
         sites, session.policy, lambda s: (site_module(s, root, f_locals) if s.module_expr else root) if root is not None else None,
-        session.orphans, on_new=lambda what: check_new_factors(what, root),
-        attached=attention.attached_bases(root, session.orphans))
+        session.orphans, on_new=lambda what: check_new_factors(what, model),
+        attached=attention.attached_bases(model, session.orphans))
     claimed = attention.claimed_ids(plans)
     linear = [s for s in sites if s.kind == "linear" and id(s) not in claimed]
-    chosen, feeds = _plan_graph(linear, session, root, f_locals, tune=opts.tune)
+    chosen, feeds = _plan_graph(linear, session, model, f_locals, tune=opts.tune)
+    by_struct = {id(struct): (site, rel[id(site)]) for site, struct, _ in chosen}
     attn_feeds = []
     if plans:
         gm, vm, attn_feeds = attention.rewrite_attention(gm, plans)
@@ -136,8 +141,12 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
         session.report.write(opts.report)
     if opts.verbose:
         print(session.report.table())
+    fed = {id(site) for site, _ in by_struct.values()}
+    dense_sites = {s.fqn: (s, rel[id(s)]) for s in linear if id(s) not in fed}
+    others = _Instances(session, model, root, prefix, dynamo_gm, example_inputs, feeds, by_struct,
+                        list(dense_sites.values()), options, opts) if feeds else None
     if not opts.inductor:
-        return _Runner(gm, feeds)
+        return _runner(gm, feeds, others)
     from torch._inductor.compile_fx import compile_fx
 
     inputs = list(example_inputs) + _fakes(example_inputs, feeds)
@@ -145,7 +154,60 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
     patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
     compiled = compile_fx(gm, inputs, config_patches=patches)
     # compile_fx's callable is called unboxed, whatever its `_boxed_call` says (aot_module_simplified's forward)
-    return _Runner(compiled, feeds)
+    return _runner(compiled, feeds, others)
+
+
+def _plan_budget(session: Session, model: Optional[nn.Module]) -> None:
+    """The policy budget's ranks, planned once per session over the whole compiled model."""
+    if session.policy is not None and session.policy.budget and session.ranks is None and model is not None:
+        from .budget import plan_model
+
+        session.ranks = plan_model(session.policy, model, session.calibration)
+
+
+def _path_in(model: nn.Module, module: nn.Module) -> Optional[str]:
+    return next((n for n, m in model.named_modules(remove_duplicate=False) if m is module), None)
+
+
+_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def _enclosing(root: Optional[nn.Module]) -> tuple[Optional[nn.Module], str]:
+    """(model, prefix): the model being compiled that `root` (the module of the frame Dynamo compiles now) lies
+    in, and root's path in it with a trailing dot. Dynamo compiles a submodule's forward as a frame of its own
+    when it cannot trace through the caller (a graph break inside a loop over blocks skips the caller's frame):
+    such sites are named from the compiled model (`blocks.0.a`, not `a`) and share its session and report. The
+    compiled model is the outermost `torch.compile`d module (an OptimizedModule, or `module.compile()`) on the
+    Python stack that contains `root`; none: root itself."""
+    if root is None:
+        return None, ""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    found, f = None, sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            obj = f.f_locals.get("self")
+            cand = obj._orig_mod if isinstance(obj, OptimizedModule) else (
+                obj if isinstance(obj, nn.Module) and getattr(obj, "_compiled_call_impl", None) is not None else None)
+            while isinstance(cand, _WRAPPERS):  # names are the user's model's, not `module.…`
+                cand = cand.module
+            if isinstance(cand, nn.Module) and (cand is root or any(m is root for m in cand.modules())):
+                found = cand
+        f = f.f_back
+    if found is None or found is root:
+        return root, ""
+    return found, _path_in(found, root) + "."
+
+
+def _relative(site: Site) -> tuple:
+    """(fqn, calling module's path, weight path), relative to the frame's module."""
+    return site.fqn, strip_root(site.module_expr) if site.module_expr else "", site.weight_path
+
+
+def _prefixed(site: Site, prefix: str) -> Site:
+    return dataclasses.replace(site, fqn=prefix + site.fqn if site.fqn else prefix[:-1],
+                               weight_path=prefix + site.weight_path if site.weight_path else None)
 
 
 def _remap(site: Site, vm: dict) -> Site:
@@ -247,8 +309,9 @@ def _keep(site: Site, struct: Structure, module, session: Session, row: SiteRow)
         row.notes.append("module not found: factors are not registered on the model")
 
 
-def _report_installed(site: Site, session: Session, root, f_locals) -> None:
-    module = site_module(site, root, f_locals) if root is not None else None
+def _report_installed(site: Site, session: Session, root, f_locals, module=None) -> None:
+    if module is None:
+        module = site_module(site, root, f_locals) if root is not None else None
     if not isinstance(module, Structure):
         return  # an lrcompile parameter used functionally: its owner module reports it
     row = SiteRow(fqn=site.fqn, kind="linear", method=module.name, status="installed",
@@ -274,11 +337,202 @@ def _fakes(example_inputs, feeds) -> list:
 
 
 class _Runner:
-    """Calls the compiled graph with the current factors appended to Dynamo's arguments."""
+    """Calls the compiled graph with the current factors appended to Dynamo's arguments: those of the module
+    instance the call runs for (see _Instances)."""
 
-    def __init__(self, fn, feeds: list):
+    def __init__(self, fn, feeds: list, others: Optional["_Instances"] = None):
         self.fn = fn
         self.feeds = feeds
+        self.others = others
 
     def __call__(self, *args):
-        return self.fn(*args, *[t for f in self.feeds for t in f.tensors()])
+        feeds = self.feeds
+        if self.others is not None and not self.others.matches(args):
+            feeds = self.others.feeds_for(args)
+            if feeds is None:  # this instance cannot share the rewritten graph: Dynamo's own, dense
+                return self.others.gm(*args)
+        factors = [t for f in feeds for t in f.tensors()]
+        if self.others is not None and any(getattr(f, "failed", False) for f in feeds):
+            return self.others.gm(*args)  # stale factors that could not be recomputed: the dense weights' function
+        return self.fn(*args, *factors)
+
+
+def _runner(fn, feeds: list, others: Optional["_Instances"]) -> _Runner:
+    run = _Runner(fn, feeds)  # (fn, feeds): what tests that wrap _Runner construct it with
+    run.others = others
+    return run
+
+
+def _index(example_inputs, t) -> Optional[int]:
+    return next((i for i, x in enumerate(example_inputs) if x is t), None) if t is not None else None
+
+
+class _Instances:
+    """Other instances of the frame's module class running this compiled graph.
+
+    When a module's forward is compiled as a frame of its own (a graph break inside a loop over blocks, or
+    each block compiled by itself), Dynamo runs that one graph for every instance of the class: parameters are
+    graph inputs, so blocks.1 calls the graph made for blocks.0 with its own weights. The factors fed with
+    them must be blocks.1's too. On the first call with other parameters they are found (attached earlier) or
+    made, when the policy gives the site the graph's family and config; otherwise that instance runs Dynamo's
+    graph as it is (dense, uncompiled) with one warning. Either way its sites are reported under its names."""
+
+    def __init__(self, session, model, root, prefix, gm, example_inputs, feeds, by_struct, dense_sites, options,
+                 opts):
+        self.session, self.prefix, self.gm, self.options, self.opts = session, prefix, gm, options, opts
+        self.model = weakref.ref(model) if model is not None else None
+        self.root_type = type(root) if root is not None else None
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        # real parameters only: DDPOptimizer's split graphs get fake ones, which no call passes again
+        self.params = [i for i, t in enumerate(example_inputs)
+                       if isinstance(t, nn.Parameter) and not isinstance(t, FakeTensor)]
+        self.seen = [weakref.ref(example_inputs[i]) for i in self.params]  # weak: the runner outlives models
+        self.feeds = feeds
+        self.slots = []  # per feed: (weight index, bias index, site, relative names); None: not rebindable
+        for f in feeds:
+            site, rel = by_struct.get(id(f.struct), (None, None))
+            wi = _index(example_inputs, getattr(f, "weight", None))
+            ok = site is not None and wi is not None and rel[2] is not None
+            self.slots.append((wi, _index(example_inputs, site.bias), site, rel) if ok else None)
+        self.dense_sites = dense_sites  # sites this graph runs dense: (site, relative names)
+        self.variants: dict = {}  # ids of the parameters -> (their weakrefs, feeds or None: run dense)
+
+    def matches(self, args) -> bool:
+        return all(args[i] is r() for i, r in zip(self.params, self.seen))
+
+    def feeds_for(self, args) -> Optional[list]:
+        key = tuple(id(args[i]) for i in self.params)
+        got = self.variants.get(key)
+        if got is not None and all(r() is args[i] for r, i in zip(got[0], self.params)):
+            return got[1]
+        with torch.inference_mode(False):  # factors made during an inference-mode call must be trainable later
+            feeds = self._bind(args)
+        self.variants[key] = ([weakref.ref(args[i]) for i in self.params], feeds)
+        return feeds
+
+    def _instance(self, args) -> Optional[nn.Module]:
+        """The module this call runs for: on the stack, of the frame module's class, holding these weights."""
+        def holds(obj) -> bool:
+            try:
+                return all(s is None or obj.get_parameter(s[3][2]) is args[s[0]] for s in self.slots)
+            except AttributeError:
+                return False
+
+        f = sys._getframe(2)
+        while f is not None and self.root_type is not None:
+            for obj in f.f_locals.values():
+                if type(obj) is self.root_type and holds(obj):
+                    return obj
+            f = f.f_back
+        return None
+
+    def _where(self, inst) -> tuple[Session, Optional[nn.Module], str]:
+        model = self.model() if self.model is not None else None
+        path = _path_in(model, inst) if model is not None else None
+        if path is not None:
+            return self.session, model, path + "." if path else ""
+        model, prefix = _enclosing(inst)  # another compiled model (each block compiled by itself)
+        session = _session(model, self.options, self.opts)
+        _plan_budget(session, model)
+        return session, model, prefix
+
+    def _bind(self, args) -> Optional[list]:
+        shared = f"'{self.prefix[:-1]}'" if self.prefix else f"a {self.root_type.__name__ if self.root_type else 'graph'}"
+        inst = self._instance(args)
+        if inst is None:
+            return self._dense(None, [], f"the graph compiled for {shared} runs for other weights, whose module "
+                                         "was not found")
+        session, model, prefix = self._where(inst)
+        policy = session.policy
+        plan, why = [], None
+        for f, slot in zip(self.feeds, self.slots):
+            if slot is None:
+                why = why or "attention factors are not shared between instances"
+                continue
+            wi, bi, site, rel = slot
+            s2, module = self._site(site, rel, prefix, inst, args[wi], args[bi] if bi is not None else None)
+            cls, cfg = type(f.struct), f.struct.cfg
+            prev = store.attached(module, s2.weight)
+            if prev is not None:
+                if type(prev) is not cls or prev.cfg != cfg:
+                    why = why or f"{s2.fqn} has {prev.name} factors attached that differ from the graph's"
+                plan.append((f, s2, module, prev, None))
+                continue
+            d = decide(s2, policy, session.ranks)
+            if not (d.rewrites and FAMILIES.get(d.method) is cls and d.config == cfg):
+                asked = f"{d.method} {d.config}" if d.rewrites else f"{d.status} ({d.reason})"
+                why = why or f"the policy gives {s2.fqn} {asked}, the graph runs {cls.name} {cfg}"
+            plan.append((f, s2, module, None, d))
+        if why is not None:
+            return self._dense(session, [p[1] for p in plan], why, shared)
+        feeds = []
+        for f, s2, module, prev, d in plan:
+            if prev is not None:
+                row, struct = _reused_row(s2, prev, d or decide(s2, policy, session.ranks), session), prev
+            else:
+                check_new_factors(s2.fqn, model)
+                struct, row = build(s2, d, policy, _stats_for(session, s2))
+                if struct is None:  # failed or over max_error: the rows say why; the whole graph runs dense
+                    session.report.add(row)
+                    return self._dense(session, [p[1] for p in plan if p[1] is not s2],
+                                       f"{s2.fqn} could not be rewritten ({row.reason})", shared)
+                struct.to(device=s2.weight.device)
+                _keep(s2, struct, module, session, row)
+                if struct.compressing and tie_broken(s2, model):
+                    row.notes.append(TIE_NOTE)
+            row.notes.append(f"runs the graph compiled for {shared}")
+            session.report.add(row)
+            feeds.append(store.Feed(struct, s2.weight, s2.transposed, _stats_for(session, s2)))
+        self._report_dense_sites(session, inst, prefix)
+        self._write(session)
+        return feeds
+
+    def _site(self, site: Site, rel: tuple, prefix: str, inst: nn.Module, weight, bias) -> tuple[Site, nn.Module]:
+        fqn, module_path, weight_path = rel
+        s2 = dataclasses.replace(site, fqn=prefix + fqn if fqn else prefix[:-1], weight=weight, bias=bias,
+                                 weight_path=prefix + weight_path if weight_path else None)
+        return s2, inst.get_submodule(module_path) if module_path else inst
+
+    def _report_dense_sites(self, session: Session, inst: nn.Module, prefix: str) -> None:
+        """Sites the graph runs dense: reported as the policy decides for this instance; one the policy would
+        rewrite here cannot be (the graph is fixed), and says so."""
+        for site, rel in self.dense_sites:
+            try:
+                s2, module = self._site(site, rel, prefix, inst, inst.get_parameter(rel[2]) if rel[2] else None, None)
+            except AttributeError:
+                continue
+            if s2.weight is None:
+                continue
+            d = decide(s2, session.policy, session.ranks)
+            if d.status == "installed":
+                _report_installed(s2, session, None, None, module=module)
+                continue
+            if d.rewrites:
+                seen = self.session.report.rows.get((site.kind, site.fqn))
+                if seen is not None and seen.method == d.method and seen.status == "skipped":
+                    # kept dense for the compiled instance by what holds here too (the tuner's dense choice)
+                    row = dataclasses.replace(seen, fqn=s2.fqn, notes=[*seen.notes, f"as for {site.fqn}"])
+                    session.report.add(row)
+                    continue
+                d = dataclasses.replace(d, status="failed", reason="its instance shares a compiled graph that keeps "
+                                                                    "this site dense; compile the whole model to rewrite it")
+                warnings.warn(f"lrcompile: {s2.fqn}: {d.reason}", stacklevel=3)
+            session.report.add(build(s2, d, session.policy)[1])
+
+    def _dense(self, session: Optional[Session], sites: list, why: str, shared: str = "") -> None:
+        warnings.warn(f"lrcompile: {why}; that instance runs Dynamo's graph as it is (dense, uncompiled)",
+                      stacklevel=4)
+        if session is not None:
+            for s2 in sites:
+                if (s2.kind, s2.fqn) not in session.report.rows or session.report.rows[(s2.kind, s2.fqn)].status != "failed":
+                    row = build(s2, Decision(s2.fqn, None, KEEP, "failed", reason=f"runs dense: {why}"), session.policy)[1]
+                    row.notes.append(f"would run the graph compiled for {shared}")
+                    session.report.add(row)
+            self._write(session)
+        return None
+
+    def _write(self, session: Session) -> None:
+        if self.opts.report:
+            session.report.write(self.opts.report)
+

@@ -21,16 +21,36 @@ import torch
 from .cache_dir import cache_path
 
 
-def _bytes(t: torch.Tensor):
-    """The tensor's bytes as a buffer hashlib reads in place (no copy for a contiguous CPU tensor)."""
-    t = t.detach().contiguous().cpu()
-    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+# A strided (e.g. Conv1D's transposed) or non-CPU weight is hashed one slice of rows at a time, so computing the
+# key never holds a second full copy of the weight; the byte stream, and so the digest, is the same either way.
+CHUNK_BYTES = 64 << 20
+
+
+def _pieces(t: torch.Tensor):
+    """The tensor's bytes in row-major order, as buffers hashlib reads in place (a contiguous CPU tensor: one
+    buffer over its own storage; otherwise copies of at most CHUNK_BYTES, or one row if a row is larger)."""
+    t = t.detach()
+    if t.numel() == 0:
+        return
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.device.type == "cpu" and t.is_contiguous():
+        yield t.reshape(-1).view(torch.uint8).numpy()
+        return
+    row = t[0].numel() * t.element_size()
+    for part in t.split(max(1, CHUNK_BYTES // max(row, 1))):
+        yield part.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+
+
+def _update(h, t: torch.Tensor) -> None:
+    for buf in _pieces(t):
+        h.update(buf)
 
 
 def weight_digest(weight: torch.Tensor) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{weight.dtype}{tuple(weight.shape)}".encode())
-    h.update(_bytes(weight))
+    _update(h, weight)
     return h.hexdigest()
 
 
@@ -50,7 +70,7 @@ def stats_digest(stats) -> Optional[str]:
     for name, value in sorted(vars(stats).items()):
         h.update(name.encode())
         if isinstance(value, torch.Tensor):
-            h.update(_bytes(value))
+            _update(h, value)
         else:
             h.update(repr(value).encode())
     return h.hexdigest()

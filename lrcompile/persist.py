@@ -6,6 +6,10 @@ dtype, the digest of the policy that made it and where the structure sits (swapp
 beside one; attention rules' shared bases are attached to the attention module), plus the names of the frozen
 parameters. `load(model, directory)` rebuilds that structure on an unmodified model with empty tensors, loads
 the weights and restores every parameter's `requires_grad`.
+
+VeRA sites that shared one frozen projection pair when saved share one again after `load` (plan.json numbers the
+pairs): each pair gets a scope of its own for this load, so a loaded model shares nothing with another model in
+the process, and two adapters of different sizes do not collapse into one pair.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from .api import _replace_module
 from .attention import AttnFactors, SharedBasis, StackedStructure
 from .errors import PlanError
 from .structures import FAMILIES, Structure
+from .structures.vera import ProjectionScope, VeRA
 
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
@@ -36,6 +41,7 @@ def _dtype(t: torch.Tensor) -> str:
 
 def _entries(model: nn.Module) -> list[dict]:
     out = []
+    pairs: dict[int, int] = {}  # id of a VeRA projection tensor -> its pair's number in plan.json
     for path, mod in model.named_modules():
         if isinstance(mod, AttnFactors):
             out.append(_attention_entry(path, mod))
@@ -46,6 +52,8 @@ def _entries(model: nn.Module) -> list[dict]:
                  "in_features": mod.in_features, "out_features": mod.out_features,
                  "bias": mod.bias is not None, "dtype": _dtype(mod.tensors()[0]),
                  "policy": getattr(mod, "policy_digest", None)}
+        if isinstance(mod, VeRA):
+            entry["projections"] = pairs.setdefault(id(mod.vera_A), len(pairs))
         if leaf.startswith(store.PREFIX):
             found = store.base_weight(model.get_submodule(owner) if owner else model, leaf)
             entry.update(placement="attached", owner=owner, child=leaf, weight=found[0] if found else None)
@@ -86,8 +94,11 @@ def _fail(directory: str, entry: dict, msg: str):
     raise PlanError(f"{os.path.join(directory, PLAN)}: site '{entry.get('path')}': {msg}")
 
 
-def load(model: nn.Module, directory: str) -> nn.Module:
-    """Rebuild the saved plan's structures on `model` (same architecture, unmodified), then load the weights."""
+def load(model: nn.Module, directory: str, policy=None) -> nn.Module:
+    """Rebuild the saved plan's structures on `model` (same architecture, unmodified), then load the weights.
+
+    `policy` (optional): the policy the checkpoint is expected to come from; one that did not make any of the
+    saved sites is a warning naming both digests (the plan is loaded as saved either way)."""
     from safetensors.torch import load_model
 
     plan_path = os.path.join(directory, PLAN)
@@ -99,10 +110,16 @@ def load(model: nn.Module, directory: str) -> nn.Module:
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         got = plan.get("format") if isinstance(plan, dict) else type(plan).__name__
         raise PlanError(f"{plan_path}: unknown format {got!r} (expected {FORMAT})")
+    if policy is not None:
+        _check_policy(plan, policy, plan_path)
+    scopes: dict = {}  # VeRA pair number -> the scope its sites share in this load
     for entry in plan.get("sites", []):
         if not isinstance(entry, dict) or "placement" not in entry:
             raise PlanError(f"{plan_path}: a site entry is not a plan entry: {str(entry)[:80]}")
-        (_rebuild_attention if entry.get("family") in (SHARED, STACKED) else _rebuild)(model, entry, directory)
+        if entry.get("family") in (SHARED, STACKED):
+            _rebuild_attention(model, entry, directory)
+        else:
+            _rebuild(model, entry, directory, scopes)
     weights = os.path.join(directory, WEIGHTS)
     _check_shapes(model, weights)
     missing, unexpected = load_model(model, weights, strict=False)
@@ -117,6 +134,18 @@ def load(model: nn.Module, directory: str) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
     return model
+
+
+def _check_policy(plan: dict, policy, plan_path: str) -> None:
+    import warnings
+
+    from .policy import load_policy
+
+    pol = load_policy(policy)
+    saved = plan.get("policies") or []
+    if saved and pol.digest not in saved:
+        warnings.warn(f"lrcompile: {plan_path} was saved from policy {', '.join(saved)}, not from {pol.source} "
+                      f"({pol.digest}); loading the saved plan as it is", stacklevel=3)
 
 
 def _check_shapes(model: nn.Module, weights: str) -> None:
@@ -192,11 +221,13 @@ def _rebuild_attention(model: nn.Module, entry: dict, directory: str) -> None:
     owner.add_module(entry["child"], struct)
 
 
-def _rebuild(model: nn.Module, entry: dict, directory: str) -> None:
+def _rebuild(model: nn.Module, entry: dict, directory: str, scopes: dict) -> None:
     cls = FAMILIES.get(entry.get("family"))
     if cls is None:
         _fail(directory, entry, f"unknown family {entry.get('family')!r} (known: {', '.join(sorted(FAMILIES))})")
     cfg = _config(cls, entry, directory)
+    if cls is VeRA:  # a plan without pair numbers (older) shared one pair per model
+        cfg._projection_scope = scopes.setdefault(entry.get("projections", 0), ProjectionScope())
     in_f, out_f = entry["in_features"], entry["out_features"]
     dtype = _dtype_of(entry, directory)
     if entry["placement"] == "attached":

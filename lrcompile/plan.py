@@ -18,7 +18,7 @@ from .policy import KEEP, Policy, Rule
 from .report import SiteRow
 from .sites import Site
 from .structures import FAMILIES, Structure
-from .structures.base import dense_flops
+from .structures.base import dense_flops, site_label, site_scope
 
 
 @dataclasses.dataclass
@@ -98,8 +98,13 @@ def rel_error(struct: Structure, weight: torch.Tensor) -> float:
 FACTOR_STATS = ("kept_energy", "init_used", "svd_algorithm")
 
 
+SITE_MARK = "<site>"  # stands for the site's label in the warnings an entry keeps (a hit may be another site)
+
+
 def from_dense_cached(cls, weight: torch.Tensor, cfg, stats, use_cache: bool) -> tuple[Structure, bool]:
-    """`cls.from_dense`, through the on-disk factor cache for deterministic (compressing, non-random) families."""
+    """`cls.from_dense`, through the on-disk factor cache for deterministic (compressing, non-random) families.
+    The warnings `from_dense` gives (an activation-aware init without statistics falling back to plain svd) are
+    kept with the entry and given again on a hit: warm and cold compiles say the same."""
     cacheable = use_cache and cls.compressing and getattr(cfg, "init", None) != "random"
     if cacheable:
         k = factor_cache.key(weight, cls.name, cfg, factor_cache.stats_digest(stats))
@@ -112,26 +117,40 @@ def from_dense_cached(cls, weight: torch.Tensor, cfg, stats, use_cache: bool) ->
             for n in FACTOR_STATS:
                 if n in hit.meta:
                     setattr(struct, n, hit.meta[n])
-            _warn_fallback(cls, struct, cfg, weight)
+            if "warnings" in hit.meta:
+                label = site_label(stats, f"this {weight.shape[0]}x{weight.shape[1]} weight")
+                for msg in hit.meta["warnings"]:
+                    warnings.warn(str(msg).replace(SITE_MARK, label), stacklevel=3)
+            else:  # an entry from before warnings were kept
+                _warn_fallback(cls, struct, cfg, weight)
             return struct, True
-    struct = cls.from_dense(weight, None, cfg, stats)
-    if cacheable:
-        factor_cache.store(k, {n: getattr(struct, n) for n in cls.tensor_names},
-                           {n: getattr(struct, n) for n in FACTOR_STATS if getattr(struct, n, None) is not None})
+    if not cacheable:
+        return cls.from_dense(weight, None, cfg, stats), False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        struct = cls.from_dense(weight, None, cfg, stats)
+    for w in caught:  # given now as they would have been (the user's filters apply), and kept for later hits
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    label = site_label(stats, "")
+    said = [str(w.message).replace(label, SITE_MARK) if label else str(w.message)
+            for w in caught if issubclass(w.category, UserWarning)]
+    meta = {n: getattr(struct, n) for n in FACTOR_STATS if getattr(struct, n, None) is not None}
+    factor_cache.store(k, {n: getattr(struct, n) for n in cls.tensor_names}, {**meta, "warnings": said})
     return struct, False
 
 
 def _warn_fallback(cls, struct: Structure, cfg, weight: torch.Tensor) -> None:
-    """A cache hit skips `from_dense`, and with it the warning that an activation-aware init fell back to plain
-    svd: say it again (the entry records the init used; an entry without it is judged by the missing stats)."""
+    """An entry without kept warnings: say the activation-aware fallback again (the entry records the init
+    used; one without it is judged by the missing stats)."""
     init = getattr(cfg, "init", None)
     used = getattr(struct, "init_used", None)
     if used is None and init in getattr(cfg, "ACTIVATION_AWARE", ()):
         used = "svd"  # only stats-less entries can lack it: with statistics the key differs and from_dense ran
         struct.init_used = used
     if used is not None and used != init:
-        warnings.warn(f"lrcompile: {cls.name} init {init!r} has no calibration statistics for this "
-                      f"{weight.shape[0]}x{weight.shape[1]} weight; using plain {used} (factors from cache)", stacklevel=4)
+        where = site_label(None, f"this {weight.shape[0]}x{weight.shape[1]} weight")
+        warnings.warn(f"lrcompile: {where}: {cls.name} init {init!r} has no calibration statistics; using plain "
+                      f"{used} (factors from cache)", stacklevel=4)
 
 
 def first_line(e: BaseException) -> str:
@@ -180,7 +199,8 @@ def build(site: Site, decision: Decision, policy: Policy, stats=None, use_cache:
     where = policy.where(decision.rule)
     t0 = time.perf_counter()
     try:
-        struct, cached = from_dense_cached(cls, site.dense_weight, decision.config, stats, use_cache)
+        with site_scope(site.fqn):  # the families' warnings name the site (the backend path too)
+            struct, cached = from_dense_cached(cls, site.dense_weight, decision.config, stats, use_cache)
         _take_residual(site, struct)
         err = rel_error(struct, site.dense_weight)
     except Exception as e:  # any failure leaves the site dense, loudly

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lrcompile
@@ -185,6 +186,10 @@ def test_failure_messages_are_first_line_only(monkeypatch, tmp_path):
     ({"report": 3}, "option 'report' must be a file path, got 3"),
     ({"tune": None}, "option 'tune' must be true or false, got None"),
     ({"strict": "yes"}, "option 'strict' must be true or false"),
+    ({"inductor": "yes"}, "option 'inductor' must be true or false, got 'yes'"),
+    ({"fuse": 1}, "option 'fuse' must be true or false, got 1"),
+    ({"verbose": "loud"}, "option 'verbose' must be true or false, got 'loud'"),
+    ({"inductr": False}, "unknown option 'inductr' (did you mean 'inductor'?)"),
 ])
 def test_option_types_are_one_line_errors(options, expected):
     with pytest.raises(Exception) as e:
@@ -193,25 +198,34 @@ def test_option_types_are_one_line_errors(options, expected):
     assert isinstance(err, lrcompile.LrcompileError) and "\n" not in str(err) and expected in str(err)
 
 
-def test_failed_stale_repair_keeps_factors_and_warns_once(monkeypatch):
+def test_failed_stale_repair_runs_dense_and_warns_once():
     lin = nn.Linear(16, 16)
     x = torch.randn(4, 16)
     c = compile_eager(lin, all_lowrank(4))
     c(x)
     U = lin.lrcompile.U.detach().clone()
-    multi_line_failure(monkeypatch)
+    with pytest.MonkeyPatch.context() as mp:
+        multi_line_failure(mp)
+        with torch.no_grad():
+            lin.weight.add_(1.0)  # the factors are stale: their repair now fails
+        with pytest.warns(UserWarning, match="recomputing stale lowrank factors failed .*runs the dense weights") as got:
+            out = c(x)
+        assert len([w for w in got if "stale" in str(w.message)]) == 1 and "\n" not in str(got[0].message)
+        torch.testing.assert_close(lin.lrcompile.U.detach(), U)  # the factors are left as they were ...
+        torch.testing.assert_close(out, lin(x))  # ... and the site computes with its new dense weight
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per site, not per call
+            torch.testing.assert_close(c(x), lin(x))
+    # the repair works again: the next change of the weight is recomputed, factors again
     with torch.no_grad():
-        lin.weight.add_(1.0)  # the factors are stale: their repair now fails
-    with pytest.warns(UserWarning, match="recomputing stale lowrank factors failed") as got:
-        out = c(x)
-    assert len([w for w in got if "stale" in str(w.message)]) == 1 and "\n" not in str(got[0].message)
-    torch.testing.assert_close(lin.lrcompile.U.detach(), U)  # the previous factors, still used
+        lin.weight.mul_(0.5)
+    out = c(x)
+    W = lin.weight.detach().double()
+    U_, S_, Vh_ = torch.linalg.svd(W)
+    torch.testing.assert_close(lin.lrcompile.to_dense().double(), (U_[:, :4] * S_[:4]) @ Vh_[:4], atol=1e-5, rtol=0)
     torch.testing.assert_close(out, x @ lin.lrcompile.to_dense().T + lin.bias)
-    with torch.no_grad():
-        lin.weight.add_(1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per site, not per call
-        c(x)
 
 
 def test_session_is_keyed_by_the_options_not_their_id(tmp_path):
@@ -375,3 +389,137 @@ def test_inductor_end_to_end_forward_and_backward(toy):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     out.sum().backward()
     assert m.blocks[1].lrcompile_w.V.grad is not None
+
+
+def test_budget_sites_left_dense_are_reported_skipped_with_a_reason(tmp_path):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.thin = nn.Linear(2, 64, bias=False)  # rank 1 costs 66 of 128: the budget does better elsewhere
+            self.sq = nn.Linear(64, 64, bias=False)
+            self.w = nn.Parameter(torch.randn(64, 64) / 8)  # functional: not in the budget's module list
+
+        def forward(self, x):
+            return F.linear(self.sq(self.thin(x)), self.w)
+
+    m = M()
+    x = torch.randn(3, 2)
+    rep = tmp_path / "r.json"
+    pol = {"defaults": {"min_features": 0}, "budget": {"params": 0.5}, "rules": [{"match": "*", "method": "lowrank"}]}
+    out = compile_eager(m, pol, report=str(rep))(x)
+    rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"]}
+    assert rows["thin"]["status"] == "skipped" and "budget keeps it dense" in rows["thin"]["reason"]
+    assert rows["w"]["status"] == "skipped" and "budget planned none" in rows["w"]["reason"]
+    assert rows["sq"]["status"] == "rewritten" and rows["thin"]["params_after"] == rows["thin"]["params_before"]
+    r = rows["sq"]["rank"]
+    U, S, Vh = torch.linalg.svd(m.sq.weight.detach().double())
+    sq_r = (U[:, :r] * S[:r]) @ Vh[:r]
+    ref = (x.double() @ m.thin.weight.detach().double().T @ sq_r.T) @ m.w.detach().double().T
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+class BrokenBlock(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
+class Blocks(nn.Module):
+    """A graph break inside a loop over blocks: Dynamo skips this frame and compiles BrokenBlock.forward as a frame
+    of its own, one graph for every block (the blocks' parameters are its inputs)."""
+
+    def __init__(self, n=3):
+        super().__init__()
+        self.blocks = nn.ModuleList([BrokenBlock() for _ in range(n)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def truncated(lin, rank):
+    U, S, Vh = torch.linalg.svd(lin.weight.detach().double())
+    return (U[:, :rank] * S[:rank]) @ Vh[:rank]
+
+
+def reference(m, x, ranks):
+    """float64 forward of Blocks with each linear at its rank (None: dense)."""
+    h = x.double()
+    for i, blk in enumerate(m.blocks):
+        for name in ("a", "b"):
+            lin = getattr(blk, name)
+            r = ranks.get(f"blocks.{i}.{name}")
+            W = truncated(lin, r) if r else lin.weight.detach().double()
+            h = h @ W.T + lin.bias.detach().double()
+            h = torch.relu(h) if name == "a" else h
+    return h
+
+
+def test_frames_of_submodules_are_named_from_the_model_and_share_one_report(tmp_path):
+    m = Blocks()
+    x = torch.randn(4, 16)
+    rep = tmp_path / "r.json"
+    calls = []
+    import lrcompile.backend
+
+    real = lrcompile.backend.find_sites
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lrcompile.backend, "find_sites", lambda gm, ex: calls.append(1) or real(gm, ex))
+        c = compile_eager(m, all_lowrank(4, guard="off"), report=str(rep))
+        out = c(x)
+    rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"]}
+    # fewer graphs than sites: blocks run graphs compiled for another block (block 0's input needs no grad,
+    # the others' do: Dynamo compiles a second version of the first graph)
+    shared = [f for f, r in rows.items() if any("runs the graph compiled for" in n for n in r["notes"])]
+    assert len(calls) < 6 and len(shared) == 6 - len(calls), (calls, shared)
+    assert set(rows) == {f"blocks.{i}.{n}" for i in range(3) for n in "ab"}
+    assert all(r["status"] == "rewritten" and r["rank"] == 4 for r in rows.values())
+    for i in range(3):  # each block has its own factors, attached to its own modules
+        assert m.blocks[i].a.lrcompile is not m.blocks[0].a.lrcompile or i == 0
+        torch.testing.assert_close(m.blocks[i].a.lrcompile.to_dense().double(), truncated(m.blocks[i].a, 4),
+                                   atol=1e-5, rtol=0)
+    ref = reference(m, x, {f: 4 for f in rows})
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()  # training reaches every block's factors
+    assert all(blk.b.lrcompile.U.grad is not None and blk.b.lrcompile.U.grad.abs().sum() > 0 for blk in m.blocks)
+    x2 = torch.randn(4, 16)
+    torch.testing.assert_close(c(x2).double(), reference(m, x2, {f: 4 for f in rows}), atol=1e-5, rtol=1e-5)
+
+
+def test_an_instance_the_shared_graph_cannot_serve_runs_dense_with_a_warning(tmp_path):
+    m = Blocks(2)
+    x = torch.randn(4, 16)
+    rep = tmp_path / "r.json"
+    pol = {"defaults": {"min_features": 0, "guard": "off"}, "rules": [
+        {"match": "blocks.1.a", "method": "lowrank", "rank": 6}, {"match": "*", "method": "lowrank", "rank": 4}]}
+    with pytest.warns(UserWarning, match=r"the policy gives blocks\.1\.a lowrank .*rank=6.*the graph runs lowrank") as got, \
+            torch.no_grad():  # no input needs grad: block 1 runs exactly block 0's graphs
+        out = compile_eager(m, pol, report=str(rep))(x)
+    assert all("\n" not in str(w.message) for w in got)
+    rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"]}
+    assert {f: rows[f]["status"] for f in rows} == {"blocks.0.a": "rewritten", "blocks.0.b": "rewritten",
+                                                    "blocks.1.a": "failed", "blocks.1.b": "rewritten"}  # b: the next graph
+    assert "runs dense" in rows["blocks.1.a"]["reason"]
+    assert not hasattr(m.blocks[1].a, "lrcompile")  # nothing made for an instance that runs dense
+    assert hasattr(m.blocks[1].b, "lrcompile")
+    ref = reference(m, x, {"blocks.0.a": 4, "blocks.0.b": 4, "blocks.1.b": 4})
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_compiled_one_by_one_get_their_own_factors():
+    """Regional compilation (each block compiled by itself): Dynamo reuses block 0's graphs for the others."""
+    m = Blocks(3)
+    x = torch.randn(4, 16)
+    for blk in m.blocks:
+        blk.compile(backend="lrcompile", options={"policy": all_lowrank(5, guard="off"), "inductor": False})
+    with torch.no_grad():
+        out = m(x)
+    assert len({id(blk.a.lrcompile) for blk in m.blocks}) == 3
+    ranks = {f"blocks.{i}.{n}": 5 for i in range(3) for n in "ab"}
+    torch.testing.assert_close(out.double(), reference(m, x, ranks), atol=1e-5, rtol=1e-5)

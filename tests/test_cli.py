@@ -57,3 +57,20 @@ def test_report_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lowrank" in out and "rewritten" in out
     assert main(["report", str(tmp_path / "missing.json")]) == 2
+
+
+def console_script() -> str:
+    exe = Path(sys.executable).with_name("lrcompile")  # installed by [project.scripts] next to the interpreter
+    assert exe.exists(), exe
+    return str(exe)
+
+
+def test_help_runs_and_lists_the_commands():
+    out = subprocess.run([console_script(), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for cmd in ("check", "report", "warmup", "demo", "cache"):
+        assert cmd in out.stdout, cmd
+    demo = subprocess.run([console_script(), "demo", "--help"], capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert all(f"--{o}" in demo.stdout for o in ("d", "layers", "batch", "seq", "reps", "report"))
+    assert "model width" in demo.stdout

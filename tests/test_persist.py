@@ -83,6 +83,8 @@ def test_tied_weights_are_stored_once(toy, tmp_path):
         keys = set(f.keys())
         stored = [k for k in keys if f.get_slice(k).get_shape() == list(m.embed.weight.shape)]
     assert stored == ["embed.weight"] and "lm_head.weight" not in keys  # one copy of the tied tensor
+    unique = {id(t) for t in m.state_dict(keep_vars=True).values()}
+    assert len(keys) == len(unique) == len(m.state_dict()) - 1  # every tensor once; only the tie is dropped
     assert {"lm_head.lora_A", "lm_head.lora_B", "blocks.0.fc.U"} <= keys
     fresh = lrcompile.load(Toy(), str(tmp_path / "ck"))
     assert fresh.lm_head.weight is fresh.embed.weight
@@ -265,3 +267,139 @@ def test_factor_cache_hit_reports_like_the_miss(tmp_path):
     save_file(load_file(entry), entry)
     bare = compile_fresh()
     assert "factors from cache" in bare["notes"] and any("used svd" in n for n in bare["notes"])
+
+
+class TwoWidths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(24, 48), nn.Linear(48, 48), nn.Linear(48, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def vera_rules(*groups):
+    return {"rules": [{"match": list(g), "method": "vera", "rank": 8} for g in groups]}
+
+
+def train_adapters(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+
+
+def test_vera_pairs_are_shared_on_load_as_at_rewrite(tmp_path):
+    """Two VeRA rules are two adapters: two pairs of different sizes. load gives back exactly that sharing, with
+    pairs of the loaded model's own (never those of another model in the process)."""
+    from lrcompile.structures.vera import VeRA, VeRAConfig
+
+    x = torch.randn(4, 24)
+    m = TwoWidths()
+    lrcompile.rewrite(m, vera_rules(["fc1", "fc2"], ["head"]), (x,))
+    assert m.fc1.vera_A is m.fc2.vera_A and m.head.vera_A is not m.fc1.vera_A
+    assert m.fc1.vera_B.shape == (48, 8) and m.head.vera_B.shape == (10, 8)  # each pair sized to its own sites
+    train_adapters(m)
+    with torch.no_grad():
+        ref = m(x)
+    lrcompile.save(m, str(tmp_path / "ck"))
+    plan = json.loads((tmp_path / "ck" / "plan.json").read_text())
+    assert {e["path"]: e["projections"] for e in plan["sites"]} == {"fc1": 0, "fc2": 0, "head": 1}
+    stray = VeRA(48, 48, VeRAConfig(rank=8))  # untouched, in the process-wide scope: must not be joined
+    stray_A = stray.vera_A.clone()
+    fresh = lrcompile.load(TwoWidths(), str(tmp_path / "ck"))
+    assert fresh.fc1.vera_A is fresh.fc2.vera_A and fresh.head.vera_A is not fresh.fc1.vera_A
+    assert fresh.fc1.vera_A is not stray.vera_A and fresh.head.vera_A is not stray.vera_A
+    assert set(fresh.fc1._pair.users) == {fresh.fc1, fresh.fc2}
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ref)
+    other = lrcompile.load(TwoWidths(), str(tmp_path / "ck"))
+    assert other.fc1.vera_A is not fresh.fc1.vera_A
+    assert torch.equal(stray.vera_A, stray_A)
+    for k, v in m.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+
+
+def test_load_with_another_policy_warns(tmp_path):
+    m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
+    pol = all_lowrank(6)
+    lrcompile.rewrite(m, pol, (torch.randn(2, 32),))
+    lrcompile.save(m, str(tmp_path / "ck"))
+    fresh = lambda: nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))  # noqa: E731
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lrcompile.load(fresh(), str(tmp_path / "ck"), policy=pol)  # the policy that made it: silent
+    other = all_lowrank(4)
+    with pytest.warns(UserWarning, match=rf"saved from policy {load_policy(pol).digest}, not from <policy> "
+                                         rf"\({load_policy(other).digest}\)") as got:
+        loaded = lrcompile.load(fresh(), str(tmp_path / "ck"), policy=other)
+    assert "\n" not in str(got[0].message)
+    assert loaded[0].cfg.rank == 6  # loaded as saved
+    with pytest.raises(lrcompile.PolicyError):  # a broken policy is its own one-line error
+        lrcompile.load(fresh(), str(tmp_path / "ck"), policy="rules: [")
+
+
+def test_noble_bases_stay_trainable_through_save_and_load(toy, tmp_path):
+    """NOBLE trains its base weights even under a later adapter rule (which freezes the rest); load restores
+    exactly the saved requires_grad flags."""
+    m, ids = toy
+    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [
+        {"match": ["blocks.0.fc", "blocks.0"], "method": "noble", "rank": 4}]}, (ids,))
+    lrcompile.rewrite(m, {"rules": [{"match": "heads.shared", "method": "lora", "rank": 2}]}, (ids,))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {"blocks.0.fc.weight", "blocks.0.w"} <= trainable and "blocks.1.fc.weight" not in trainable
+    with torch.no_grad():
+        ref = m(ids)
+    lrcompile.save(m, str(tmp_path / "ck"))
+    fresh = lrcompile.load(Toy(), str(tmp_path / "ck"))
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == trainable
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), ref)
+
+
+def test_weight_digest_streams_without_a_full_copy(monkeypatch):
+    from lrcompile import factor_cache as fc
+
+    w = torch.randn(96, 40)
+    whole = fc.weight_digest(w.T.contiguous())
+    monkeypatch.setattr(fc, "CHUNK_BYTES", 4 * 96 * 5)  # five rows of the (40, 96) transposed view per slice
+    pieces = list(fc._pieces(w.T))
+    assert len(pieces) == 8 and max(p.nbytes for p in pieces) == 4 * 96 * 5  # never the whole weight at once
+    assert fc.weight_digest(w.T) == whole  # the same byte stream: strided and contiguous keys agree
+    [one] = list(fc._pieces(w))  # a contiguous CPU tensor is read in place
+    assert one.nbytes == w.numel() * 4 and one.ctypes.data == w.data_ptr()
+    assert fc.weight_digest(w.to(torch.bfloat16)) != fc.weight_digest(w) != fc.weight_digest(w + 1e-3)
+
+
+def test_warm_compile_reports_the_same_fields_as_the_cold_one(tmp_path):
+    """Everything the report says about a site is the same when its factors come from the cache (but the time
+    taken and the cache note), including the activation-aware fallback on a site without statistics."""
+    pol = {"defaults": {"min_features": 0}, "rules": [
+        {"match": "0", "method": "lowrank", "rank": 6, "init": "whitened_svd"},
+        {"match": "2", "method": "lowrank", "rank": 0.5}]}
+    m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(4, 32)
+    rep = tmp_path / "r.json"
+
+    def run():
+        torch._dynamo.reset()
+        fresh = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
+        fresh.load_state_dict(state)
+        with pytest.warns(UserWarning, match="no calibration statistics") as got:
+            out = compile_eager(fresh, pol, report=str(rep))(x)
+        said = sorted({str(w.message).split(" (factors from cache)")[0] for w in got if "calibration" in str(w.message)})
+        return out, {r["fqn"]: r for r in json.loads(rep.read_text())["sites"]}, said
+
+    cold_out, cold, cold_warn = run()
+    warm_out, warm, warm_warn = run()
+    assert torch.equal(cold_out, warm_out) and warm_warn == cold_warn
+    timing = {"seconds", "tuned_ms", "dense_ms", "notes"}
+    for fqn in ("0", "2"):
+        assert "factors from cache" in warm[fqn]["notes"] and "factors from cache" not in cold[fqn]["notes"]
+        assert {k: v for k, v in warm[fqn].items() if k not in timing} == {
+            k: v for k, v in cold[fqn].items() if k not in timing}, fqn
+        strip = lambda notes: [n for n in notes if n != "factors from cache" and "ms" not in n]  # noqa: E731
+        assert strip(warm[fqn]["notes"]) == strip(cold[fqn]["notes"]), fqn

@@ -102,3 +102,29 @@ def test_a_path_without_yaml_suffix_is_read_as_a_file(tmp_path):
 def test_rank_without_budget_is_fine_with_budget():
     p = load_policy({"rules": [{"match": "*", "method": "lowrank"}], "budget": {"params": 0.5}})
     assert p.rules[0].config.rank is None and p.budget == {"params": 0.5}
+
+
+def test_yaml_syntax_error_in_a_file_names_file_and_line(tmp_path):
+    p = tmp_path / "broken.yml"
+    p.write_text("version: 1\nrules:\n  - match: a\n    method: lowrank\n    rank: [4\n")
+    with pytest.raises(PolicyError) as e:
+        load_policy(str(p))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("broken.yml:") and "not valid YAML" in msg, msg
+    assert int(msg.split(":")[1]) in (5, 6)  # the unclosed flow sequence: where PyYAML notices it
+
+
+@pytest.mark.parametrize("name", ["missing.yaml", "missing.yml"])
+def test_a_missing_yaml_path_is_not_read_as_yaml_text(tmp_path, name):
+    with pytest.raises(PolicyError) as e:
+        load_policy(str(tmp_path / name))
+    assert str(e.value) == f"policy file not found: {tmp_path / name}"
+    with pytest.raises(PolicyError, match="policy file not found"):
+        load_policy(tmp_path / name)  # a PathLike is always a path
+    # YAML text is still text, even on one line
+    assert load_policy("rules: [{match: a, method: dense}]").rules[0].method == "dense"
+
+
+def test_defaults_null_is_the_built_in_defaults():
+    pol = load_policy("defaults:\nrules: []\n")
+    assert pol.defaults.min_features == 128 and pol.defaults.max_error is None

@@ -35,8 +35,8 @@ def swap_block_axes(z: torch.Tensor) -> torch.Tensor:
     t·itemsize bytes, which halves the copy (BTT 768→3072: 15 → 8 ms). Traced graphs keep the plain permute
     (Inductor generates its own copy loop and does not take complex dtypes)."""
     a, n, c, t = z.shape
-    wide = _WIDE.get(t * z.element_size())
-    if wide is None or not z.is_contiguous() or not _eager(z) or (wide.is_complex and z.device.type != "cpu"):
+    wide = _WIDE.get(t * z.element_size()) if _eager(z) else None  # (traced sizes may be symbolic)
+    if wide is None or not z.is_contiguous() or (wide.is_complex and z.device.type != "cpu"):
         return z.permute(2, 1, 0, 3).contiguous()
     return z.view(wide).view(a, n, c).permute(2, 1, 0).contiguous().view(z.dtype).view(c, n, a, t)
 
@@ -45,7 +45,7 @@ def column_blocks(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]
     """a (k, n, K), b (k, K, c), bias (k·c,) or None -> (n, k·c) with block j = a[j] @ b[j] + bias[j·c:(j+1)·c]."""
     k, n, _ = a.shape
     c = b.shape[-1]
-    if k > MAX_BLOCKS:
+    if not isinstance(k, int) or k > MAX_BLOCKS:  # symbolic block counts (dynamic shapes): one bmm
         y = torch.bmm(a, b) if bias is None else torch.baddbmm(bias.view(k, 1, c), a, b)
         return y.transpose(0, 1).reshape(n, k * c)
     bias_j = (lambda j: None) if bias is None else (lambda j: bias[j * c:(j + 1) * c])  # noqa: E731
