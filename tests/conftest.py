@@ -85,3 +85,57 @@ def all_lowrank(rank, **extra):
     layer the autotuner may pick for an exact rewrite."""
     return {"defaults": {"min_features": 0, "guard": "off", **extra},
             "rules": [{"match": "*", "method": "lowrank", "rank": rank}]}
+
+
+def spy_launches(monkeypatch) -> list:
+    """Every Triton launch, by kernel name, with output buffers poisoned (NaN) so an unwritten element fails."""
+    from lrcompile.kernels import runtime
+
+    monkeypatch.setattr(runtime, "POISON", True)
+    seen = []
+    real = runtime.launch
+
+    def spy(mod, name, *args, **kwargs):
+        seen.append(name)
+        return real(mod, name, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "launch", spy)
+    return seen
+
+
+def tiny_hf(kind: str, width: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int, tokens: int):
+    """(model in eval mode, inputs) for a random-weight HF BERT / GPT-2 / Llama built from a config; inputs are
+    a (2, tokens) batch (BERT also gets an all-ones attention mask)."""
+    import transformers
+
+    ids = {"input_ids": torch.randint(0, vocab, (2, tokens))}
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
+                                      num_attention_heads=heads, intermediate_size=inter,
+                                      max_position_embeddings=64)
+        return transformers.BertModel(cfg).eval(), {**ids, "attention_mask": torch.ones(2, tokens, dtype=torch.long)}
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=width, n_layer=layers, n_head=heads, n_positions=64)
+        return transformers.GPT2LMHeadModel(cfg).eval(), ids
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval(), ids
+
+
+def hf_output(out) -> torch.Tensor:
+    """The tensor to compare of an HF model's output: logits, else the last hidden state, else its first entry."""
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def masked_id_batches(n: int, rows: int, seq: int, vocab: int, padded: int, seed: int, low: int = 0) -> list:
+    """n dict batches of token ids in [low, vocab) whose last row ends in `padded` masked-out positions."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mask = torch.ones(rows, seq, dtype=torch.long)
+        mask[rows - 1, seq - padded:] = 0
+        out.append({"input_ids": torch.randint(low, vocab, (rows, seq), generator=g), "attention_mask": mask})
+    return out

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrcompile
+from conftest import masked_id_batches
 from lrcompile.calibrate import CalibrationStats
 
 transformers = pytest.importorskip("transformers")
@@ -130,13 +131,7 @@ def test_reference_gives_the_cross_moment_per_site():
 
 
 def _batches(n=3, seq=9):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        mask = torch.ones(2, seq, dtype=torch.long)
-        mask[1, seq - 3:] = 0
-        out.append({"input_ids": torch.randint(1, 120, (2, seq), generator=g), "attention_mask": mask})
-    return out
+    return masked_id_batches(n, rows=2, seq=seq, vocab=120, padded=3, seed=1, low=1)
 
 
 def _hidden(model, inputs):

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from conftest import all_lowrank, compile_eager, rel_err
+from conftest import all_lowrank, compile_eager, hf_output, rel_err, spy_launches, tiny_hf
 from lrcompile.kernels import OPS, runtime
 from lrcompile.passes import fuse as fuse_mod
 from lrcompile.passes import lower as lower_mod
@@ -28,16 +28,7 @@ IN, OUT, R = 13, 11, 3
 def launches(monkeypatch):
     """Every Triton launch, by kernel name (the kernels must really run, interpreted)."""
     assert runtime.interpreting() is True
-    monkeypatch.setattr(runtime, "POISON", True)
-    seen = []
-    real = runtime.launch
-
-    def spy(mod, name, *args, **kwargs):
-        seen.append(name)
-        return real(mod, name, *args, **kwargs)
-
-    monkeypatch.setattr(runtime, "launch", spy)
-    return seen
+    return spy_launches(monkeypatch)
 
 
 def kernel_ops(gm: fx.GraphModule) -> list[fx.Node]:
@@ -220,25 +211,16 @@ def test_dropout_on_the_adapter_branch_is_left_unfused():
 
 # --- end to end: tiny HF models through the backend -----------------------------------------------------------
 def bert():
-    cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=48, max_position_embeddings=16)
-    return transformers.BertModel(cfg).eval(), {"input_ids": torch.randint(0, 60, (2, 5)),
-                                                 "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    return tiny_hf("bert", width=32, inter=48, layers=1, heads=2, kv_heads=2, vocab=60, tokens=5)
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=60, n_embd=32, n_layer=1, n_head=2, n_positions=16)
-    return transformers.GPT2LMHeadModel(cfg).eval(), {"input_ids": torch.randint(0, 60, (2, 5))}
+    return tiny_hf("gpt2", width=32, inter=48, layers=1, heads=2, kv_heads=2, vocab=60, tokens=5)
 
 
 def llama():
-    cfg = transformers.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
-    return transformers.LlamaForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 60, (2, 5))}
+    return tiny_hf("llama", width=32, inter=48, layers=1, heads=2, kv_heads=1, vocab=60, tokens=5)
 
-
-def first(out):
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def rule(method, **cfg):
@@ -282,7 +264,7 @@ def run_twice(model, inputs, policy, fuse):
     c = compile_eager(model, POLICIES[policy], fuse=fuse, tune=False)
     c(**inputs)
     audible_adapters(model)
-    return first(c(**inputs))
+    return hf_output(c(**inputs))
 
 
 SLOW = pytest.mark.slow

@@ -8,6 +8,7 @@ from torch import nn
 
 import lrcompile
 from lrcompile.heal import _lr_factor, loss_of
+from conftest import masked_id_batches
 from lrcompile.structures.base import is_owned
 
 
@@ -29,13 +30,7 @@ class Tiny(nn.Module):
 
 
 def batches(n=4, seq=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        mask = torch.ones(3, seq, dtype=torch.long)
-        mask[2, seq - 2:] = 0
-        out.append({"input_ids": torch.randint(0, 50, (3, seq), generator=g), "attention_mask": mask})
-    return out
+    return masked_id_batches(n, rows=3, seq=seq, vocab=50, padded=2, seed=seed)
 
 
 POLICY = {"defaults": {"min_features": 0}, "rules": [{"match": "blocks.*", "method": "lowrank", "rank": 3}]}

@@ -6,31 +6,24 @@ import pytest
 import torch
 
 import lrcompile
-from conftest import all_lowrank, compile_eager
+from conftest import all_lowrank, compile_eager, hf_output, tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
 
 def bert():
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=96, max_position_embeddings=64)
-    return transformers.BertModel(cfg).eval(), {"input_ids": torch.randint(0, 120, (2, 11)),
-                                                 "attention_mask": torch.ones(2, 11, dtype=torch.long)}
+    return tiny_hf("bert", width=48, inter=96, layers=2, heads=4, kv_heads=4, vocab=120, tokens=11)
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=120, n_embd=48, n_layer=2, n_head=4, n_positions=64)
-    return transformers.GPT2LMHeadModel(cfg).eval(), {"input_ids": torch.randint(0, 120, (2, 11))}
+    return tiny_hf("gpt2", width=48, inter=96, layers=2, heads=4, kv_heads=4, vocab=120, tokens=11)
 
 
 def llama():
-    cfg = transformers.LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 120, (2, 11))}
+    return tiny_hf("llama", width=48, inter=96, layers=2, heads=4, kv_heads=2, vocab=120, tokens=11)
 
 
-def first(out):
-    return out[0] if isinstance(out, (tuple, list)) else (out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state)
+
 
 
 EXPECTED_SITES = {
@@ -44,9 +37,9 @@ EXPECTED_SITES = {
 def test_full_rank_reproduces_and_half_rank_reports(make, tmp_path):
     model, inputs = make()
     with torch.no_grad():
-        ref = first(model(**inputs))
+        ref = hf_output(model(**inputs))
         rep = tmp_path / "r.json"
-        out = first(compile_eager(model, all_lowrank(10_000), report=str(rep))(**inputs))
+        out = hf_output(compile_eager(model, all_lowrank(10_000), report=str(rep))(**inputs))
     assert ((out - ref).norm() / ref.norm()) < 1e-4
     rows = {s["fqn"]: s for s in json.loads(rep.read_text())["sites"]}
     assert EXPECTED_SITES[make.__name__] <= set(rows)
@@ -55,7 +48,7 @@ def test_full_rank_reproduces_and_half_rank_reports(make, tmp_path):
     model2, _ = make()
     model2.load_state_dict({k: v for k, v in model.state_dict().items() if ".lrcompile" not in k})
     with torch.no_grad():
-        out2 = first(compile_eager(model2, all_lowrank(0.5), report=str(rep))(**inputs))
+        out2 = hf_output(compile_eager(model2, all_lowrank(0.5), report=str(rep))(**inputs))
     rows = [s for s in json.loads(rep.read_text())["sites"] if s["status"] == "rewritten"]
     assert rows and all(s["params_after"] < s["params_before"] for s in rows)
     for row in rows:  # the reported error is the factors' output error on isotropic inputs (≈ the weight error)
@@ -94,12 +87,12 @@ def test_training_steps_reduce_loss(make):
 def test_eager_rewrite_on_gpt2_swaps_conv1d():
     model, inputs = gpt2()
     with torch.no_grad():
-        ref = first(model(**inputs))
+        ref = hf_output(model(**inputs))
     lrcompile.rewrite(model, all_lowrank(10_000), inputs)
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "LowRank"
     with torch.no_grad():
-        torch.testing.assert_close(first(model(**inputs)), ref, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(first(compile_eager(model)(**inputs)), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(hf_output(model(**inputs)), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(hf_output(compile_eager(model)(**inputs)), ref, atol=1e-4, rtol=1e-4)
 
 
 def minilm():
@@ -111,7 +104,7 @@ def minilm():
 
 
 def embed(model, batch):
-    h = first(model(**batch))
+    h = hf_output(model(**batch))
     m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
     return (h * m).sum(1) / m.sum(1)
 

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 triton = pytest.importorskip("triton")
 
+from conftest import spy_launches  # noqa: E402
 from lrcompile.kernels import OPS, runtime  # noqa: E402
 from lrcompile.kernels import blast, dora, lora, lowrank, noble, twocore  # noqa: E402
 from lrcompile.kernels import epilogue as epi  # noqa: E402
@@ -32,17 +33,8 @@ def launches(monkeypatch):
     """The kernels run interpreted (not the torch fallback): the flag took effect, and every launch is recorded."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert runtime.interpreting() is True
-    monkeypatch.setattr(runtime, "POISON", True)
     warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning)
-    seen = []
-    real = runtime.launch
-
-    def spy(mod, name, *args, **kwargs):
-        seen.append(name)
-        return real(mod, name, *args, **kwargs)
-
-    monkeypatch.setattr(runtime, "launch", spy)
-    return seen
+    return spy_launches(monkeypatch)
 
 
 def rel(a, b):
