@@ -66,7 +66,30 @@ def test_lora_matches_peft(rslora):
             getattr(ours, n).lora_A.copy_(pl.lora_A["default"].weight)
             getattr(ours, n).lora_B.copy_(pl.lora_B["default"].weight)
             assert float(getattr(ours, n).scaling) == pytest.approx(pl.scaling["default"])
-    assert rel_err(ours(x), pm(x)) < 1e-6
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ours(x1), pm(x2)
+    assert rel_err(y1, y2) < 1e-6
+    dy = torch.randn_like(y1)
+    y1.backward(dy), y2.backward(dy)
+    assert rel_err(x1.grad, x2.grad) < 1e-5
+    for n in TARGETS:  # the adapter's gradients, not only its output, match PEFT's
+        pl = peft_layer(pm, n)
+        assert rel_err(getattr(ours, n).lora_A.grad, pl.lora_A["default"].weight.grad) < 1e-5
+        assert rel_err(getattr(ours, n).lora_B.grad, pl.lora_B["default"].weight.grad) < 1e-5
+
+
+def test_lora_functional_gradcheck_every_input():
+    """float64 gradcheck with x (3-D), W, bias, A, B and the scaling all requiring a gradient (its in-place addmm_
+    must not corrupt what autograd saved), and with bias None and W frozen (the fine-tuning case)."""
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64)
+    x, W, b = torch.randn(2, 3, 5, **d), torch.randn(7, 5, **d), torch.randn(7, **d)
+    A, B, s = torch.randn(3, 5, **d), torch.randn(7, 3, **d), torch.tensor(0.7, **d)
+    ts = [t.requires_grad_() for t in (x, W, b, A, B, s)]
+    assert torch.autograd.gradcheck(LoRA.functional, ts)
+    assert torch.autograd.gradcheck(lambda x, A, B: LoRA.functional(x, W.detach(), None, A, B, s.detach()), (x, A, B))
+    with torch.no_grad():  # no autograd node where no gradient is wanted
+        assert LoRA.functional(*ts).grad_fn is None
 
 
 def test_lora_init_is_peft_distribution_and_silent():
@@ -136,6 +159,28 @@ def test_dora_matches_peft_output_and_gradients():
         torch.testing.assert_close(ol.lora_A.grad, pl.lora_A["default"].weight.grad, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ol.lora_B.grad, pl.lora_B["default"].weight.grad, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ol.magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_dora_functional_gradients_match_autograd_of_the_formula():
+    """Every input requiring a gradient, float64: DoRA.functional (norm formula without BA) against autograd of
+    g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b with the norm detached (PEFT's semantics); x, m and b also by gradcheck."""
+    torch.manual_seed(1)
+    d = dict(dtype=torch.float64)
+    x, W, b = torch.randn(2, 3, 5, **d), torch.randn(7, 5, **d), torch.randn(7, **d)
+    A, B, m, s = torch.randn(3, 5, **d), torch.randn(7, 3, **d), torch.rand(7, **d) + 0.5, torch.tensor(0.7, **d)
+    ts = [t.requires_grad_() for t in (x, W, b, A, B, m, s)]
+
+    def formula(x, W, b, A, B, m, s):
+        n = torch.linalg.norm(W + s * B @ A, dim=1).detach()
+        return (m / n) * (x @ W.t() + s * (x @ A.t()) @ B.t()) + b
+
+    dy = torch.randn(2, 3, 7, **d)
+    got = torch.autograd.grad(DoRA.functional(*ts), ts, dy)
+    want = torch.autograd.grad(formula(*ts), ts, dy)
+    for name, g1, g2 in zip("x W b A B m s".split(), got, want):
+        assert rel_err(g1, g2) < 1e-10, name
+    assert torch.autograd.gradcheck(lambda x, b, m: DoRA.functional(x, W.detach(), b, A.detach(), B.detach(), m,
+                                                                    s.detach()), (x, b, m))
 
 
 def test_dora_norm_without_materialising_ba():
