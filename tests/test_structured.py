@@ -546,3 +546,32 @@ def test_whitened_fallback_warning_names_the_site():
     cfg = cls.Config(blocks=2, init="whitened_svd").resolve(8, 8)
     with site_scope("encoder.fc"), pytest.warns(UserWarning, match=r"no calibration statistics for site 'encoder\.fc'"):
         cls.from_dense(torch.randn(8, 8), None, cfg)
+
+
+@pytest.mark.parametrize("in_f, out_f, t", [(45, 77, 3), (64, 24, 2)])
+def test_btt_eager_row_tiles_match_one_pass(monkeypatch, in_f, out_f, t):
+    """A z wider than the output runs in row tiles in eager inference (btt.TILE_BYTES): same numbers as the
+    one-pass forward, on a row count that no tile divides, padded shapes included; with gradients, one pass."""
+    from lrcompile.structures import btt
+
+    torch.manual_seed(0)
+    a1, a0, c0, c1 = 5, 9 + (in_f > 45) * 4, 7, 11 + (out_f < 77) * -7
+    w1, w2 = torch.randn(a1, a0, c0, t), torch.randn(c0, a1, t, c1)
+    assert a1 * c0 * t > out_f and a1 * a0 >= in_f and c0 * c1 >= out_f
+    x, bias = torch.randn(3, 67, in_f), torch.randn(out_f)
+    with torch.no_grad():
+        whole = btt.btt_matmul(x, w1, w2, bias, out_f)
+    tiles = []
+    real = btt._btt_rows
+    monkeypatch.setattr(btt, "_btt_rows", lambda x2, *a: tiles.append(x2.shape[0]) or real(x2, *a))
+    monkeypatch.setattr(btt, "TILE_BYTES", 16 * a1 * c0 * t * 4)  # 16-row tiles
+    with torch.no_grad():
+        tiled = btt.btt_matmul(x, w1, w2, bias, out_f)
+    assert tiles == [16] * 12 + [9]
+    assert tiled.shape == (3, 67, out_f) and torch.allclose(tiled, whole, atol=1e-5)
+    want = torch.einsum("nai,aict,cats->ncs", torch.nn.functional.pad(x.reshape(-1, in_f).double(), (0, a1 * a0 - in_f))
+                        .view(-1, a1, a0), w1.double(), w2.double()).reshape(201, -1)[:, :out_f] + bias.double()
+    assert torch.allclose(tiled.reshape(201, -1).double(), want, atol=1e-4)
+    tiles.clear()
+    btt.btt_matmul(x.requires_grad_(), w1, w2, bias, out_f).sum().backward()
+    assert tiles == [201] and x.grad is not None

@@ -16,7 +16,7 @@ import torch
 MAX_BLOCKS = 16
 
 
-def _eager(*ts) -> bool:
+def eager_inference(*ts) -> bool:
     """Plain tensors outside any tracer, with no gradient to record (`out=` does not differentiate)."""
     if torch.compiler.is_compiling():
         return False
@@ -35,7 +35,7 @@ def swap_block_axes(z: torch.Tensor) -> torch.Tensor:
     t·itemsize bytes, which halves the copy (BTT 768→3072: 15 → 8 ms). Traced graphs keep the plain permute
     (Inductor generates its own copy loop and does not take complex dtypes)."""
     a, n, c, t = z.shape
-    wide = _WIDE.get(t * z.element_size()) if _eager(z) else None  # (traced sizes may be symbolic)
+    wide = _WIDE.get(t * z.element_size()) if eager_inference(z) else None  # (traced sizes may be symbolic)
     if wide is None or not z.is_contiguous() or (wide.is_complex and z.device.type != "cpu"):
         return z.permute(2, 1, 0, 3).contiguous()
     return z.view(wide).view(a, n, c).permute(2, 1, 0).contiguous().view(z.dtype).view(c, n, a, t)
@@ -49,7 +49,7 @@ def column_blocks(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]
         y = torch.bmm(a, b) if bias is None else torch.baddbmm(bias.view(k, 1, c), a, b)
         return y.transpose(0, 1).reshape(n, k * c)
     bias_j = (lambda j: None) if bias is None else (lambda j: bias[j * c:(j + 1) * c])  # noqa: E731
-    if _eager(a, b, bias):
+    if eager_inference(a, b, bias):
         out = a.new_empty(n, k * c, dtype=torch.result_type(a, b))
         for j in range(k):
             cols = out[:, j * c:(j + 1) * c]
