@@ -33,7 +33,7 @@ from .passes.sdpa import rewrite_sdpa
 from .report import SiteRow
 from .sites import SDPA_TARGETS, Site, _through
 from .structures import FAMILIES
-from .structures.base import mark_owned
+from .structures.base import Owner, mark_owned
 from .structures.lowrank import resolve_rank, truncated_svd
 
 CHILD = {"fused_qkv": "lrcompile_qkv", "shared_kv": "lrcompile_kv"}
@@ -41,7 +41,7 @@ ROLES = {"fused_qkv": fused_pass.ROLES, "shared_kv": shared_pass.ROLES}
 _WALK_LIMIT = 400  # nodes visited per operand before giving up (a projection is a few ops away)
 
 
-class AttnFactors(nn.Module):
+class AttnFactors(Owner):
     """What an attention rewrite attaches: the stacked projection [W_1; …; W_n] (n = 3 for Q, K, V) in a
     compressed form, applied once to the shared input and split back. Subclasses fix the form.
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .capture import call_model
 from .structures import Structure
-from .structures.base import is_owned
+from .structures.base import owned_parameters
 
 LAYER_LOSSES = ("cos", "nmse")
 SCHEDULES = ("linear", "cosine")
@@ -101,11 +101,9 @@ def _trainable(model: nn.Module, train_also) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
 
+    for _, p in owned_parameters(model):  # the families' factors and attention's stacked ones, also under FSDP2
+        add(p)
     structs = [m for m in model.modules() if isinstance(m, Structure)]
-    for m in structs:
-        for p in m.parameters(recurse=False):
-            if is_owned(p):
-                add(p)
     if not out:
         raise ValueError("lrcompile.heal: the model has no lrcompile factors (run lrcompile.rewrite first)")
     if "biases" in train_also:  # a compressed site's bias can absorb the mean of its output error

@@ -107,7 +107,7 @@ def _placeholder_tensor(node, real: dict) -> Optional[torch.Tensor]:
 
 
 def _owned_by_record(ga) -> bool:
-    """The parameter is lrcompile's by its module's record (structures.base.OWNED_NAMES): FSDP2 hands Dynamo
+    """The parameter is lrcompile's by its module (a structures.base.Owner listing it): FSDP2 hands Dynamo
     unsharded parameters without lrcompile's mark. The owner module is found from the parameter's source
     against the frame being compiled."""
     if ga is None or getattr(ga, "source", None) is None:

@@ -84,7 +84,7 @@ def owned(m: nn.Module) -> set:
 
 def owned_after_wrapping(m: nn.Module) -> set:
     """The same after DDP / FSDP2 wrapped the model (FSDP2 replaces them by unmarked DTensors): the modules'
-    records (structures.base.OWNED_NAMES) still know them."""
+    names (structures.base.Owner.tensor_names) still know them."""
     return {n for n, _ in owned_parameters(m)}
 
 

@@ -138,3 +138,30 @@ def test_heal_errors_are_one_line(pair):
                     ({"train_also": ["emb"]}, "train_also 'emb' is not one of biases, norms")]:
         with pytest.raises(ValueError, match=msg):
             lrcompile.heal(student, teacher, batches(1), steps=1, progress=False, **kw)
+
+
+def test_heal_trains_attention_factors_through_the_compiled_model():
+    """Attention's stacked factors (fused_qkv) are lrcompile's too: healing the compiled model — the graph that
+    uses them — trains them with the linear sites' factors and lowers the loss."""
+    from conftest import tiny_hf
+    from lrcompile.attention import AttnFactors
+
+    torch.manual_seed(0)
+    teacher, _ = tiny_hf("bert", width=32, inter=64, layers=1, heads=4, kv_heads=4, vocab=60, tokens=8)
+    student = copy.deepcopy(teacher)
+    bs = masked_id_batches(4, rows=2, seq=8, vocab=60, padded=2, seed=0)
+    pol = {"defaults": {"min_features": 0}, "rules": [
+        {"match": "*", "kind": "attention", "method": "fused_qkv", "rank": 6},
+        {"match": "encoder.*", "method": "lowrank", "rank": 6}, {"match": "*", "method": "dense"}]}
+    lrcompile.rewrite(student, pol, bs[0], progress=False)
+    attn = {n: p.detach().clone() for m in student.modules() if isinstance(m, AttnFactors)
+            for n, p in m.named_parameters()}
+    assert attn
+    compiled = torch.compile(student, backend="lrcompile", options={"inductor": False})
+    hidden = lambda m: lambda **b: m(**b).last_hidden_state  # noqa: E731
+    before = total_loss(hidden(compiled), hidden(teacher), bs)
+    lrcompile.heal(compiled, teacher, bs, steps=40, lr=1e-2, progress=False)
+    after = total_loss(hidden(compiled), hidden(teacher), bs)
+    moved = [n for m in student.modules() if isinstance(m, AttnFactors) for n, p in m.named_parameters()
+             if not torch.equal(p, attn[n])]
+    assert sorted(moved) == sorted(attn) and after < 0.7 * before, (moved, before, after)

@@ -24,9 +24,14 @@ FAMILIES: dict[str, type["Structure"]] = {}
 
 # Marks a parameter lrcompile created: it is never a site for another rewrite.
 OWNED_ATTR = "_lrcompile_owned"
-# The same, kept on the module that holds the parameter (names of its owned parameters): FSDP2's fully_shard,
-# deepcopy and the like replace parameter objects and drop the tensor's mark, but keep the module and the name.
-OWNED_NAMES = "_lrcompile_owned_names"
+
+
+class Owner(nn.Module):
+    """A module whose parameters named in `tensor_names` are lrcompile's (the families' Structures, attention's
+    stacked factors). Known by module and name, ownership survives what replaces the parameter objects and drops
+    their mark — FSDP2's fully_shard, deepcopy and the like keep the module and the name."""
+
+    tensor_names: tuple[str, ...] = ()
 
 
 def register(cls: type["Structure"]) -> type["Structure"]:
@@ -43,25 +48,12 @@ def mark_owned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _record_owned(module: nn.Module, name: str, param) -> None:
-    """Global parameter-registration hook: a marked parameter registered on a module makes `name` owned there.
-    Only ever adds: FSDP2's slow path re-registers unmarked DTensors under the same names."""
-    if param is not None and getattr(param, OWNED_ATTR, False):
-        names = module.__dict__.get(OWNED_NAMES)
-        if names is None:
-            names = module.__dict__[OWNED_NAMES] = set()
-        names.add(name)
-
-
-nn.modules.module.register_module_parameter_registration_hook(_record_owned)
-
-
 def is_owned(t, module: Optional[nn.Module] = None, name: Optional[str] = None) -> bool:
-    """`t` was made by lrcompile: by its own mark, or (`module`, `name`: where it is registered) by the module's
-    record, which survives parameter replacement (FSDP2 sharding / unsharding)."""
+    """`t` was made by lrcompile: by its own mark, or (`module`, `name`: where it is registered) by the module
+    being an `Owner` that lists it, which survives parameter replacement (FSDP2 sharding / unsharding)."""
     if bool(getattr(t, OWNED_ATTR, False)):
         return True
-    return module is not None and name is not None and name in module.__dict__.get(OWNED_NAMES, ())
+    return isinstance(module, Owner) and name is not None and name in module.tensor_names
 
 
 def owned_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -114,7 +106,7 @@ class MethodConfig:
         """Called once when a policy rule creates this config (families with per-rule state override it)."""
 
 
-class Structure(nn.Module):
+class Structure(Owner):
     """Base class of every family module. Subclasses set `name`, `Config`, `compressing`, `tensor_names`."""
 
     name: ClassVar[str]
