@@ -12,7 +12,6 @@ import warnings
 import weakref
 from typing import Optional
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 

@@ -593,7 +593,8 @@ def install_attention(model: nn.Module, policy, example_inputs) -> tuple[list[Si
     them, and DDP would otherwise wait for their gradients). Returns the report rows and the claimed linear
     site FQNs (no linear rule may rewrite those)."""
     from .capture import call_model
-    from .resolve import frame_locals, root_module, site_module
+    from .dynamo_names import frame_locals
+    from .resolve import root_module, site_module
     from .sites import find_sites
 
     rows: list[SiteRow] = []

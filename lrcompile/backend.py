@@ -26,8 +26,9 @@ from .passes.rewrite import rewrite_graph
 from .plan import TIE_NOTE, Decision, build, decide, rel_error, site_row, tie_broken
 from .policy import KEEP, Policy, load_policy
 from .report import Report, SiteRow
-from .resolve import frame_locals, root_module, site_module
-from .sites import Site, find_sites, strip_root
+from .dynamo_names import frame_locals, strip_root
+from .resolve import root_module, site_module
+from .sites import Site, find_sites
 from .structures import FAMILIES, Structure
 
 

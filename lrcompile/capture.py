@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .resolve import frame_locals, root_module, site_module
+from .dynamo_names import frame_locals
+from .resolve import root_module, site_module
 from .sites import Site, find_sites
 
 

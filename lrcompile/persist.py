@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
 
 import torch
 from torch import nn

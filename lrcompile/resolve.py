@@ -6,34 +6,12 @@ current, so its locals resolve those expressions to the real objects.
 """
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 from torch import nn
 
-from .sites import Site, strip_root
-
-_ROOT = re.compile(r"^([A-Za-z_]+(?:\[[^\]]*\])+)")
-
-
-def frame_locals() -> Optional[dict]:
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except Exception:
-        return None
-    return getattr(tx, "f_locals", None) if tx is not None else None
-
-
-def eval_root(expr: str, f_locals: dict):
-    m = _ROOT.match(expr)
-    if m is None:
-        return None
-    try:
-        return eval(m.group(1), {"__builtins__": {}}, {"L": f_locals})  # noqa: S307 - Dynamo's own subscript expression
-    except Exception:
-        return None
+from .dynamo_names import eval_root, strip_root
+from .sites import Site
 
 
 def root_module(sites: list[Site], f_locals: Optional[dict]) -> Optional[nn.Module]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import re
 from typing import Optional
 
 import torch
@@ -18,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .dynamo_names import eval_root, frame_locals, source_path, strip_root
 from .structures import Structure, is_owned
 
 LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
@@ -30,7 +30,6 @@ PASSTHROUGH = {operator.truediv, operator.mul, operator.add, torch.div, torch.mu
                torch.nn.functional.dropout, torch.masked_fill, torch.Tensor.masked_fill}
 PASSTHROUGH_METHODS = {"masked_fill", "to", "type", "type_as", "float", "div", "mul", "add", "__truediv__", "contiguous"}
 
-_ROOT = re.compile(r"^[A-Za-z_]+(\[[^\]]*\])+")
 
 
 @dataclasses.dataclass
@@ -70,19 +69,6 @@ class Site:
         return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
 
 
-def strip_root(expr: str) -> str:
-    """`L['self'].encoder.layer.0` -> `encoder.layer.0`; `L['args'][0]` -> ``."""
-    rest = _ROOT.sub("", expr, count=1)
-    return rest[1:] if rest.startswith(".") else rest
-
-
-def source_path(source) -> str:
-    """Module path of a parameter from its Dynamo source: `L['s']._modules['blk']._parameters['w']` -> `blk.w`."""
-    name = source.name if isinstance(source.name, str) else source.name()
-    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)", name)
-    return ".".join(a or b for a, b in parts)
-
-
 def innermost_module(node: fx.Node) -> tuple[Optional[str], Optional[type]]:
     stack = node.meta.get("nn_module_stack")
     if not stack:
@@ -112,8 +98,6 @@ def _owned_by_record(ga) -> bool:
     against the frame being compiled."""
     if ga is None or getattr(ga, "source", None) is None:
         return False
-    from .resolve import eval_root, frame_locals
-
     f_locals = frame_locals()
     if f_locals is None:
         return False

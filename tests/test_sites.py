@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrcompile.sites import find_sites, source_path, strip_root
+from lrcompile.dynamo_names import source_path, strip_root
+from lrcompile.sites import find_sites
 
 
 def sites_of(model, *args):

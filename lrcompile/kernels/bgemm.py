@@ -7,8 +7,6 @@ the epilogue and the N_OUT mask. The structured families (twocore.py, blast.py) 
 """
 from __future__ import annotations
 
-import torch
-
 from . import epilogue as epi
 from . import runtime
 

@@ -6,8 +6,6 @@ straight into w_i U_iᵀ with the epilogue — the (b₁, N, r) mixed tensor nev
 """
 from __future__ import annotations
 
-import torch
-
 from ..structures.blast import blast_matmul
 from . import epilogue as epi
 from . import runtime

@@ -10,7 +10,6 @@ import re
 import torch
 import torch.fx as fx
 
-from ..sites import Site
 from ..structures import Structure
 
 

@@ -24,7 +24,6 @@ name, so the dtype is read from the softmax node, never from the pattern alone.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import operator
 from typing import Optional
