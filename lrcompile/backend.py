@@ -147,7 +147,7 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
     others = _Instances(session, model, root, prefix, dynamo_gm, example_inputs, feeds, by_struct,
                         list(dense_sites.values()), options, opts) if feeds else None
     if not opts.inductor:
-        return _runner(gm, feeds, others)
+        return _Runner(gm, feeds, others)
     from torch._inductor.compile_fx import compile_fx
 
     inputs = list(example_inputs) + _fakes(example_inputs, feeds)
@@ -155,7 +155,7 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
     patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
     compiled = compile_fx(gm, inputs, config_patches=patches)
     # compile_fx's callable is called unboxed, whatever its `_boxed_call` says (aot_module_simplified's forward)
-    return _runner(compiled, feeds, others)
+    return _Runner(compiled, feeds, others)
 
 
 def _plan_budget(session: Session, model: Optional[nn.Module]) -> None:
@@ -356,12 +356,6 @@ class _Runner:
         if self.others is not None and any(getattr(f, "failed", False) for f in feeds):
             return self.others.gm(*args)  # stale factors that could not be recomputed: the dense weights' function
         return self.fn(*args, *factors)
-
-
-def _runner(fn, feeds: list, others: Optional["_Instances"]) -> _Runner:
-    run = _Runner(fn, feeds)  # (fn, feeds): what tests that wrap _Runner construct it with
-    run.others = others
-    return run
 
 
 def _index(example_inputs, t) -> Optional[int]:

@@ -48,8 +48,8 @@ def test_bias_is_added_after_the_gemms_only_for_inductor_on_cpu(monkeypatch, ind
     runner = {}
     real_runner = backend._Runner
 
-    def keep(fn, feeds):
-        runner["r"] = real_runner(fn, feeds)
+    def keep(fn, feeds, *rest):
+        runner["r"] = real_runner(fn, feeds, *rest)
         return runner["r"]
 
     monkeypatch.setattr(backend, "_Runner", keep)
