@@ -23,7 +23,6 @@ from .plan import TIE_NOTE, build, decide, tie_broken
 from .policy import load_policy
 from .report import Report
 from .structures import Structure
-from .structures.base import site_scope
 
 
 def _swappable(module: Optional[nn.Module], site) -> bool:
@@ -91,8 +90,7 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
         decision = decide(site, pol, ranks)
         if decision.status == "installed":
             continue
-        with site_scope(site.fqn):  # the families' warnings name the site
-            struct, row = build(site, decision, pol, stats.get(site.fqn) if stats is not None else None)
+        struct, row = build(site, decision, pol, stats.get(site.fqn) if stats is not None else None)
         rep.add(row)
         if struct is None:
             continue
