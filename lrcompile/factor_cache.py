@@ -63,11 +63,15 @@ def key(weight: torch.Tensor, family: str, cfg, stats_digest: Optional[str]) -> 
 
 
 def stats_digest(stats) -> Optional[str]:
-    """Hash of one site's calibration statistics (any tensors and ints it carries)."""
+    """Hash of one site's calibration statistics (any tensors and ints it carries). Fields that are no part of
+    the statistics' value (`compare=False`: the site name CalibrationStats.get sets) stay out of the key."""
     if stats is None:
         return None
+    label = {f.name for f in dataclasses.fields(stats) if not f.compare} if dataclasses.is_dataclass(stats) else set()
     h = hashlib.blake2b(digest_size=16)
     for name, value in sorted(vars(stats).items()):
+        if name in label:
+            continue
         h.update(name.encode())
         if isinstance(value, torch.Tensor):
             _update(h, value)

@@ -403,3 +403,19 @@ def test_warm_compile_reports_the_same_fields_as_the_cold_one(tmp_path):
             k: v for k, v in cold[fqn].items() if k not in timing}, fqn
         strip = lambda notes: [n for n in notes if n != "factors from cache" and "ms" not in n]  # noqa: E731
         assert strip(warm[fqn]["notes"]) == strip(cold[fqn]["notes"]), fqn
+
+
+def test_stats_digest_is_the_statistics_value_not_the_site_name():
+    """CalibrationStats.get names a site's statistics (for warnings); the factor-cache key must not change with
+    it — only with the statistics themselves."""
+    from lrcompile import factor_cache as fc
+    from lrcompile.calibrate import CalibrationStats, SiteStats
+
+    x = torch.randn(20, 6, dtype=torch.float64)
+    s = SiteStats(torch.zeros(6, 6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64), 0)
+    s.add(x)
+    before = fc.stats_digest(s)
+    named = CalibrationStats({"enc.fc": s}).get("enc.fc")
+    assert named.fqn == "enc.fc" and fc.stats_digest(named) == before
+    s.add(x[:3])
+    assert fc.stats_digest(s) != before
