@@ -153,6 +153,11 @@ def heal(model: nn.Module, teacher: nn.Module, batches: Iterable, *, steps: int 
     layer_term = _token_cos if layer_loss == "cos" else _token_nmse
     teacher_modes = {m: m.training for m in teacher.modules()}
     taps_t = _Taps(teacher, layers)
+    try:  # both models' hooks before any state changes: a bad layer name leaves both as they were
+        taps = _Taps(model, layers)
+    except ValueError:
+        taps_t.close()
+        raise
     targets: dict[int, tuple] = {}  # teacher outputs, made when a batch is first used (a corpus may exceed steps)
 
     def target(i):
@@ -171,7 +176,6 @@ def heal(model: nn.Module, teacher: nn.Module, batches: Iterable, *, steps: int 
     teacher.eval()
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, steps, warmup, schedule))
-    taps = _Taps(model, layers)
     try:
         for step in tqdm(range(steps), desc="lrcompile heal", disable=not progress):
             b, (t, t_layers) = batches[step % len(batches)], target(step % len(batches))

@@ -140,6 +140,18 @@ def test_heal_errors_are_one_line(pair):
             lrcompile.heal(student, teacher, batches(1), steps=1, progress=False, **kw)
 
 
+def test_a_layer_only_the_teacher_has_leaves_both_models_as_they_were(pair):
+    student, teacher = pair
+    teacher.extra = nn.Linear(24, 24)  # a path the student lacks
+    student.train()
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    with pytest.raises(ValueError, match="no submodule 'extra'"):
+        lrcompile.heal(student, teacher, batches(1), steps=1, layers=["extra"], progress=False)
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
+    assert all(m.training for m in student.modules())
+    assert not teacher.extra._forward_hooks  # the teacher's tap was removed
+
+
 def test_heal_trains_attention_factors_through_the_compiled_model():
     """Attention's stacked factors (fused_qkv) are lrcompile's too: healing the compiled model — the graph that
     uses them — trains them with the linear sites' factors and lowers the loss."""
