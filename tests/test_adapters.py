@@ -183,6 +183,59 @@ def test_dora_functional_gradients_match_autograd_of_the_formula():
                                                                     s.detach()), (x, b, m))
 
 
+
+@pytest.mark.parametrize("need", ["x b A B m", "A B m", "x A"])
+def test_dora_frozen_base_backward_matches_autograd_of_the_formula(need):
+    """A frozen base weight takes FrozenBaseDoRA (its backward written out): float64, non-square shapes, the
+    gradients of whichever inputs require one equal autograd's of the formula, and no others are made."""
+    torch.manual_seed(2)
+    d = dict(dtype=torch.float64)
+    x, W, b = torch.randn(3, 11, 13, **d), torch.randn(9, 13, **d), torch.randn(9, **d)
+    A, B, m, s = torch.randn(4, 13, **d), torch.randn(9, 4, **d), torch.rand(9, **d) + 0.5, torch.tensor(0.7, **d)
+    named = dict(zip("x b A B m".split(), (x, b, A, B, m)))
+    ts = [named[k].requires_grad_() for k in need.split()]
+
+    def formula(x, W, b, A, B, m, s):
+        n = torch.linalg.norm(W + s * B @ A, dim=1).detach()
+        return (m / n) * (x @ W.t() + s * (x @ A.t()) @ B.t()) + b
+
+    dy = torch.randn(3, 11, 9, **d)
+    y = DoRA.functional(x, W, b, A, B, m, s)
+    assert y.grad_fn.next_functions[0][0].name().startswith("FrozenBaseDoRA")  # under unflat's view
+    torch.testing.assert_close(y, formula(x, W, b, A, B, m, s), rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(y, ts, dy)
+    want = torch.autograd.grad(formula(x, W, b, A, B, m, s), ts, dy)
+    for name, g1, g2 in zip(need.split(), got, want):
+        assert rel_err(g1, g2) < 1e-10, name
+
+
+def test_dora_frozen_base_step_makes_three_output_sized_buffers():
+    """The written-out step allocates z and y in the forward and one (N, out) buffer in the backward (autograd
+    of the formula makes more): each costs a pass, and on CPU page faults on top."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.n = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and not func._schema.is_mutable:  # in place and out= allocate nothing
+                self.n += sum(t.numel() == self.numel for t in torch.utils._pytree.tree_leaves(out)
+                              if isinstance(t, torch.Tensor))
+            return out
+
+    N, i, o = 64, 24, 40
+    x, W, b = torch.randn(N, i, requires_grad=True), torch.randn(o, i), torch.randn(o)
+    A, B = torch.randn(4, i, requires_grad=True), torch.randn(o, 4, requires_grad=True)
+    m, s = (torch.rand(o) + 0.5).requires_grad_(), torch.tensor(0.5)
+    dy = torch.randn(N, o)
+    with Count(N * o) as c:
+        DoRA.functional(x, W, b, A, B, m, s).backward(dy)
+    assert c.n == 3, c.n
+
+
 def test_dora_norm_without_materialising_ba():
     W, A, B = torch.randn(40, 24, dtype=torch.float64), torch.randn(4, 24, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64)
     torch.testing.assert_close(dora_row_norm(W, A, B, 0.7), torch.linalg.norm(W + 0.7 * B @ A, dim=1))

@@ -28,6 +28,62 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     return sq.clamp_min(0).sqrt()
 
 
+def branch_backward(dz, x, weight, lora_A, lora_B, scaling, su, need_x, need_A, need_B):
+    """(dx, dA, dB) of z = W x + s·B A x for a frozen W, given dz and su = s·A x: the branch accumulates into
+    dx in place (autograd would sum two (N, in) buffers) and dB is computed as (su^T dz)^T, the faster layout
+    for a skinny result on CPU."""
+    gB = torch.mm(dz, lora_B).mul_(scaling)  # s·dz B, (N, r)
+    dx = torch.mm(dz, weight).addmm_(gB, lora_A) if need_x else None
+    dA = torch.mm(gB.t(), x) if need_A else None
+    dB = torch.mm(su.t(), dz).t() if need_B else None
+    return dx, dA, dB
+
+
+class FrozenBaseDoRA(torch.autograd.Function):
+    """DoRA's step with the base weight frozen (the fine-tuning case), its backward written out.
+
+    Autograd through the plain formula makes two (N, out) buffers more than needed and sums dx from two
+    branches with an extra pass; on CPU each fresh (N, out) buffer costs page faults on top of its pass. Here
+    z = W x + s·B(Ax) is built in place, y = g ⊙ z + b is the one other (N, out) buffer, and the backward
+    reuses the dm product's buffer for dz and accumulates the branch into dx in place. Gradients are those of
+    the formula (tested against autograd); dropout and a trainable base take the formula path instead.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling):
+        norm = dora_row_norm(weight, lora_A, lora_B, scaling)
+        g = magnitude.detach() / norm
+        su = torch.mm(x, lora_A.t()).mul_(scaling)  # s·A x, (N, r)
+        z = torch.mm(x, weight.t()).addmm_(su, lora_B.t())  # the branch added in place
+        y = torch.addcmul(bias, z, g) if bias is not None else z * g
+        return y, su, z, g, norm  # the intermediates are outputs so that setup_context can save them
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_A, lora_B, _, scaling = inputs
+        _, su, z, g, norm = output
+        ctx.mark_non_differentiable(su, z, g, norm)
+        ctx.set_materialize_grads(False)  # no zero-filled (N, out) gradients for the intermediates
+        ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, su, z, g, norm)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        if dy is None:  # y unused (grads are not materialised)
+            return (None,) * 7
+        x, W, A, B, s, su, z, g, norm = ctx.saved_tensors
+        need_x, _, need_b, need_A, need_B, need_m, _ = ctx.needs_input_grad
+        dm = None
+        if need_m:
+            buf = torch.mul(dy, z)
+            dm = buf.sum(0).div_(norm)
+            dz = torch.mul(dy, g, out=buf)  # dm is reduced: its buffer holds dz now
+        else:
+            dz = dy * g
+        dx, dA, dB = branch_backward(dz, x, W, A, B, s, su, need_x, need_A, need_B)
+        return dx, None, dy.sum(0) if need_b and ctx.has_bias else None, dA, dB, dm, None
+
+
 @register
 class DoRA(Adapter):
     name = "dora"
@@ -60,8 +116,10 @@ class DoRA(Adapter):
 
     @staticmethod
     def functional(x, weight, bias, lora_A, lora_B, magnitude, scaling, *drop):
-        g = magnitude / dora_row_norm(weight, lora_A, lora_B, scaling)
         x2 = flat(x)
+        if not drop and not weight.requires_grad:
+            return unflat(FrozenBaseDoRA.apply(x2, weight, bias, lora_A, lora_B, magnitude, scaling)[0], x)
+        g = magnitude / dora_row_norm(weight, lora_A, lora_B, scaling)
         if not drop:
             y = F.linear(x2, weight).addmm_(F.linear(x2, lora_A) * scaling, lora_B.t())
             y = y * g if bias is None else torch.addcmul(bias, y, g)
