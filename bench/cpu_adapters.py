@@ -9,7 +9,7 @@ compiled (`torch.compile(backend="lrcompile")` with the adapter policy, default 
 under `backend="inductor"`) — the compiled path is what users run, and Inductor fuses the adapter's elementwise
 steps (scaling, DoRA's column scale and its reduction) into neighbouring kernels.
 
-    python bench/cpu_adapters.py [--reps 20] [--threads N] [--no-compiled]
+    python bench/cpu_adapters.py [--reps 20] [--threads N] [--no-compiled] [--malloc keep]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved, write_result  # noqa: E402
+from common import add_malloc_flag, apply_malloc, interleaved, write_result  # noqa: E402
 
 from lrcompile.structures.dora import DoRA  # noqa: E402
 from lrcompile.structures.lora import LoRA, LoRAConfig  # noqa: E402
@@ -98,7 +98,9 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled table")
+    add_malloc_flag(ap)
     args = ap.parse_args()
+    apply_malloc(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved, write_result  # noqa: E402
+from common import add_malloc_flag, apply_malloc, interleaved, write_result  # noqa: E402
 
 POLICY = {"rules": [{"match": "re:(transformer\\.)?h\\.\\d+\\.(attn\\.(c_attn|c_proj)|mlp\\.(c_fc|c_proj))", "method": "lowrank", "rank": 0.5}]}
 
@@ -52,7 +52,9 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=20)
+    add_malloc_flag(ap)
     a = ap.parse_args()
+    apply_malloc(a.malloc)
     dense = build(a.layers)
     low, untuned = copy.deepcopy(dense), copy.deepcopy(dense)
     ids = torch.randint(0, 50257, (a.batch, a.seq))

@@ -4,7 +4,7 @@ For each family and layer shape: the family's `functional` (what the rewritten g
 timed side by side (interleaved, median of many reps); the speedup is compared with the FLOP ratio
 (dense FLOPs / structured FLOPs). Target: ≥ 90% of the FLOP ratio wherever the FLOP ratio is ≥ 2.
 
-    python bench/cpu_structured.py [--reps 40]
+    python bench/cpu_structured.py [--reps 40] [--malloc keep]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved, write_result  # noqa: E402
+from common import add_malloc_flag, apply_malloc, interleaved, write_result  # noqa: E402
 
 from lrcompile.structures import FAMILIES  # noqa: E402
 
@@ -30,7 +30,9 @@ TOKENS = 1024
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=40)
+    add_malloc_flag(ap)
     args = ap.parse_args()
+    apply_malloc(args.malloc)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     load = os.getloadavg()[0]
