@@ -32,11 +32,12 @@ def machine() -> str:
 
 
 # glibc hands freed blocks above a (dynamic) size back to the OS, so a training step that frees and re-makes
-# (N, d) buffers page-faults them in again on every step — measured at 2-8x the cost of the op itself for
+# (N, d) buffers page-faults them in again on every step — measured at 3-6x the cost of the op itself for
 # elementwise passes on a 2-core VM. jemalloc/tcmalloc (PyTorch's CPU launcher preloads one) or these two
 # mallopt settings keep the pages. The benches run glibc's defaults unless asked (`--malloc keep`), and say so.
 ALLOCATOR = {"state": "glibc malloc, default thresholds" if platform.libc_ver()[0] == "glibc" else "system malloc"}
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, (1 << 31) - 1  # glibc's largest dynamic mmap threshold; int max
 
 
 def add_malloc_flag(ap) -> None:
@@ -45,7 +46,8 @@ def add_malloc_flag(ap) -> None:
 
 
 def apply_malloc(choice: str) -> None:
-    """`keep`: glibc keeps freed memory in the process (mmap and trim thresholds raised to 4 GiB)."""
+    """`keep`: glibc keeps freed memory in the process. Both thresholds must be set (either alone turns off
+    glibc's dynamic threshold and faults more than the default), and mallopt takes a C int."""
     preload = os.environ.get("LD_PRELOAD", "")
     if any(a in preload for a in ("jemalloc", "tcmalloc")):
         ALLOCATOR["state"] = f"LD_PRELOAD={preload}"
@@ -55,10 +57,10 @@ def apply_malloc(choice: str) -> None:
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6")
-    big = 4 << 30
-    if not (libc.mallopt(M_MMAP_THRESHOLD, big - 1) and libc.mallopt(M_TRIM_THRESHOLD, big)):
+    if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         raise SystemExit("--malloc keep: mallopt refused (not glibc?)")
-    ALLOCATOR["state"] = "glibc malloc keeping freed memory (mallopt mmap/trim thresholds 4 GiB)"
+    ALLOCATOR["state"] = ("glibc malloc keeping freed memory (mallopt: mmap threshold 32 MiB, trim threshold "
+                          "2 GiB)")
 
 
 def sync():
