@@ -35,8 +35,9 @@ def _safe(name: str) -> str:
 def add_bias_after_gemm(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """y + bias as a pointwise op that Inductor fuses into the consumer's kernel (GELU, residual add, the QKV
     split copy) instead of a GEMM with beta=1, which first copies the broadcast bias into the whole output.
-    The view keeps Inductor's mm+add -> addmm pattern (post_grad) from folding it back on 2-D inputs."""
-    return (y.unsqueeze(0) + bias).squeeze(0)
+    The view keeps Inductor's mm+add -> addmm pattern (post_grad) from folding it back on 2-D inputs. The bias
+    takes y's dtype, as F.linear's does under autocast (an fp32 bias would promote a bf16 output to fp32)."""
+    return (y.unsqueeze(0) + bias.to(y.dtype)).squeeze(0)
 
 
 def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple], bias_epilogue: bool = False

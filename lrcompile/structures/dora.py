@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import mark_owned, register
-from .lora import Adapter, LoRAConfig, branch_input, flat, lora_init, pissa_factors, unflat
+from .lora import Adapter, LoRAConfig, add_branch, branch_input, flat, lora_init, pissa_factors, unflat
 
 
 def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling) -> torch.Tensor:
@@ -46,7 +46,8 @@ class FrozenBaseDoRA(torch.autograd.Function):
     branches with an extra pass; on CPU each fresh (N, out) buffer costs page faults on top of its pass. Here
     z = W x + s·B(Ax) is built in place, y = g ⊙ z + b is the one other (N, out) buffer, and the backward
     reuses the dm product's buffer for dz and accumulates the branch into dx in place. Gradients are those of
-    the formula (tested against autograd); dropout and a trainable base take the formula path instead.
+    the formula (tested against autograd); dropout, a trainable base and autocast (whose casts the formula's
+    ops carry) take the formula path instead.
     """
 
     @staticmethod
@@ -117,12 +118,13 @@ class DoRA(Adapter):
     @staticmethod
     def functional(x, weight, bias, lora_A, lora_B, magnitude, scaling, *drop):
         x2 = flat(x)
-        if not drop and not weight.requires_grad:
+        if not drop and not weight.requires_grad and not torch.is_autocast_enabled(x.device.type):
             return unflat(FrozenBaseDoRA.apply(x2, weight, bias, lora_A, lora_B, magnitude, scaling)[0], x)
         g = magnitude / dora_row_norm(weight, lora_A, lora_B, scaling)
         if not drop:
-            y = F.linear(x2, weight).addmm_(F.linear(x2, lora_A) * scaling, lora_B.t())
-            y = y * g if bias is None else torch.addcmul(bias, y, g)
+            y = add_branch(F.linear(x2, weight), F.linear(x2, lora_A) * scaling, lora_B.t())
+            g = g.to(y.dtype)  # under autocast y is in the autocast dtype: keep it there
+            y = y * g if bias is None else torch.addcmul(bias.to(y.dtype), y, g)
             return unflat(y, x)
         xd = branch_input(x2, drop)
         base = F.linear(x2, weight, bias)

@@ -49,6 +49,12 @@ def flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def add_branch(y: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """y += h @ b_t in place (no extra (N, out) buffer). Autocast does not cast in-place ops, so under it the
+    branch is brought to the base output's dtype here (a no-op otherwise); the casts differentiate."""
+    return y.addmm_(h.to(y.dtype), b_t.to(y.dtype))
+
+
 def unflat(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -196,7 +202,7 @@ class LoRA(Adapter):
         x2 = flat(x)
         y = F.linear(x2, weight, bias)
         h = F.linear(branch_input(x2, drop), lora_A) * scaling  # scale the (N, r) side: the cheap one
-        return unflat(y.addmm_(h, lora_B.t()), x)  # in place: linear saved x and W, not y
+        return unflat(add_branch(y, h, lora_B.t()), x)  # in place: linear saved x and W, not y
 
     def delta(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import MethodConfig, mark_owned, register
-from .lora import Adapter, check_int_rank, flat, unflat
+from .lora import Adapter, add_branch, check_int_rank, flat, unflat
 
 
 @dataclasses.dataclass
@@ -85,12 +85,14 @@ class NOBLE(Adapter):
     def functional(x, weight, bias, down, down_bias, omega1, phi1, mid, mid_bias, omega2, phi2, up):
         x2 = flat(x)
         y = F.linear(x2, weight, bias)
-        # the cosine needs the complete W_down x sum, accumulated in fp32 (a bf16 sum loses the phase)
-        z = F.linear(x2.float(), down.float(), down_bias.float())
-        h = torch.cos(torch.addcmul(phi1.float(), z, omega1.float()))
-        h = F.linear(h, mid.float(), mid_bias.float())
-        h = torch.cos(torch.addcmul(phi2.float(), h, omega2.float()))
-        return unflat(y.addmm_(h.to(y.dtype), up.t()), x)
+        # the cosine needs the complete W_down x sum, accumulated in fp32 (a bf16 sum loses the phase): also
+        # under autocast, which would run these linears in bf16
+        with torch.autocast(x.device.type, enabled=False):
+            z = F.linear(x2.float(), down.float(), down_bias.float())
+            h = torch.cos(torch.addcmul(phi1.float(), z, omega1.float()))
+            h = F.linear(h, mid.float(), mid_bias.float())
+            h = torch.cos(torch.addcmul(phi2.float(), h, omega2.float()))
+        return unflat(add_branch(y, h, up.t()), x)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         ts = self.tensors()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import MethodConfig, mark_owned, register
-from .lora import Adapter, branch_input, check_dropout, check_int_rank, flat, unflat
+from .lora import Adapter, add_branch, branch_input, check_dropout, check_int_rank, flat, unflat
 
 
 @dataclasses.dataclass
@@ -167,7 +167,7 @@ class VeRA(Adapter):
         y = F.linear(x2, weight, bias)
         h = F.linear(branch_input(x2, drop), vera_A[:, : x.shape[-1]]) * lambda_d
         # λ_b folded into the (out×r) slice of B: one addmm instead of a pass over the (N, out) output
-        return unflat(y.addmm_(h, (vera_B[: weight.shape[0]] * lambda_b[:, None]).t()), x)
+        return unflat(add_branch(y, h, (vera_B[: weight.shape[0]] * lambda_b[:, None]).t()), x)
 
     def delta(self) -> torch.Tensor:
         A = self.vera_A[:, : self.in_features]
