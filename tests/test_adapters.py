@@ -184,29 +184,67 @@ def test_dora_functional_gradients_match_autograd_of_the_formula():
 
 
 
-@pytest.mark.parametrize("need", ["x b A B m", "A B m", "x A"])
-def test_dora_frozen_base_backward_matches_autograd_of_the_formula(need):
-    """A frozen base weight takes FrozenBaseDoRA (its backward written out): float64, non-square shapes, the
-    gradients of whichever inputs require one equal autograd's of the formula, and no others are made."""
-    torch.manual_seed(2)
-    d = dict(dtype=torch.float64)
+def dora_formula_ref(x, W, b, A, B, m, s):
+    n = torch.linalg.norm(W + s * B @ A, dim=1).detach()
+    y = (m / n) * (x @ W.t() + s * (x @ A.t()) @ B.t())
+    return y if b is None else y + b
+
+
+def dora_case(seed=2, dtype=torch.float64):
+    torch.manual_seed(seed)
+    d = dict(dtype=dtype)
     x, W, b = torch.randn(3, 11, 13, **d), torch.randn(9, 13, **d), torch.randn(9, **d)
     A, B, m, s = torch.randn(4, 13, **d), torch.randn(9, 4, **d), torch.rand(9, **d) + 0.5, torch.tensor(0.7, **d)
+    return x, W, b, A, B, m, s
+
+
+@pytest.mark.parametrize("need,bias", [("x b A B m", True), ("A B m", True), ("x A", True), ("x A B m", False),
+                                       ("b", True)])
+def test_dora_frozen_base_backward_matches_autograd_of_the_formula(need, bias):
+    """A frozen base weight takes FrozenBaseDoRA (its backward written out): float64, non-square shapes, with
+    and without bias; the gradients of whichever inputs require one equal autograd's of the formula."""
+    x, W, b, A, B, m, s = dora_case()
+    b = b if bias else None
     named = dict(zip("x b A B m".split(), (x, b, A, B, m)))
     ts = [named[k].requires_grad_() for k in need.split()]
-
-    def formula(x, W, b, A, B, m, s):
-        n = torch.linalg.norm(W + s * B @ A, dim=1).detach()
-        return (m / n) * (x @ W.t() + s * (x @ A.t()) @ B.t()) + b
-
-    dy = torch.randn(3, 11, 9, **d)
+    dy = torch.randn(3, 11, 9, dtype=torch.float64)
     y = DoRA.functional(x, W, b, A, B, m, s)
     assert y.grad_fn.next_functions[0][0].name().startswith("FrozenBaseDoRA")  # under unflat's view
-    torch.testing.assert_close(y, formula(x, W, b, A, B, m, s), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, dora_formula_ref(x, W, b, A, B, m, s), rtol=1e-12, atol=1e-12)
     got = torch.autograd.grad(y, ts, dy)
-    want = torch.autograd.grad(formula(x, W, b, A, B, m, s), ts, dy)
+    want = torch.autograd.grad(dora_formula_ref(x, W, b, A, B, m, s), ts, dy)
     for name, g1, g2 in zip(need.split(), got, want):
         assert rel_err(g1, g2) < 1e-10, name
+
+
+def test_dora_frozen_base_double_backward_is_the_formulas():
+    """create_graph=True (a gradient penalty): second-order gradients equal the formula's, the magnitude's too."""
+    x, W, b, A, B, m, s = dora_case()
+    ts = [t.requires_grad_() for t in (x, A, B, m)]
+
+    def second(f):
+        gx, = torch.autograd.grad(f(x, W, b, A, B, m, s).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), ts[1:])
+
+    for name, g1, g2 in zip("A B m".split(), second(DoRA.functional), second(dora_formula_ref)):
+        assert rel_err(g1, g2) < 1e-10, name
+
+
+def test_dora_mixed_dtypes_and_bf16_take_a_working_path():
+    """bf16 factors with an fp32 bias or magnitude (the written-out step needs one dtype): the formula path
+    runs and matches the fp64 result to bf16 precision; an all-bf16 layer takes the fast path."""
+    x, W, b, A, B, m, s = dora_case()
+    want = dora_formula_ref(x, W, b, A, B, m, s)
+    bf = torch.bfloat16
+    for b_dt, m_dt in ((torch.float32, bf), (bf, torch.float32), (bf, bf)):
+        ts = [x.to(bf).requires_grad_(), W.to(bf), b.to(b_dt), A.to(bf).requires_grad_(), B.to(bf).requires_grad_(),
+              m.to(m_dt).requires_grad_(), s.float()]
+        y = DoRA.functional(*ts)
+        y.float().sum().backward()
+        assert rel_err(y, want) < 0.02, (b_dt, m_dt)
+        assert all(ts[i].grad is not None for i in (0, 3, 4, 5))
+        fast = y.grad_fn.next_functions[0][0].name().startswith("FrozenBaseDoRA")
+        assert fast == (b_dt == m_dt == bf)
 
 
 def test_dora_frozen_base_step_makes_three_output_sized_buffers():

@@ -91,3 +91,23 @@ def test_inductor_output_keeps_the_autocast_dtype(method):
     with torch.no_grad():
         ref = c(x)
     assert rel_err(y, ref) < 0.02
+
+
+def test_noble_cosine_branch_stays_fp32_under_autocast():
+    """With a large ω₁ a bf16 W_down·x sum puts the cosine's phase off (branch error 0.016 measured with the
+    guard removed); NOBLE runs its branch in fp32 under autocast, so only the bf16 output rounding is left."""
+    import torch.nn.functional as F
+
+    from lrcompile.structures.noble import NOBLE, NOBLEConfig
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40).requires_grad_(False)
+    m = NOBLE.from_dense(lin.weight, lin.bias, NOBLEConfig(rank=8))
+    with torch.no_grad():
+        m.omega1.fill_(40.0)
+        m.up.normal_(std=0.3)
+        x = torch.randn(16, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, base = NOBLE.functional(x, lin.weight, lin.bias, *m.tensors()), F.linear(x, lin.weight, lin.bias)
+        want = NOBLE.functional(x, lin.weight, lin.bias, *m.tensors()) - F.linear(x, lin.weight, lin.bias)
+    assert rel_err(y.float() - base.float(), want) < 0.008

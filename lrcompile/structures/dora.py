@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import mark_owned, register
-from .lora import Adapter, LoRAConfig, add_branch, branch_input, flat, lora_init, pissa_factors, unflat
+from .lora import (Adapter, LoRAConfig, add_branch, autocast_on, branch_input, flat, lora_init, pissa_factors,
+                   unflat)
 
 
 def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling) -> torch.Tensor:
@@ -26,6 +27,14 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     sq = torch.linalg.vector_norm(W, dim=1).square()  # a reduction: no W-sized temporary (W.pow(2) makes one)
     sq = sq + (2 * s) * ((W @ A.t()) * B).sum(1) + (s * s) * ((B @ (A @ A.t())) * B).sum(1)
     return sq.clamp_min(0).sqrt()
+
+
+def dora_formula(x2, weight, bias, lora_A, lora_B, magnitude, scaling) -> torch.Tensor:
+    """g ⊙ (W x + s·B A x) + b on (N, in) rows, through autograd (no dropout)."""
+    g = magnitude / dora_row_norm(weight, lora_A, lora_B, scaling)
+    y = add_branch(F.linear(x2, weight), F.linear(x2, lora_A) * scaling, lora_B.t())
+    g = g.to(y.dtype)  # under autocast y is in the autocast dtype: keep it there
+    return y * g if bias is None else torch.addcmul(bias.to(y.dtype), y, g)
 
 
 def branch_backward(dz, x, weight, lora_A, lora_B, scaling, su, need_x, need_A, need_B):
@@ -45,10 +54,21 @@ class FrozenBaseDoRA(torch.autograd.Function):
     Autograd through the plain formula makes two (N, out) buffers more than needed and sums dx from two
     branches with an extra pass; on CPU each fresh (N, out) buffer costs page faults on top of its pass. Here
     z = W x + s·B(Ax) is built in place, y = g ⊙ z + b is the one other (N, out) buffer, and the backward
-    reuses the dm product's buffer for dz and accumulates the branch into dx in place. Gradients are those of
-    the formula (tested against autograd); dropout, a trainable base and autocast (whose casts the formula's
-    ops carry) take the formula path instead.
+    reuses the dm product's buffer for dz and accumulates the branch into dx in place. The one (N, out)
+    tensor saved, z, is kept only for a trainable magnitude. Gradients are those of the formula (tested
+    against autograd). Not taken (`usable`): dropout, a trainable base or scaling, autocast or mixed dtypes (the
+    formula's ops carry the casts), torch.func transforms. A backward that builds a graph
+    (create_graph=True) differentiates the formula instead, so higher orders are the formula's own.
     """
+
+    @staticmethod
+    def usable(x, weight, bias, lora_A, lora_B, magnitude, scaling) -> bool:
+        if weight.requires_grad or getattr(scaling, "requires_grad", False) or autocast_on(x):
+            return False
+        ts = [t for t in (x, weight, bias, lora_A, lora_B, magnitude, scaling) if t is not None]
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):
+            return False  # inside torch.func transforms (vmap, jvp, grad): the formula composes with them
+        return len({t.dtype for t in ts if t is not scaling}) == 1
 
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling):
@@ -61,28 +81,41 @@ class FrozenBaseDoRA(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, lora_A, lora_B, _, scaling = inputs
         _, su, z, g, norm = output
+        *_, need_B, need_m, _ = ctx.needs_input_grad
         ctx.mark_non_differentiable(su, z, g, norm)
         ctx.set_materialize_grads(False)  # no zero-filled (N, out) gradients for the intermediates
-        ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, su, z, g, norm)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(*inputs, su if need_B else None, z if need_m else None, g, norm)  # z: only for dm
 
     @staticmethod
     def backward(ctx, dy, *_):
         if dy is None:  # y unused (grads are not materialised)
             return (None,) * 7
-        x, W, A, B, s, su, z, g, norm = ctx.saved_tensors
-        need_x, _, need_b, need_A, need_B, need_m, _ = ctx.needs_input_grad
+        x, W, bias, A, B, m, s, su, z, g, norm = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: differentiate the formula itself
+            return formula_vjp(dy, (x, W, bias, A, B, m, s), need)
+        need_x, _, need_b, need_A, need_B, need_m, _ = need
+        db = dy.sum(0) if need_b and bias is not None else None
         dm = None
         if need_m:
-            buf = torch.mul(dy, z)
+            buf = dy * z
             dm = buf.sum(0).div_(norm)
             dz = torch.mul(dy, g, out=buf)  # dm is reduced: its buffer holds dz now
-        else:
+        elif need_x or need_A or need_B:
             dz = dy * g
+        else:
+            return None, None, db, None, None, None, None
         dx, dA, dB = branch_backward(dz, x, W, A, B, s, su, need_x, need_A, need_B)
-        return dx, None, dy.sum(0) if need_b and ctx.has_bias else None, dA, dB, dm, None
+        return dx, None, db, dA, dB, dm, None
+
+
+def formula_vjp(dy, inputs, need) -> tuple:
+    """The gradients of dora_formula at `inputs`, with their own graph (for double backward)."""
+    wanted = [t for t, n in zip(inputs, need) if n]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(dora_formula(*inputs), wanted, dy, create_graph=True))
+    return tuple(next(grads) if n else None for n in need)
 
 
 @register
@@ -118,14 +151,11 @@ class DoRA(Adapter):
     @staticmethod
     def functional(x, weight, bias, lora_A, lora_B, magnitude, scaling, *drop):
         x2 = flat(x)
-        if not drop and not weight.requires_grad and not torch.is_autocast_enabled(x.device.type):
+        if not drop and FrozenBaseDoRA.usable(x2, weight, bias, lora_A, lora_B, magnitude, scaling):
             return unflat(FrozenBaseDoRA.apply(x2, weight, bias, lora_A, lora_B, magnitude, scaling)[0], x)
-        g = magnitude / dora_row_norm(weight, lora_A, lora_B, scaling)
         if not drop:
-            y = add_branch(F.linear(x2, weight), F.linear(x2, lora_A) * scaling, lora_B.t())
-            g = g.to(y.dtype)  # under autocast y is in the autocast dtype: keep it there
-            y = y * g if bias is None else torch.addcmul(bias.to(y.dtype), y, g)
-            return unflat(y, x)
+            return unflat(dora_formula(x2, weight, bias, lora_A, lora_B, magnitude, scaling), x)
+        g = magnitude / dora_row_norm(weight, lora_A, lora_B, scaling)
         xd = branch_input(x2, drop)
         base = F.linear(x2, weight, bias)
         y = base + (g - 1) * F.linear(xd, weight) + g * F.linear(F.linear(xd, lora_A) * scaling, lora_B)

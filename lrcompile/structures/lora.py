@@ -49,6 +49,12 @@ def flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def autocast_on(t: torch.Tensor) -> bool:
+    """Whether autocast is active for t's device (devices without autocast, such as meta, never)."""
+    dev = t.device.type
+    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+
+
 def add_branch(y: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """y += h @ b_t in place (no extra (N, out) buffer). Autocast does not cast in-place ops, so under it the
     branch is brought to the base output's dtype here (a no-op otherwise); the casts differentiate."""

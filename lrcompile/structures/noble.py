@@ -12,6 +12,8 @@ weight N(0, 0.25/in) (training from scratch), handed to the installer through `r
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import math
 from typing import ClassVar
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import MethodConfig, mark_owned, register
-from .lora import Adapter, add_branch, check_int_rank, flat, unflat
+from .lora import Adapter, add_branch, autocast_on, check_int_rank, flat, unflat
 
 
 @dataclasses.dataclass
@@ -86,8 +88,8 @@ class NOBLE(Adapter):
         x2 = flat(x)
         y = F.linear(x2, weight, bias)
         # the cosine needs the complete W_down x sum, accumulated in fp32 (a bf16 sum loses the phase): also
-        # under autocast, which would run these linears in bf16
-        with torch.autocast(x.device.type, enabled=False):
+        # under autocast, which would run these linears in bf16 (entered only then: meta has no autocast)
+        with torch.autocast(x.device.type, enabled=False) if autocast_on(x) else contextlib.nullcontext():
             z = F.linear(x2.float(), down.float(), down_bias.float())
             h = torch.cos(torch.addcmul(phi1.float(), z, omega1.float()))
             h = F.linear(h, mid.float(), mid_bias.float())
