@@ -73,9 +73,9 @@ class FrozenBaseDoRA(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling):
         norm = dora_row_norm(weight, lora_A, lora_B, scaling)
-        g = magnitude.detach() / norm
+        g = magnitude / norm  # (forward runs without grad: nothing to detach)
         su = torch.mm(x, lora_A.t()).mul_(scaling)  # s·A x, (N, r)
-        z = torch.mm(x, weight.t()).addmm_(su, lora_B.t())  # the branch added in place
+        z = add_branch(torch.mm(x, weight.t()), su, lora_B.t())
         y = torch.addcmul(bias, z, g) if bias is not None else z * g
         return y, su, z, g, norm  # the intermediates are outputs so that setup_context can save them
 
@@ -151,10 +151,9 @@ class DoRA(Adapter):
     @staticmethod
     def functional(x, weight, bias, lora_A, lora_B, magnitude, scaling, *drop):
         x2 = flat(x)
-        if not drop and FrozenBaseDoRA.usable(x2, weight, bias, lora_A, lora_B, magnitude, scaling):
-            return unflat(FrozenBaseDoRA.apply(x2, weight, bias, lora_A, lora_B, magnitude, scaling)[0], x)
         if not drop:
-            return unflat(dora_formula(x2, weight, bias, lora_A, lora_B, magnitude, scaling), x)
+            ts = (x2, weight, bias, lora_A, lora_B, magnitude, scaling)
+            return unflat(FrozenBaseDoRA.apply(*ts)[0] if FrozenBaseDoRA.usable(*ts) else dora_formula(*ts), x)
         g = magnitude / dora_row_norm(weight, lora_A, lora_B, scaling)
         xd = branch_input(x2, drop)
         base = F.linear(x2, weight, bias)

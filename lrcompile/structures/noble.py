@@ -13,7 +13,6 @@ weight N(0, 0.25/in) (training from scratch), handed to the installer through `r
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import math
 from typing import ClassVar
