@@ -35,7 +35,9 @@ def machine() -> str:
 # (N, d) buffers page-faults them in again on every step — measured at 3-6x the cost of the op itself for
 # elementwise passes on a 2-core VM. jemalloc/tcmalloc (PyTorch's CPU launcher preloads one) or these two
 # mallopt settings keep the pages. The benches run glibc's defaults unless asked (`--malloc keep`), and say so.
-ALLOCATOR = {"state": "glibc malloc, default thresholds" if platform.libc_ver()[0] == "glibc" else "system malloc"}
+# state: named in result headers; suffix: a keep run's result file, so both settings can be on record
+ALLOCATOR = {"state": "glibc malloc, default thresholds" if platform.libc_ver()[0] == "glibc" else "system malloc",
+             "suffix": ""}
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, (1 << 31) - 1  # glibc's largest dynamic mmap threshold; int max
 
@@ -59,8 +61,8 @@ def apply_malloc(choice: str) -> None:
     libc = ctypes.CDLL("libc.so.6")
     if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         raise SystemExit("--malloc keep: mallopt refused (not glibc?)")
-    ALLOCATOR["state"] = ("glibc malloc keeping freed memory (mallopt: mmap threshold 32 MiB, trim threshold "
-                          "2 GiB)")
+    ALLOCATOR.update(state="glibc malloc keeping freed memory (mallopt: mmap threshold 32 MiB, trim threshold 2 GiB)",
+                     suffix="-malloc-keep")
 
 
 def sync():
@@ -84,17 +86,12 @@ def interleaved(fns: dict, reps: int = 20, warmup: int = 3) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def result_name(name: str) -> str:
-    """The result file's name: one file per allocator setting, so both can be on record."""
-    return name + ("-malloc-keep" if ALLOCATOR["state"].startswith("glibc malloc keeping") else "")
-
-
 def write_result(name: str, title: str, rows: list, headers: list, notes: str = "") -> str:
     table = tabulate(rows, headers=headers, tablefmt="github")
     text = (f"# {title}\n\n{datetime.date.today().isoformat()} — {machine()}\n\n{table}\n"
             + (f"\n{notes}\n" if notes else ""))
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{result_name(name)}.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{name}{ALLOCATOR['suffix']}.md"), "w") as f:
         f.write(text)
     print(text)
     return text

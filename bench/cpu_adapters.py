@@ -153,15 +153,17 @@ def main():
             print(crows[-1], flush=True)
     headers = ["shape", "dense frozen ms", "dense full ms", *COLUMNS.values()]
     notes = (f"{TOKENS} tokens, fp32, eager, forward+backward (grads cleared each step), medians of {args.reps} "
-             f"interleaved reps. The floor column is the frozen dense step plus LoRA's six branch GEMMs alone (fastest layouts, outputs preallocated). Targets: LoRA ≤ {TARGETS['lora']}×, DoRA ≤ {TARGETS['dora']}×, NOBLE ≤ {TARGETS['noble']}×. "
+             "interleaved reps. The floor column is the frozen dense step plus LoRA's six branch GEMMs alone "
+             "(fastest layouts, outputs preallocated). "
+             f"Targets: LoRA ≤ {TARGETS['lora']}×, DoRA ≤ {TARGETS['dora']}×, NOBLE ≤ {TARGETS['noble']}×. "
              f"Shared 2-core machine (1-minute load average {os.getloadavg()[0]:.2f} at the end): other jobs may add "
              "noise; ratios are taken side by side.")
     if crows:
         from tabulate import tabulate
 
         notes += ("\n\n## Compiled: `backend=\"lrcompile\"` (default options) vs the dense layer under "
-                  "`backend=\"inductor\"`\n\n" + tabulate(crows, headers=headers[:3] + [COLUMNS[k] for k in ("lora", "dora", "noble")],
-                                          tablefmt="github"))
+                  "`backend=\"inductor\"`\n\n"
+                  + tabulate(crows, headers=headers[:3] + [COLUMNS[k] for k in ("lora", "dora", "noble")], tablefmt="github"))
     write_result("cpu_adapters", "Adapter step cost on CPU (one layer)", rows, headers, notes)
 
 
