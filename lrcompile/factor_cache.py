@@ -67,10 +67,10 @@ def stats_digest(stats) -> Optional[str]:
     the statistics' value (`compare=False`: the site name CalibrationStats.get sets) stay out of the key."""
     if stats is None:
         return None
-    label = {f.name for f in dataclasses.fields(stats) if not f.compare} if dataclasses.is_dataclass(stats) else set()
+    skip = {f.name for f in dataclasses.fields(stats) if not f.compare} if dataclasses.is_dataclass(stats) else set()
     h = hashlib.blake2b(digest_size=16)
     for name, value in sorted(vars(stats).items()):
-        if name in label:
+        if name in skip:
             continue
         h.update(name.encode())
         if isinstance(value, torch.Tensor):

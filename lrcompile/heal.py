@@ -155,7 +155,7 @@ def heal(model: nn.Module, teacher: nn.Module, batches: Iterable, *, steps: int 
     taps_t = _Taps(teacher, layers)
     try:  # both models' hooks before any state changes: a bad layer name leaves both as they were
         taps = _Taps(model, layers)
-    except ValueError:
+    except BaseException:
         taps_t.close()
         raise
     targets: dict[int, tuple] = {}  # teacher outputs, made when a batch is first used (a corpus may exceed steps)
