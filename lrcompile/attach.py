@@ -5,11 +5,9 @@ site's module (`fc.lrcompile`, or `blk.lrcompile_w` for a functional call with p
 `model.parameters()` and `state_dict()`, an optimizer built afterwards trains them, and a recompile (or a
 second graph that calls the same module) finds and reuses them instead of factorising again.
 
-Freshness: a site records the dense weight's `_version` and its factors' versions when the factors are made.
-If the weight moved (e.g. `load_state_dict`) while the factors did not, the factors are recomputed in place;
-if the factors moved (training), they are the truth and are kept. If recomputing fails, the factors no longer
-describe the weight: the feed says so (`failed`) and the backend runs that graph dense until a later change of
-the weight is recomputed successfully.
+Freshness (lrcompile.fresh): factors whose dense weight changed while they did not are refit before the graph
+runs; trained factors are the truth. A failed refit makes the feed say `failed`: the backend runs that graph
+dense until a later change of the weight is refit successfully.
 """
 from __future__ import annotations
 
@@ -19,7 +17,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .plan import first_line
+from . import fresh
 from .structures import Structure
 
 PREFIX = "lrcompile"
@@ -68,46 +66,46 @@ def attach(module: nn.Module, weight: torch.Tensor, struct: Structure) -> str:
 
 
 def record_versions(struct: Structure, weight: torch.Tensor) -> None:
-    struct._lrc_weight_version = weight._version
-    struct._lrc_factor_versions = tuple(t._version for t in struct.tensors())
+    """The factors describe `weight` as it is now (lrcompile.fresh)."""
+    fresh.record(struct, [weight])
 
 
 def same_config(struct: Structure, cls: type, cfg) -> bool:
     return type(struct) is cls and struct.cfg == cfg
 
 
+def arg_index(example_inputs, t) -> Optional[int]:
+    """Where the graph receives `t` among its inputs (None: not an input)."""
+    return next((i for i, x in enumerate(example_inputs) if x is t), None) if t is not None else None
+
+
 class Feed:
-    """Supplies one site's factors to a compiled graph on every call, repairing stale factors first."""
+    """Supplies one site's factors to a compiled graph on every call, refitting stale factors first
+    (lrcompile.fresh). The weight is read from the call's own arguments when the graph takes it as an input, so
+    a parameter replaced on the module (`load_state_dict(assign=True)`) is seen."""
 
     def __init__(self, struct: Structure, weight: Optional[torch.Tensor], transposed: bool, stats=None):
         self.struct = struct
-        self.warned = False
         self.weight = weight  # stored parameter the factors came from (None: installed, nothing to track)
         self.transposed = transposed
         self.stats = stats
+        self.arg: Optional[int] = None  # the weight's index among the graph's inputs (bind)
         self.failed = False  # the last stale repair failed: the factors are not the weight's
-        if weight is not None and not hasattr(struct, "_lrc_weight_version"):
-            record_versions(struct, weight)
+        if weight is not None and not fresh.is_recorded(struct):
+            fresh.record(struct, [weight])
 
-    def tensors(self) -> list[torch.Tensor]:
+    def bind(self, example_inputs) -> "Feed":
+        self.arg = arg_index(example_inputs, self.weight)
+        return self
+
+    def tensors(self, args=None) -> list[torch.Tensor]:
         w = self.weight
-        if w is not None and w._version != self.struct._lrc_weight_version:
-            trained = tuple(t._version for t in self.struct.tensors()) != self.struct._lrc_factor_versions
-            if not trained and self.struct.compressing:
-                self.failed = not self._refit(w)
-            record_versions(self.struct, w)
+        if w is not None and self.struct.compressing:
+            if args is not None and self.arg is not None and args[self.arg] is not w:
+                w = self.weight = args[self.arg]
+            dense = w.detach().T if self.transposed else w.detach()
+            got = fresh.refresh(self.struct, [w], lambda: self.struct.refit(dense, self.stats),
+                                f"{self.struct.name} factors")
+            if got is not None:
+                self.failed = not got
         return self.struct.tensors()
-
-    def _refit(self, w: torch.Tensor) -> bool:
-        """Stale repair runs inside the user's forward: a failure is one warning, never an error (DESIGN), and the
-        site then runs dense (see the module doc). The new version is recorded either way: no retry per call."""
-        try:
-            self.struct.refit(w.detach().T if self.transposed else w.detach(), self.stats)
-            return True
-        except Exception as e:
-            if not self.warned:
-                self.warned = True
-                warnings.warn(f"lrcompile: recomputing stale {self.struct.name} factors failed ({first_line(e)}); "
-                              "the graph runs the dense weights instead (uncompiled) until they change again",
-                              stacklevel=3)
-            return False

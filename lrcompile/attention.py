@@ -24,6 +24,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import fresh
+from .attach import arg_index
 from .errors import SiteError
 from .passes import fused_qkv as fused_pass
 from .passes import shared_kv as shared_pass
@@ -174,26 +176,35 @@ def stacked_weight(parts: list[Part]) -> torch.Tensor:
 
 
 class AttnFeed:
-    """Supplies attention factors to the compiled graph, refitting them when the dense weights moved and they
-    did not (stale factors, e.g. after load_state_dict). Under FSDP2 both are all-gathered into their unsharded
-    parameters before each forward, so both move together and nothing is refit."""
+    """Supplies attention factors to the compiled graph, refitting stale ones first (lrcompile.fresh), as a
+    linear site's Feed does. Under FSDP2 weights and factors are all-gathered together before each forward, so
+    both stamps move and nothing is refit."""
 
     def __init__(self, struct: AttnFactors, parts: list[Part]):
         self.struct = struct
         self.sources = [(s.weight, s.transposed, ab) for s, ab in parts]
-        if not hasattr(struct, "_lrc_weight_versions"):
-            self._record()
+        self.args: list = [None] * len(self.sources)  # each source weight's index among the graph's inputs
+        self.failed = False
+        if not fresh.is_recorded(struct):
+            fresh.record(struct, self._weights())
 
-    def _record(self) -> None:
-        self.struct._lrc_weight_versions = tuple(w._version for w, _, _ in self.sources)
-        self.struct._lrc_factor_versions = tuple(t._version for t in self.struct.tensors())
+    def _weights(self) -> list[torch.Tensor]:
+        return [w for w, _, _ in self.sources]
 
-    def tensors(self) -> list[torch.Tensor]:
-        if tuple(w._version for w, _, _ in self.sources) != self.struct._lrc_weight_versions:
-            trained = tuple(t._version for t in self.struct.tensors()) != self.struct._lrc_factor_versions
-            if not trained:
-                self.struct.refit(torch.cat([(w.T if t else w)[a:b] for w, t, (a, b) in self.sources]).detach())
-            self._record()
+    def bind(self, example_inputs) -> "AttnFeed":
+        self.args = [arg_index(example_inputs, w) for w, _, _ in self.sources]
+        return self
+
+    def tensors(self, args=None) -> list[torch.Tensor]:
+        if args is not None:
+            self.sources = [(args[i] if i is not None else w, t, ab) for (w, t, ab), i in zip(self.sources, self.args)]
+
+        def refit():
+            self.struct.refit(torch.cat([(w.T if t else w)[a:b] for w, t, (a, b) in self.sources]).detach())
+
+        got = fresh.refresh(self.struct, self._weights(), refit, f"{self.struct.method} attention factors")
+        if got is not None:
+            self.failed = not got
         return self.struct.tensors()
 
 

@@ -133,7 +133,7 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
         # bias in their own epilogue (passes/fuse.py), and the eager runner has no consumer kernel to use
         cpu_inductor = opts.inductor and not opts.fuse_enabled() and all(s.weight.device.type == "cpu" for s, *_ in chosen)
         gm, order = rewrite_graph(gm, chosen, bias_epilogue=cpu_inductor)
-    feeds = attn_feeds + [feeds[id(s)] for s in order]
+    feeds = [f.bind(example_inputs) for f in attn_feeds + [feeds[id(s)] for s in order]]
     if order and opts.fuse_enabled():  # sites + prologue/epilogue -> one kernel op each (passes/fuse.py, lower.py)
         from .passes.lower import fuse
 
@@ -352,7 +352,7 @@ class _Runner:
             feeds = self.others.feeds_for(args)
             if feeds is None:  # this instance cannot share the rewritten graph: Dynamo's own, dense
                 return self.others.gm(*args)
-        factors = [t for f in feeds for t in f.tensors()]
+        factors = [t for f in feeds for t in f.tensors(args)]
         if self.others is not None and any(getattr(f, "failed", False) for f in feeds):
             return self.others.gm(*args)  # stale factors that could not be recomputed: the dense weights' function
         return self.fn(*args, *factors)
@@ -383,6 +383,11 @@ class _Instances:
         self.params = [i for i, t in enumerate(example_inputs)
                        if isinstance(t, nn.Parameter) and not isinstance(t, FakeTensor)]
         self.seen = [weakref.ref(example_inputs[i]) for i in self.params]  # weak: the runner outlives models
+        # the frame module's own parameter names: a call for that same module whose parameters were replaced
+        # (load_state_dict(assign=True)) is no other instance; its feeds read the new weights from the call
+        self.root = weakref.ref(root) if root is not None else None
+        names = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)} if root is not None else {}
+        self.param_paths = [names.get(id(example_inputs[i])) for i in self.params]
         self.feeds = feeds
         self.slots = []  # per feed: (weight index, bias index, site, relative names); None: not rebindable
         for f in feeds:
@@ -394,7 +399,18 @@ class _Instances:
         self.variants: dict = {}  # ids of the parameters -> (their weakrefs, feeds or None: run dense)
 
     def matches(self, args) -> bool:
-        return all(args[i] is r() for i, r in zip(self.params, self.seen))
+        if all(args[i] is r() for i, r in zip(self.params, self.seen)):
+            return True
+        root = self.root() if self.root is not None else None
+        if root is None or None in self.param_paths:
+            return False
+        try:
+            same = all(root.get_parameter(n) is args[i] for i, n in zip(self.params, self.param_paths))
+        except AttributeError:
+            return False
+        if same:
+            self.seen = [weakref.ref(args[i]) for i in self.params]
+        return same
 
     def feeds_for(self, args) -> Optional[list]:
         key = tuple(id(args[i]) for i in self.params)
@@ -478,7 +494,7 @@ class _Instances:
                     row.notes.append(TIE_NOTE)
             row.notes.append(f"runs the graph compiled for {shared}")
             session.report.add(row)
-            feeds.append(store.Feed(struct, s2.weight, s2.transposed, _stats_for(session, s2)))
+            feeds.append(store.Feed(struct, s2.weight, s2.transposed, _stats_for(session, s2)).bind(args))
         self._report_dense_sites(session, inst, prefix)
         self._write(session)
         return feeds

@@ -3,6 +3,7 @@ of attention sites with their projections; HF BERT / GPT-2 / Llama from small co
 import copy
 import json
 import math
+import warnings
 import pathlib
 
 import pytest
@@ -487,6 +488,19 @@ def test_stale_shared_kv_factors_are_refit():
     other = ManualAttn().eval()
     m.load_state_dict({k: v for k, v in other.state_dict().items()}, strict=False)
     torch.testing.assert_close(c(x), other(x), atol=1e-5, rtol=1e-5)
+
+
+def test_stale_shared_kv_factors_are_refit_after_assign():
+    m = ManualAttn().eval()
+    x = torch.randn(2, 5, 32)
+    c = torch.compile(m, backend="lrcompile", options={"policy": ATT("shared_kv", rank=64), "inductor": False})
+    c(x)
+    assert any("lrcompile_kv" in n for n, _ in m.named_parameters())  # the K/V basis was made and is fed
+    other = ManualAttn().eval()
+    m.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, strict=False, assign=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same module with new weights: no "other instance" runs dense
+        torch.testing.assert_close(c(x), other(x), atol=1e-5, rtol=1e-5)
 
 
 def test_eager_rewrite_installs_attention_factors_and_freezes_replaced_weights(monkeypatch):

@@ -10,6 +10,7 @@ from torch import nn
 
 import lrcompile
 from conftest import Toy, all_lowrank, compile_eager
+from lrcompile.structures.lowrank import LowRank
 
 
 def test_full_rank_reproduces(toy):
@@ -340,6 +341,31 @@ def test_stale_factors_are_recomputed_after_load_state_dict():
     torch.testing.assert_close(c(x), m(x), atol=1e-5, rtol=1e-5)
     dense = {k: v for k, v in other.state_dict().items()}
     m.load_state_dict(dense, strict=False)  # dense weights only: the factors are now stale
+    torch.testing.assert_close(c(x), other(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["assign", "mmap_assign", "data_swap", "to_double"])
+def test_stale_factors_follow_every_update_path(path, tmp_path):
+    """Paths that replace the parameter object or its storage (not only its version counter) refit the factors."""
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    other = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(5, 32)
+    c = compile_eager(m, all_lowrank(32))  # full rank: exact, so the compiled output is the dense model's
+    torch.testing.assert_close(c(x), m(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(m[0].lrcompile, LowRank)  # rewritten: the checks below see the factors, not Dynamo's graph
+    dense = {k: v.clone() for k, v in other.state_dict().items()}
+    if path == "assign":
+        m.load_state_dict(dense, strict=False, assign=True)
+    elif path == "mmap_assign":
+        torch.save(dense, tmp_path / "sd.pt")
+        m.load_state_dict(torch.load(tmp_path / "sd.pt", mmap=True, weights_only=True), strict=False, assign=True)
+    elif path == "data_swap":
+        for k, q in other.named_parameters():
+            m.get_parameter(k).data = q.detach().clone()
+    else:
+        m.double()
+        other = m  # the same weights in float64
+        x = x.double()
     torch.testing.assert_close(c(x), other(x), atol=1e-5, rtol=1e-5)
 
 
