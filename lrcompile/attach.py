@@ -11,7 +11,6 @@ dense until a later change of the weight is refit successfully.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Iterator, Optional
 
 import torch

@@ -46,13 +46,13 @@ def test_bias_is_added_after_the_gemms_only_for_inductor_on_cpu(monkeypatch, ind
     x = torch.randn(3, 5, 24)
     ref = m(x)
     runner = {}
-    real_runner = backend._Runner
+    real_runner = backend.Runner
 
     def keep(fn, feeds, *rest):
         runner["r"] = real_runner(fn, feeds, *rest)
         return runner["r"]
 
-    monkeypatch.setattr(backend, "_Runner", keep)
+    monkeypatch.setattr(backend, "Runner", keep)
     out = torch.compile(m, backend="lrcompile", options={"policy": all_lowrank(10_000), "inductor": inductor})(x)
     assert rel_err(out, ref) < 1e-5  # full rank: the same function either way
     gm = graphs[0] if inductor else runner["r"].fn
