@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import attach as store
 from .attention import install_attention
 from .capture import CapturedSite, capture_sites
-from .attention import AttnFactors
+from .attention_factors import AttnFactors
 from .plan import TIE_NOTE, build, decide, tie_broken
 from .policy import load_policy
 from .report import Report

@@ -4,7 +4,8 @@ An attention site (an SDPA call or a hand-written softmax(QKᵀ)V chain, lrcompi
 Q, K and V projections through the graph's dataflow: from the attention's q/k/v operands back through views,
 transposes, RoPE, KV-cache concatenation and GPT-2's split of a fused c_attn, to the first linear site on each
 path (with the rows it contributes when the path went through a split of the last dim). The passes live in
-lrcompile/passes/ (sdpa.py, fused_qkv.py, shared_kv.py); this module decides, builds factors and reports.
+lrcompile/passes/ (sdpa.py, fused_qkv.py, shared_kv.py); the factors in attention_factors.py, the dataflow in
+attention_dataflow.py; this module decides, builds factors, reports, and applies the plans.
 
 New factors are an `AttnFactors` attached to the attention module (`self_attn.lrcompile_qkv` / `.lrcompile_kv`):
 a `SharedBasis` (fused_qkv with `rank`, shared_kv) or a `StackedStructure` (fused_qkv with `structure`: a linear
@@ -15,17 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import warnings
 from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from . import fresh
-from .attach import arg_index
+from .attention_dataflow import projections
+from .attention_factors import AttnFactors, AttnFeed, SharedBasis, StackedStructure, stacked_weight
 from .errors import SiteError
 from .passes import fused_qkv as fused_pass
 from .passes import shared_kv as shared_pass
@@ -33,272 +32,13 @@ from .passes.projection import Part
 from .passes.rewrite import _copy, _safe
 from .passes.sdpa import rewrite_sdpa
 from .report import SiteRow
-from .sites import SDPA_TARGETS, Site, _through
+from .sites import Site
 from .structures import FAMILIES
-from .structures.base import Owner, mark_owned
-from .structures.lowrank import resolve_rank, truncated_svd
+from .structures.lowrank import resolve_rank
 
 CHILD = {"fused_qkv": "lrcompile_qkv", "shared_kv": "lrcompile_kv"}
 ROLES = {"fused_qkv": fused_pass.ROLES, "shared_kv": shared_pass.ROLES}
-_WALK_LIMIT = 400  # nodes visited per operand before giving up (a projection is a few ops away)
 
-
-class AttnFactors(Owner):
-    """What an attention rewrite attaches: the stacked projection [W_1; …; W_n] (n = 3 for Q, K, V) in a
-    compressed form, applied once to the shared input and split back. Subclasses fix the form.
-
-    `site_fqn` and `sources` are recorded when the factors are made, so that a graph holding the projections
-    but not the attention (a graph break, a DDPOptimizer split, a per-layer FSDP2 unit compiled as its own
-    frame) still finds them: sources are (path, rows, relative), the path relative to the module the factors are
-    attached to when the projection lies under it (frame roots differ between compiles), else as named then."""
-
-    compressing = True
-
-    def __init__(self, method: str, in_features: int, sizes: list[int]):
-        super().__init__()
-        self.method, self.in_features, self.sizes = method, in_features, list(sizes)
-        self.site_fqn: Optional[str] = None
-        self.sources: list = []
-
-    @property
-    def out_features(self) -> int:
-        return sum(self.sizes)
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Read from the module each time: FSDP2 swaps the registered parameters (sharded / unsharded)."""
-        return [getattr(self, n) for n in self.tensor_names]
-
-    def spec(self) -> tuple:
-        """What a rule would have to ask for to make exactly these factors."""
-        raise NotImplementedError
-
-    def factor_params(self) -> int:
-        return sum(t.numel() for t in self.tensors() if isinstance(t, nn.Parameter))
-
-    def factor_flops(self) -> int:
-        """Multiply-add FLOPs per token of the stacked projection, without the bias."""
-        raise NotImplementedError
-
-    def project(self, graph: fx.Graph, x: fx.Node, bias: Optional[fx.Node], inputs: list[fx.Node]) -> fx.Node:
-        """The stacked projection y = x Ŵᵀ + b in `graph`, the factors entering as `inputs`."""
-        raise NotImplementedError
-
-
-class SharedBasis(AttnFactors):
-    """[W_1; …; W_n] ≈ U V: V (r × in) shared, U (Σout × r); y_i = (x Vᵀ) U_iᵀ. Balanced split of the SVD."""
-
-    tensor_names = ("V", "U")
-
-    def __init__(self, method: str, in_features: int, sizes: list[int], rank: int, dtype=None, device=None):
-        super().__init__(method, in_features, sizes)
-        self.rank = rank
-        self.V = mark_owned(nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device)))
-        self.U = mark_owned(nn.Parameter(torch.empty(sum(sizes), rank, dtype=dtype, device=device)))
-
-    @classmethod
-    def from_stacked(cls, method: str, weight: torch.Tensor, sizes: list[int], rank: int) -> "SharedBasis":
-        m = cls(method, weight.shape[1], sizes, rank, dtype=weight.dtype, device=weight.device)
-        m.refit(weight)
-        return m
-
-    def refit(self, weight: torch.Tensor) -> None:
-        P, S, Qh = truncated_svd(weight, self.rank)
-        with torch.no_grad():
-            self.U.copy_(P * S.sqrt())
-            self.V.copy_(S.sqrt()[:, None] * Qh)
-
-    def spec(self) -> tuple:
-        return ("rank", self.rank)
-
-    def factor_flops(self) -> int:
-        return 2 * self.rank * (self.in_features + self.out_features)
-
-    def project(self, graph, x, bias, inputs):
-        V, U = inputs
-        return graph.call_function(F.linear, (graph.call_function(F.linear, (x, V)), U, bias))
-
-    def to_dense(self) -> torch.Tensor:
-        return self.U @ self.V
-
-    def extra_repr(self) -> str:
-        return f"{self.method}: in={self.in_features}, out={self.sizes}, rank={self.rank}"
-
-
-class StackedStructure(AttnFactors):
-    """The stacked projection as a linear family (lrcompile.structures: lowrank, monarch, btt, blast) over
-    in → Σout, made by the family's from_dense. The family's tensors are registered here directly (not as a
-    child Structure: that would read as a linear site's factors to save/load and to the site finder)."""
-
-    def __init__(self, method: str, in_features: int, sizes: list[int], family: type, cfg, made: nn.Module):
-        super().__init__(method, in_features, sizes)
-        self.family, self.cfg, self.tensor_names = family, cfg, tuple(family.tensor_names)
-        self.rank = getattr(cfg, "rank", None)
-        for n in self.tensor_names:
-            t = getattr(made, n)
-            if isinstance(t, nn.Parameter):
-                self.register_parameter(n, mark_owned(t))
-            else:
-                self.register_buffer(n, t, persistent=n not in made._non_persistent_buffers_set)
-
-    @classmethod
-    def from_stacked(cls, method: str, weight: torch.Tensor, sizes: list[int], family: type, cfg) -> "StackedStructure":
-        return cls(method, weight.shape[1], sizes, family, cfg, family.from_dense(weight, None, cfg))
-
-    def refit(self, weight: torch.Tensor) -> None:
-        fresh = self.family.from_dense(weight, None, self.cfg)
-        with torch.no_grad():
-            for n in self.tensor_names:
-                getattr(self, n).copy_(getattr(fresh, n))
-
-    def spec(self) -> tuple:
-        return (self.family.name, self.cfg)
-
-    def factor_params(self) -> int:
-        return self.family.param_count(self.in_features, self.out_features, self.cfg)
-
-    def factor_flops(self) -> int:
-        return self.family.flops_per_token(self.in_features, self.out_features, self.cfg)
-
-    def project(self, graph, x, bias, inputs):
-        return graph.call_function(self.family.functional, (x, None, bias, *inputs))
-
-    def to_dense(self) -> torch.Tensor:
-        t = self.tensors()
-        eye = torch.eye(self.in_features, dtype=t[0].dtype, device=t[0].device)
-        return self.family.functional(eye, None, None, *t).T
-
-    def extra_repr(self) -> str:
-        return f"{self.method}: in={self.in_features}, out={self.sizes}, {self.family.name} {self.cfg}"
-
-
-def stacked_weight(parts: list[Part]) -> torch.Tensor:
-    return torch.cat([s.dense_weight[a:b] for s, (a, b) in parts]).detach()
-
-
-class AttnFeed:
-    """Supplies attention factors to the compiled graph, refitting stale ones first (lrcompile.fresh), as a
-    linear site's Feed does. Under FSDP2 weights and factors are all-gathered together before each forward, so
-    both stamps move and nothing is refit."""
-
-    def __init__(self, struct: AttnFactors, parts: list[Part]):
-        self.struct = struct
-        self.sources = [(s.weight, s.transposed, ab) for s, ab in parts]
-        self.args: list = [None] * len(self.sources)  # each source weight's index among the graph's inputs
-        self.failed = False
-        if not fresh.is_recorded(struct):
-            fresh.record(struct, self._weights())
-
-    def _weights(self) -> list[torch.Tensor]:
-        return [w for w, _, _ in self.sources]
-
-    def bind(self, example_inputs) -> "AttnFeed":
-        self.args = [arg_index(example_inputs, w) for w, _, _ in self.sources]
-        return self
-
-    def tensors(self, args=None) -> list[torch.Tensor]:
-        if args is not None:
-            self.sources = [(args[i] if i is not None else w, t, ab) for (w, t, ab), i in zip(self.sources, self.args)]
-
-        def refit():
-            self.struct.refit(torch.cat([(w.T if t else w)[a:b] for w, t, (a, b) in self.sources]).detach())
-
-        got = fresh.refresh(self.struct, self._weights(), refit, f"{self.struct.method} attention factors")
-        if got is not None:
-            self.failed = not got
-        return self.struct.tensors()
-
-
-# --- dataflow: attention operands -> projections ------------------------------------------------------------
-
-def _arg(node: fx.Node, i: int, name: str):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
-
-
-def operands(site: Site) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
-    """(q, k, v) nodes of an attention site; for the hand-written form k is the operand before its transpose."""
-    node = site.node
-    if site.form == "sdpa" or (node.op == "call_function" and node.target in SDPA_TARGETS):
-        return _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
-    qk = _through(node.args[0], up=True)
-    pv = _through(next(iter(node.users)), up=False)
-    if qk is None or pv is None:
-        return None
-    kt = qk.args[1]
-    k = kt.args[0] if isinstance(kt, fx.Node) and kt.op in ("call_method", "call_function") and kt.args else kt
-    return qk.args[0], k, pv.args[1]
-
-
-def _val(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-
-
-def _split_rows(node: fx.Node) -> Optional[tuple[fx.Node, tuple[int, int]]]:
-    """`split(y, n, dim=-1)[i]` / `chunk(y, c, -1)[i]` -> (y, rows of y's last dim), else None."""
-    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)):
-        return None
-    src = node.args[0]
-    if not isinstance(src, fx.Node) or src.target not in ("split", "chunk", torch.split, torch.chunk):
-        return None
-    y = src.args[0]
-    size, dim = _arg(src, 1, "split_size_or_sections" if src.target in ("split", torch.split) else "chunks"), _arg(src, 2, "dim")
-    val = _val(y)
-    if val is None or not isinstance(dim, int) or dim % val.ndim != val.ndim - 1:
-        return None
-    n = int(val.shape[-1])
-    if src.target in ("chunk", torch.chunk):
-        size = -(-n // size)
-    sizes = list(size) if isinstance(size, (list, tuple)) else [size] * (-(-n // size))
-    i = node.args[1]
-    a = sum(sizes[:i])
-    return y, (a, min(a + sizes[i], n))
-
-
-def sources(node: fx.Node, by_node: dict) -> list[Part]:
-    """The linear sites (and their rows) that the value of `node` is computed from, nearest first."""
-    found, seen, stack = [], set(), [(node, None)]
-    while stack and len(seen) < _WALK_LIMIT:
-        n, rows = stack.pop()
-        if not isinstance(n, fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        if n in by_node:
-            s = by_node[n]
-            if rows is not None and (_val(n) is None or int(_val(n).shape[-1]) != s.out_features):
-                rows = None  # the split was not over this projection's features
-            found.append((s, rows or (0, s.out_features)))
-            continue
-        split = _split_rows(n)
-        if split is not None:
-            stack.append((split[0], split[1]))
-            continue
-        stack.extend((a, rows) for a in n.all_input_nodes)
-    return found
-
-
-def projections(site: Site, roles: tuple[str, ...], by_node: dict) -> tuple[Optional[list[Part]], Optional[str]]:
-    ops = operands(site)
-    if ops is None:
-        return None, "q/k/v operands not found"
-    parts = []
-    for role, node in zip("qkv", ops):
-        if role not in roles:
-            continue
-        src = {(id(s), ab): (s, ab) for s, ab in sources(node, by_node)}
-        if len(src) != 1:
-            what = ", ".join(s.fqn for s, _ in src.values()) or "none"
-            return None, f"{role} comes from {len(src)} linear projections ({what}), not one"
-        parts.append(next(iter(src.values())))
-    if len({id(s.input_node) for s, _ in parts}) != 1:
-        return None, f"the {'/'.join(roles)} projections read different inputs"
-    if any(s.installed for s, _ in parts):
-        return None, "a projection was already rewritten by lrcompile"
-    spans = sorted((id(s), ab) for s, ab in parts)
-    if any(x[0] == y[0] and x[1][1] > y[1][0] for x, y in zip(spans, spans[1:])):
-        return None, f"the {'/'.join(roles)} projections overlap"
-    return parts, None
-
-
-# --- planning -----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class AttnPlan:
@@ -558,8 +298,6 @@ def claimed_ids(plans: list[AttnPlan]) -> set:
     return {id(s) for p in plans for s, _ in p.parts}
 
 
-# --- graph rewrite ------------------------------------------------------------------------------------------
-
 def rewrite_attention(gm: fx.GraphModule, plans: list[AttnPlan]) -> tuple[fx.GraphModule, dict, list]:
     """Apply the plans to a copy of `gm`. Returns (copy, map from gm's nodes to the copy's, feeds in the order of
     the new trailing graph inputs). sdpa rows are updated with what the matcher did."""
@@ -595,8 +333,6 @@ def rewrite_attention(gm: fx.GraphModule, plans: list[AttnPlan]) -> tuple[fx.Gra
     new.recompile()
     return new, vm, feeds
 
-
-# --- eager path (lrcompile.rewrite) -------------------------------------------------------------------------
 
 def install_attention(model: nn.Module, policy, example_inputs) -> tuple[list[SiteRow], set]:
     """Make and attach the factors of the policy's attention rules before any optimizer, DDP or FSDP exists.

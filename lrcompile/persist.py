@@ -22,7 +22,7 @@ from torch import nn
 
 from . import attach as store
 from .api import _replace_module
-from .attention import AttnFactors, SharedBasis, StackedStructure
+from .attention_factors import AttnFactors, SharedBasis, StackedStructure
 from .errors import PlanError
 from .structures import FAMILIES, Structure
 from .structures.vera import ProjectionScope, VeRA

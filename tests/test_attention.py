@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrcompile
-from lrcompile.attention import SharedBasis, StackedStructure
+from lrcompile.attention_factors import SharedBasis, StackedStructure
 from lrcompile.backend import lrcompile_backend
 from lrcompile.policy import load_policy
 from lrcompile.structures import FAMILIES

@@ -107,7 +107,7 @@ REFITS = {"n": 0}
 def count_refits() -> None:
     """Count factor refits in this process (a false one would overwrite trained factors with the dense weights'
     SVD). Construction refits too: read the count around training only."""
-    from lrcompile.attention import AttnFactors
+    from lrcompile.attention_factors import AttnFactors
     from lrcompile.structures import Structure
 
     for cls in (*AttnFactors.__subclasses__(), Structure):

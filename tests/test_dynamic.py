@@ -9,7 +9,7 @@ from torch import nn
 from torch._guards import CompileContext
 
 import lrcompile
-from lrcompile.attention import SharedBasis
+from lrcompile.attention_factors import SharedBasis
 from lrcompile.backend import lrcompile_backend
 from test_attention import ManualAttn
 

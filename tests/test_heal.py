@@ -156,7 +156,7 @@ def test_heal_trains_attention_factors_through_the_compiled_model():
     """Attention's stacked factors (fused_qkv) are lrcompile's too: healing the compiled model — the graph that
     uses them — trains them with the linear sites' factors and lowers the loss."""
     from conftest import tiny_hf
-    from lrcompile.attention import AttnFactors
+    from lrcompile.attention_factors import AttnFactors
 
     torch.manual_seed(0)
     teacher, _ = tiny_hf("bert", width=32, inter=64, layers=1, heads=4, kv_heads=4, vocab=60, tokens=8)
