@@ -1,4 +1,4 @@
-"""One layer, 1024 tokens, forward+backward of a fine-tuning step, side by side (TARGETS.md `cpu_adapters`).
+"""One layer, 1024 tokens, forward+backward of a fine-tuning step, side by side.
 
 LoRA r=16, DoRA r=16 and HF PEFT LoRA r=16 run with the base weight frozen (only dx flows through it) and are
 compared with the frozen dense layer's step; NOBLE r=32 trains its base weight and is compared with the dense

@@ -4,7 +4,7 @@ Each compile runs in a fresh process with empty caches (Inductor's and lrcompile
 to its return. Then a second lrcompile compile in a fresh process with the caches it left: it must run no
 factorisation and no tuning run. Each child counts both itself: every family's `from_dense` call (a
 factorisation) and `lrcompile.tune.timing.RUNS` (every candidate execution made for tuning).
-Target (TARGETS.md): cold lrcompile ≤ 2× Inductor's cold compile of the dense model.
+Target: cold lrcompile ≤ 2× Inductor's cold compile of the dense model.
     python bench/cpu_compile.py [--layers 12]
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Side by side: Inductor dense, lrcompile untuned (`tune: False`) and tuned (after a `warmup` into a fresh cache,
 whose time and cache size the notes record).
 
-Target (TARGETS.md): ≥ 1.7× faster than `backend="inductor"` on the dense model (FLOP limit on the linears ≈ 2×).
+Target: ≥ 1.7× faster than `backend="inductor"` on the dense model (FLOP limit on the linears ≈ 2×).
     python bench/cpu_model.py [--layers 4] [--batch 8] [--seq 128] [--reps 20]
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One structured layer vs dense F.linear, forward, 1024 tokens, fp32, CPU (TARGETS.md `cpu_structured`).
+"""One structured layer vs dense F.linear, forward, 1024 tokens, fp32, CPU.
 
 For each family and layer shape: the family's `functional` (what the rewritten graph calls) and F.linear are
 timed side by side (interleaved, median of many reps); the speedup is compared with the FLOP ratio

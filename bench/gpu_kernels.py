@@ -1,5 +1,5 @@
 """Each fused kernel vs the unfused torch sequence and vs the dense cuBLAS GEMM, side by side in one run
-(TARGETS.md "GPU"): bf16, 8192 tokens, d = 4096.
+bf16, 8192 tokens, d = 4096.
 
 Goals: fused LoRA r=16 forward ≤ 1.05× dense; NOBLE r=32 forward+backward ≤ 1.04× dense forward+backward;
 Monarch-4 and BTT forward ≥ 80% of their FLOP ratio (dense time / kernel time ≥ 0.8 × dense FLOPs / FLOPs).

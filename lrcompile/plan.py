@@ -68,7 +68,7 @@ def decide(site: Site, policy: Optional[Policy], ranks: Optional[dict] = None) -
     if cls.compressing and hasattr(cfg, "rank") and (planned or cfg.rank is None):
         if not planned:
             return Decision(site.fqn, rule, rule.method, "skipped", reason="no rank: the budget planned none for this site")
-        if ranks[site.fqn] is None:  # unprofitable: DESIGN's "skipped", not a rule's "dense"
+        if ranks[site.fqn] is None:  # unprofitable: "skipped", not a rule's "dense"
             return Decision(site.fqn, rule, rule.method, "skipped", reason="the budget keeps it dense (low rank saves too little)")
         allocated = int(ranks[site.fqn])
         cfg = dataclasses.replace(cfg, rank=allocated)

@@ -1,6 +1,6 @@
 """Per-site report rows: a tabulate table for people and JSON for tools.
 
-The JSON schema (DESIGN.md "Report JSON") is {"sites": [{fqn, kind, method, status, rank, params_before,
+The JSON schema is {"sites": [{fqn, kind, method, status, rank, params_before,
 params_after, flops_before, flops_after, rel_error, ...}]}; flops are per token (multiply-adds counted twice).
 """
 from __future__ import annotations

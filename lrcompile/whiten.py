@@ -1,6 +1,6 @@
 """Activation-aware low-rank factorisation: the math behind `init: whitened_svd | asvd` and `compensate: true`.
 
-Objective (REFERENCE.md): minimise ‖(W − Ŵ) Xᵀ‖_F over calibration inputs X, i.e. tr(Δ C Δᵀ) with C = XᵀX.
+Objective (SVD-LLM): minimise ‖(W − Ŵ) Xᵀ‖_F over calibration inputs X, i.e. tr(Δ C Δᵀ) with C = XᵀX.
 With C = L Lᵀ this is ‖Δ L‖_F, so Ŵ = trunc_r(W L) L⁻¹ is optimal (SVD-LLM). Any square root L works; Cholesky
 is used when it succeeds, an eigen-decomposition with clamped eigenvalues when it does not, so rank-deficient
 statistics (fewer tokens than channels, dead channels) never give NaN.

@@ -656,7 +656,7 @@ def test_noble_bf16_sums_w_down_in_fp32():
 
 
 def test_noble_inits_follow_the_paper():
-    """REFERENCE.md: W_down ~ N(0, 1/in), W_up ~ N(0, 0.01²/r), M ~ N(0, 0.25/r), ω ~ U[0.8, 1.2],
+    """The paper's inits: W_down ~ N(0, 1/in), W_up ~ N(0, 0.01²/r), M ~ N(0, 0.25/r), ω ~ U[0.8, 1.2],
     φ ~ N(0, 0.1²), biases 0; `init: scratch` re-initialises the main weight N(0, 0.25/in), `keep` keeps it."""
     in_f, out_f, r = 512, 384, 64
     n = NOBLE.from_dense(torch.randn(out_f, in_f), None, NOBLE.Config(rank=r))

@@ -42,7 +42,7 @@ CASES = [(n, i, o) for n in CFGS for (i, o) in SHAPES[n]]
 
 
 def blockwise_reference(name, m):
-    """The dense matrix assembled block by block with Python loops (REFERENCE.md), independent of the module."""
+    """The dense matrix assembled block by block with Python loops, independent of the module."""
     if name == "blast":
         U, V, s = m.U, m.V, m.s
         rows = [torch.cat([U[i] @ torch.diag(s[i, j]) @ V[j].T for j in range(V.shape[0])], 1) for i in range(U.shape[0])]
@@ -305,7 +305,7 @@ def test_bf16_forward_backward(name):
     assert all(t.dtype == torch.bfloat16 for t in cls.from_dense(W, None, cls.Config(**CFGS[name])).tensors())
 
 
-# μP at 96 → 120, from REFERENCE.md by hand: std = (1/√fan_in)·min(1, √(fan_out/fan_in)), Adam multiplier
+# μP at 96 → 120, by hand: std = (1/√fan_in)·min(1, √(fan_out/fan_in)), Adam multiplier
 # (in / fan_in) / number of cores for width-growing cores; BLAST's coupling s (fan-in b₂, fixed) trains at 1.0.
 #   Monarch b=4: a₀ = 24, c₁ = 30, t = 6.  W1: 24 → c₀·t = 24; W2: a₁·t = 24 → 30.
 #   BTT t=2: 96 = 8·12, 120 = 10·12.  W1: 12 → c₀·t = 20; W2: a₁·t = 16 → 12.

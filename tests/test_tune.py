@@ -375,7 +375,7 @@ def test_a_shape_log_line_left_without_newline_does_not_swallow_the_next():
                                               (64, "dense", "guard: dense"), (256, "off", None)])
 def test_when_the_dense_layer_may_be_chosen(monkeypatch, rank, guard, why):
     """By default dense is a choice only where the rewrite is exact (full rank 256 on 256×256) — not at rank 128,
-    which holds as many parameters but is lossy (DESIGN: lossy fallback only when asked); `guard: dense` allows it
+    which holds as many parameters but is lossy (a lossy fallback only when asked); `guard: dense` allows it
     anywhere, `guard: off` nowhere."""
     import lrcompile.tune as tune
 

@@ -5,7 +5,7 @@ r(out + in + b₁b₂) parameters. It contains global low rank (s = 1) and block
 the diagonal). Forward: z_j = x_j V_j, w_i = Σ_j s_ij ⊙ z_j, y_i = w_i U_iᵀ — three batched matmuls, the middle
 one a tiny b₁×b₂ mixing per rank channel (never the (b₁, b₂, N, r) temporary).
 
-From dense there is no closed form: preconditioned alternating descent on ‖W − Ŵ‖²_F (REFERENCE.md), each of
+From dense there is no closed form: preconditioned alternating descent on ‖W − Ŵ‖²_F, each of
 U, V, s in turn with its gradient preconditioned by (Gram of the others + εI)⁻¹, ε = δ·√loss. With step 1 that
 is a proximal least-squares step, so the loss never increases. It starts from the global truncated SVD (s = 1,
 the best point of the family's low-rank corner), so the result is never worse than plain SVD at rank r. The

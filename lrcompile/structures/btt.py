@@ -105,7 +105,7 @@ def blockwise_svd(weight: torch.Tensor, a1: int, a0: int, c0: int, c1: int, t: i
 
 
 def mup_std(fan_in: int, fan_out: int) -> float:
-    """μP spectral init of one core: (1/√fan_in)·min(1, √(fan_out/fan_in)) (REFERENCE.md, BTT)."""
+    """μP spectral init of one core: (1/√fan_in)·min(1, √(fan_out/fan_in)) (BTT paper)."""
     return (1.0 / math.sqrt(fan_in)) * min(1.0, math.sqrt(fan_out / fan_in))
 
 
@@ -163,7 +163,7 @@ class TwoCore(Structure):
         return grid.reshape(c0 * c1, a1 * a0)[: self.out_features, : self.in_features]
 
     def lr_multipliers(self) -> dict[str, float]:
-        """Adam lr multiplier per core (REFERENCE.md): (in / fan_in_core) / number of cores under `init: random`
+        """Adam lr multiplier per core (BTT paper): (in / fan_in_core) / number of cores under `init: random`
         (μP); 1.0 for factors projected from a trained dense weight (they fine-tune at the dense rate)."""
         if self.cfg.init != "random":
             return {n: 1.0 for n in ("W1", "W2")}

@@ -2,7 +2,7 @@
 
 y = g ⊙ (W x + s·B A x) + b with g = m / ‖W + s·BA‖_row, m (out) a trainable magnitude initialised to the row
 norms, and the norm treated as a constant (detached) as PEFT does. The norm is computed without materialising
-BA (REFERENCE.md): ‖W+sBA‖²_row = ‖W‖²_row + 2s·rowsum((W Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B) — an
+BA: ‖W+sBA‖²_row = ‖W‖²_row + 2s·rowsum((W Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B) — an
 (out×r) product instead of an (out×in) one. ‖W‖²_row is recomputed each call (one reduction pass over W, no
 W-sized temporary, far cheaper than the GEMM), which keeps it right if the base weight is loaded or trained.
 

@@ -1,7 +1,7 @@
 """Low-rank factorisation W ≈ U V: U (out×r), V (r×in); y = (x Vᵀ) Uᵀ + b.
 
 From dense by truncated SVD with the singular values split evenly (U = P√S, V = √S Qᵀ): balanced factors
-train well under Adam (REFERENCE.md: unbalanced whitened factors wrecked a healing run). Activation-aware inits
+train well under Adam (unbalanced whitened factors wrecked a healing run). Activation-aware inits
 (`whitened_svd`, `asvd`) and the least-squares `compensate` step live in lrcompile/whiten.py.
 """
 from __future__ import annotations

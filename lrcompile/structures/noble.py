@@ -5,7 +5,7 @@ M (r×r) and c the middle linear. The base weight keeps training (rewrite() leav
 LoRA rules); the branch is nonlinear, so the site is not mergeable. W_down x and the CosNet run in float32
 whatever the input dtype (the cosine of a low-precision sum loses the phase); W_up takes the input dtype.
 
-Paper inits (REFERENCE.md): W_down ~ N(0, 1/in), W_up ~ N(0, 0.01²/r) (near-silent, not zero),
+Paper inits: W_down ~ N(0, 1/in), W_up ~ N(0, 0.01²/r) (near-silent, not zero),
 ω ~ U[0.8, 1.2], φ ~ N(0, 0.1²), M ~ N(0, 0.25/r); biases zero. `init: scratch` also re-initialises the main
 weight N(0, 0.25/in) (training from scratch), handed to the installer through `residual_weight()`.
 `lr_multipliers()` gives the paper's per-parameter learning-rate factors for `lrcompile.param_groups`.

@@ -1,6 +1,6 @@
 """`init: whitened_svd` for the structured families (Monarch, BTT, BLAST): block-diagonal whitening.
 
-The activation-aware objective (REFERENCE.md, SVD-LLM) is tr(Δ C Δᵀ) = ‖(W − Ŵ) Xᵀ‖², C = E[xᵀx]. For low rank
+The activation-aware objective (SVD-LLM) is tr(Δ C Δᵀ) = ‖(W − Ŵ) Xᵀ‖², C = E[xᵀx]. For low rank
 its optimum is trunc(W L) L⁻¹ with C = L Lᵀ. For a structured family that recipe does not stay in the family:
 the structure lives on blocks of W's input columns, and a full L mixes columns across blocks, so the family's
 projection of W·L multiplied back by L⁻¹ is no longer block structured.
@@ -74,7 +74,7 @@ class BlockWhitener:
 def block_whitener(family: str, cfg: StructuredConfig, stats, weight: torch.Tensor, n: int, k: int
                    ) -> tuple[Optional[BlockWhitener], str]:
     """(whitener or None, the init actually used). Without usable statistics `whitened_svd` falls back to plain
-    `svd`, with a warning (the DESIGN contract, as for lowrank). Only the second moment C is used: a cross
+    `svd`, with a warning (as for lowrank). Only the second moment C is used: a cross
     moment (statistics taken on a compressed model) is not, so the target is W's own activation-weighted fit."""
     if cfg.init != "whitened_svd":
         return None, cfg.init

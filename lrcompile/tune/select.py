@@ -20,7 +20,7 @@ from ..structures import FAMILIES
 from . import cache, timing
 from .candidates import DENSE, REFERENCE, candidates_for, source_hash
 
-TIME_BUDGET_S = 0.5  # per distinct shape, all candidates together (cold compile target: TARGETS.md cpu_compile)
+TIME_BUDGET_S = 0.5  # per distinct shape, all candidates together (keeps a cold compile within 2x of Inductor's)
 MARGIN = 0.05  # another implementation replaces the reference only when this much faster: below it, noise decides
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
