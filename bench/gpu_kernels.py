@@ -1,4 +1,4 @@
-"""Each fused kernel vs the unfused torch sequence and vs the dense cuBLAS GEMM, side by side in one run
+"""Each fused kernel vs the unfused torch sequence and vs the dense cuBLAS GEMM, side by side in one run:
 bf16, 8192 tokens, d = 4096.
 
 Goals: fused LoRA r=16 forward ≤ 1.05× dense; NOBLE r=32 forward+backward ≤ 1.04× dense forward+backward;
