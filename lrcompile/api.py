@@ -39,6 +39,7 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[st
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        new.train(old.training)  # the swapped-in module keeps the mode of the one it replaces
         setattr(parent, attr, new)
     return names
 

@@ -60,6 +60,7 @@ def attached(module: nn.Module, weight: torch.Tensor) -> Optional[Structure]:
 
 def attach(module: nn.Module, weight: torch.Tensor, struct: Structure) -> str:
     name = child_name(module, weight)
+    struct.train(module.training)  # the model's mode: no adapter dropout in an eval model
     module.add_module(name, struct)
     return name
 

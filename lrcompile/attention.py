@@ -238,6 +238,7 @@ def _plan_projection(site, rule, policy, parts, module_of, orphans, on_new):
         struct.site_fqn = site.fqn
         struct.sources = [_source(s.fqn, ab, site.fqn, module is not None) for s, ab in parts]
         if module is not None:
+            struct.train(module.training)
             module.add_module(name, struct)
         else:
             orphans[(site.fqn, method)] = struct

@@ -217,6 +217,7 @@ def _rebuild_attention(model: nn.Module, entry: dict, directory: str) -> None:
     except (KeyError, TypeError, ValueError) as e:
         _fail(directory, entry, f"bad attention factors entry ({type(e).__name__}: {str(e).splitlines()[0]})")
     struct.policy_digest = entry.get("policy")
+    struct.train(owner.training)
     owner.add_module(entry["child"], struct)
 
 
@@ -239,6 +240,7 @@ def _rebuild(model: nn.Module, entry: dict, directory: str, scopes: dict) -> Non
         if weight.shape not in ((out_f, in_f), (in_f, out_f)):
             _fail(directory, entry, f"expected a weight of {in_f}→{out_f}, found shape {tuple(weight.shape)}")
         struct.policy_digest = entry.get("policy")
+        struct.train(owner.training)
         owner.add_module(entry["child"], struct)
         return
     try:

@@ -8,6 +8,7 @@ from torch import nn
 
 import lrcompile
 from conftest import compile_eager, rel_err
+from lrcompile.structures import Structure
 from lrcompile.structures.dora import DoRA, dora_row_norm
 from lrcompile.structures.lora import LoRA
 from lrcompile.structures.noble import NOBLE
@@ -770,3 +771,41 @@ def test_options_are_validated_with_one_line_errors():
         lrcompile.load_policy(policy("lora", alhpa=3))
     cfg = lrcompile.load_policy(policy("lora")).rules[0].config
     assert (cfg.rank, cfg.alpha, cfg.dropout) == (8, 8.0, 0.0)
+
+
+def _noisy_branches(model: nn.Module) -> None:
+    """Non-zero adapter branches (B and λ_b start at zero, which would hide dropout)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and any(k in n for k in ("lora_", "lambda", "magnitude")):
+                p.add_(torch.randn_like(p) * 0.5)
+
+
+@pytest.mark.parametrize("path", ["backend", "rewrite", "load"])
+@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
+def test_installed_adapters_follow_the_models_mode(path, method, tmp_path):
+    """No adapter dropout in an eval model, whichever path installed the adapter; dropout again in train()."""
+    torch.manual_seed(0)
+    build = lambda: nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))  # noqa: E731
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": method, "rank": 4, "dropout": 0.5}]}
+    x = torch.randn(8, 16)
+    m = build()
+    if path == "backend":
+        m.eval()
+        c = compile_eager(m, pol)
+        c(x)
+    else:  # the mode is set before the adapters are installed, never after
+        if path == "rewrite":
+            m.eval()
+        lrcompile.rewrite(m, pol, (x,))
+        if path == "load":
+            lrcompile.save(m, str(tmp_path / "ck"))
+            m = lrcompile.load(build().eval(), str(tmp_path / "ck"))
+        c = compile_eager(m)
+    installed = [s for s in m.modules() if isinstance(s, Structure)]
+    assert len(installed) == 2 and not any(s.training for s in installed)  # really installed, in the model's mode
+    _noisy_branches(m)
+    torch.testing.assert_close(c(x), c(x), atol=0, rtol=0)  # deterministic: no dropout at inference
+    m.train()
+    assert all(s.training for s in installed)
+    assert not torch.equal(c(x), c(x))  # the dropout is there and follows train()
