@@ -11,6 +11,8 @@ dense until a later change of the weight is refit successfully.
 """
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -79,26 +81,66 @@ def arg_index(example_inputs, t) -> Optional[int]:
     return next((i for i, x in enumerate(example_inputs) if x is t), None) if t is not None else None
 
 
+class Placement:
+    """Where a feed's factors sit on the model (owner module, child name). A compiled graph follows its model:
+    factors replaced by others of the same family and config (`lrcompile.load`) are used from then on; factors
+    removed or replaced by something else (`lrcompile.merge`, another rewrite) leave the graph without a
+    function to run, and it runs the dense weights instead, with one warning saying to compile again."""
+
+    def __init__(self, owner: Optional[nn.Module], child: Optional[str]):
+        self.owner = weakref.ref(owner) if owner is not None else None
+        self.child = child
+        self.gone = False
+
+    def follow(self, struct):
+        """The factors to use now: `struct`, its same-config replacement, or None (gone)."""
+        owner = self.owner() if self.owner is not None else None
+        if owner is None or self.gone:
+            return None if self.gone else struct
+        cur = getattr(owner, self.child, None)
+        if cur is struct:
+            return struct
+        if type(cur) is type(struct) and getattr(cur, "cfg", None) == getattr(struct, "cfg", None) and (
+                [tuple(t.shape) for t in cur.tensors()] == [tuple(t.shape) for t in struct.tensors()]):
+            return cur
+        self.gone = True
+        warnings.warn(f"lrcompile: the factors '{self.child}' this graph was compiled with were removed or replaced "
+                      "(merge, load or another rewrite); it runs the dense weights instead (uncompiled): compile the "
+                      "model again", stacklevel=5)
+        return None
+
+
 class Feed:
     """Supplies one site's factors to a compiled graph on every call, refitting stale factors first
     (lrcompile.fresh). The weight is read from the call's own arguments when the graph takes it as an input, so
     a parameter replaced on the module (`load_state_dict(assign=True)`) is seen."""
 
-    def __init__(self, struct: Structure, weight: Optional[torch.Tensor], transposed: bool, stats=None):
+    def __init__(self, struct: Structure, weight: Optional[torch.Tensor], transposed: bool, stats=None,
+                 owner: Optional[nn.Module] = None):
         self.struct = struct
+        self.placement = Placement(owner, child_name(owner, weight) if owner is not None else None)
         self.weight = weight  # stored parameter the factors came from (None: installed, nothing to track)
         self.transposed = transposed
         self.stats = stats
         self.arg: Optional[int] = None  # the weight's index among the graph's inputs (bind)
-        self.failed = False  # the last stale repair failed: the factors are not the weight's
+        self.refit_failed = False  # the last stale repair failed: the factors are not the weight's
         if weight is not None and not fresh.is_recorded(struct):
             fresh.record(struct, [weight])
+
+    @property
+    def failed(self) -> bool:
+        """The factors are not the model's function: the graph must run the dense weights."""
+        return self.refit_failed or self.placement.gone
 
     def bind(self, example_inputs) -> "Feed":
         self.arg = arg_index(example_inputs, self.weight)
         return self
 
     def tensors(self, args=None) -> list[torch.Tensor]:
+        cur = self.placement.follow(self.struct)
+        if cur is None:
+            return self.struct.tensors()
+        self.struct = cur
         w = self.weight
         if w is not None and self.struct.compressing:
             if args is not None and self.arg is not None and args[self.arg] is not w:
@@ -107,5 +149,5 @@ class Feed:
             got = fresh.refresh(self.struct, [w], lambda: self.struct.refit(dense, self.stats),
                                 f"{self.struct.name} factors")
             if got is not None:
-                self.failed = not got
+                self.refit_failed = not got
         return self.struct.tensors()

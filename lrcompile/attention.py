@@ -259,7 +259,8 @@ def _plan_projection(site, rule, policy, parts, module_of, orphans, on_new):
         row.status, row.reason = "skipped", f"rel_error {err:.3g} > max_error {limit}"
         row.params_after, row.flops_after = row.params_before, row.flops_before
         return None, row
-    return AttnPlan(site, method, row, parts, struct, AttnFeed(struct, parts)), row
+    feed = AttnFeed(struct, parts, module, name if module is not None else None)
+    return AttnPlan(site, method, row, parts, struct, feed), row
 
 
 def _describe_spec(spec: tuple) -> str:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fresh
-from .attach import arg_index
+from .attach import Placement, arg_index
 from .passes.projection import Part
 from .structures.base import Owner, mark_owned
 from .structures.lowrank import truncated_svd
@@ -157,13 +157,19 @@ class AttnFeed:
     linear site's Feed does. Under FSDP2 weights and factors are all-gathered together before each forward, so
     both stamps move and nothing is refit."""
 
-    def __init__(self, struct: AttnFactors, parts: list[Part]):
+    def __init__(self, struct: AttnFactors, parts: list[Part], owner: Optional[nn.Module] = None,
+                 child: Optional[str] = None):
         self.struct = struct
+        self.placement = Placement(owner, child)
         self.sources = [(s.weight, s.transposed, ab) for s, ab in parts]
         self.args: list = [None] * len(self.sources)  # each source weight's index among the graph's inputs
-        self.failed = False
+        self.refit_failed = False
         if not fresh.is_recorded(struct):
             fresh.record(struct, self._weights())
+
+    @property
+    def failed(self) -> bool:
+        return self.refit_failed or self.placement.gone
 
     def _weights(self) -> list[torch.Tensor]:
         return [w for w, _, _ in self.sources]
@@ -173,6 +179,10 @@ class AttnFeed:
         return self
 
     def tensors(self, args=None) -> list[torch.Tensor]:
+        cur = self.placement.follow(self.struct)
+        if cur is None:
+            return self.struct.tensors()
+        self.struct = cur
         if args is not None:
             self.sources = [(args[i] if i is not None else w, t, ab) for (w, t, ab), i in zip(self.sources, self.args)]
 
@@ -181,5 +191,5 @@ class AttnFeed:
 
         got = fresh.refresh(self.struct, self._weights(), refit, f"{self.struct.method} attention factors")
         if got is not None:
-            self.failed = not got
+            self.refit_failed = not got
         return self.struct.tensors()

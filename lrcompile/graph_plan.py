@@ -60,7 +60,8 @@ def plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool =
         if struct is not None:
             chosen.append((site, struct, tuned.fn if tuned is not None else type(struct).functional))
             if id(struct) not in feeds:
-                feeds[id(struct)] = store.Feed(struct, site.weight, site.transposed, stats_for(session, site))
+                feeds[id(struct)] = store.Feed(struct, site.weight, site.transposed, stats_for(session, site),
+                                               owner=module)
     bar.close()
     return chosen, feeds
 

@@ -178,7 +178,7 @@ class Instances:
                     row.notes.append(TIE_NOTE)
             row.notes.append(f"runs the graph compiled for {shared}")
             session.report.add(row)
-            feeds.append(store.Feed(struct, s2.weight, s2.transposed, stats_for(session, s2)).bind(args))
+            feeds.append(store.Feed(struct, s2.weight, s2.transposed, stats_for(session, s2), owner=module).bind(args))
         self._report_dense_sites(session, inst, prefix)
         self._write(session)
         return feeds

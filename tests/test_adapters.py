@@ -809,3 +809,36 @@ def test_installed_adapters_follow_the_models_mode(path, method, tmp_path):
     m.train()
     assert all(s.training for s in installed)
     assert not torch.equal(c(x), c(x))  # the dropout is there and follows train()
+
+
+def _live_lora():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    x = torch.randn(4, 16)
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lora", "rank": 4}]}
+    c = compile_eager(m, pol)
+    c(x)
+    assert isinstance(m[0].lrcompile, LoRA)  # the backend attached the adapter: the graph runs it
+    _noisy_branches(m)
+    return m, c, x
+
+
+def test_merge_on_a_live_compiled_model_is_not_applied_twice():
+    m, c, x = _live_lora()
+    before = c(x).detach()
+    lrcompile.merge(m)
+    assert not any(isinstance(s, LoRA) for s in m.modules())
+    with pytest.warns(UserWarning, match="removed or replaced .*compile the model again"):
+        out = c(x)
+    torch.testing.assert_close(out, before, atol=1e-5, rtol=1e-5)  # the merged weights' function, once
+    torch.testing.assert_close(out, m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_load_into_a_live_compiled_model_follows_the_loaded_factors(tmp_path):
+    m, c, x = _live_lora()
+    other = copy.deepcopy(m)
+    _noisy_branches(other)  # other adapter weights, same plan
+    lrcompile.save(other, str(tmp_path / "ck"))
+    expected = compile_eager(copy.deepcopy(other))(x)
+    lrcompile.load(m, str(tmp_path / "ck"))
+    torch.testing.assert_close(c(x), expected, atol=1e-5, rtol=1e-5)
