@@ -67,6 +67,13 @@ def attach(module: nn.Module, weight: torch.Tensor, struct: Structure) -> str:
     return name
 
 
+def detach(module: nn.Module, weight: torch.Tensor) -> None:
+    """Remove the factors attached for `weight` (a graph compiled with them then runs dense: Placement)."""
+    name = child_name(module, weight)
+    if isinstance(getattr(module, name, None), Structure):
+        delattr(module, name)
+
+
 def record_versions(struct: Structure, weight: torch.Tensor) -> None:
     """The factors describe `weight` as it is now (lrcompile.fresh)."""
     fresh.record(struct, [weight])

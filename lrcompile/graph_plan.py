@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 import weakref
 from typing import Optional
 
 from . import attach as store
+from . import fresh
 from .distributed import check_new_factors
 from .plan import TIE_NOTE, Decision, build, decide, rel_error, site_row, tie_broken
 from .report import SiteRow
@@ -36,6 +38,9 @@ def plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool =
             continue
         module = site_module(site, root, f_locals) if root is not None else None
         prev = store.attached(module, site.weight) if module is not None else session.orphan(site.weight)
+        replaced = prev is not None and _superseded(site, prev, decision, session, module)
+        if replaced:
+            prev = None
         tuned = _tune(site, decision, policy, prev, tune)
         if tuned is not None and tuned.dense:  # `guard: dense` and the original layer is faster: no factors made
             _, row = build(site, dataclasses.replace(decision, status="skipped", reason=tuned.why), policy)
@@ -49,6 +54,8 @@ def plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool =
             if decision.rewrites:
                 check_new_factors(site.fqn, root)
             struct, row = build(site, decision, policy, stats_for(session, site))
+            if replaced:
+                row.notes.append("replaces the factors an earlier compile made under another policy")
             if struct is not None:
                 struct.to(device=site.weight.device)
                 keep_factors(site, struct, module, session, row)
@@ -64,6 +71,23 @@ def plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool =
                                                owner=module)
     bar.close()
     return chosen, feeds
+
+
+def _superseded(site: Site, prev: Structure, decision: Decision, session: Session, module) -> bool:
+    """A new policy takes effect: factors that an earlier backend compile attached under another policy, which
+    this policy would not make, are removed (a `dense` rule runs the dense weight again; another family or rank
+    gets new factors). Factors that `rewrite` or `load` installed are the user's and are never replaced."""
+    policy = session.policy
+    if (policy is None or module is None or getattr(prev, "_lrc_origin", None) != "backend"
+            or prev.policy_digest == policy.digest):
+        return False
+    if decision.rewrites and store.same_config(prev, FAMILIES[decision.method], decision.config):
+        return False
+    if fresh.is_recorded(prev) and fresh.stamp(prev.tensors()) != prev._lrc_factors:
+        warnings.warn(f"lrcompile: {site.fqn}: trained {prev.name} factors of an earlier compile are dropped: this "
+                      "policy asks for something else (save them first with lrcompile.save)", stacklevel=4)
+    store.detach(module, site.weight)
+    return True
 
 
 def _tune(site: Site, decision: Decision, policy, prev: Optional[Structure], enabled: bool):
@@ -106,6 +130,7 @@ def keep_factors(site: Site, struct: Structure, module, session: Session, row: S
     row.notes.append("dense weight stays alive on the module (backend path; lrcompile.rewrite releases it)")
     if session.policy is not None:
         struct.policy_digest = session.policy.digest  # lrcompile.save writes it into plan.json
+    struct._lrc_origin = "backend"  # a later compile under another policy may replace these (_superseded)
     if module is not None:
         store.attach(module, site.weight, struct)
     else:

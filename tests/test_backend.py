@@ -240,7 +240,8 @@ def test_session_is_keyed_by_the_options_not_their_id(tmp_path):
     opts["policy"] = all_lowrank(2)  # the same dict object (same id), another policy: not the old session
     torch.compile(lin, backend="lrcompile", options=opts)(x)
     row = json.loads(rep.read_text())["sites"][0]
-    assert row["status"] == "installed" and row["rank"] == 4  # rank-4 factors found; the new rule asks 2
+    # a new session under the new policy: it replaces the rank-4 factors the first compile made
+    assert row["status"] == "rewritten" and row["rank"] == 2 and lin.lrcompile.cfg.rank == 2
 
 
 NET = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
@@ -549,3 +550,31 @@ def test_blocks_compiled_one_by_one_get_their_own_factors():
     assert len({id(blk.a.lrcompile) for blk in m.blocks}) == 3
     ranks = {f"blocks.{i}.{n}": 5 for i in range(3) for n in "ab"}
     torch.testing.assert_close(out.double(), reference(m, x, ranks), atol=1e-5, rtol=1e-5)
+
+
+def test_a_second_compile_with_another_policy_takes_effect(tmp_path):
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    x = torch.randn(4, 64)
+    first = compile_eager(m, all_lowrank(8))
+    first(x)
+    assert m[0].lrcompile.cfg.rank == 8
+    rep = tmp_path / "r.json"
+    out = compile_eager(m, all_lowrank(64), report=str(rep))(x)  # full rank now: the dense model's function
+    assert m[0].lrcompile.cfg.rank == 64 and m[2].lrcompile.cfg.rank == 64
+    rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"]}
+    assert rows["0"]["status"] == "rewritten" and rows["0"]["rank"] == 64
+    assert any("earlier compile" in n for n in rows["0"]["notes"])
+    torch.testing.assert_close(out, m(x), atol=1e-4, rtol=1e-4)
+    with pytest.warns(UserWarning, match="removed or replaced"):  # the first graph's factors are gone: dense
+        torch.testing.assert_close(first(x), m(x), atol=1e-5, rtol=1e-5)
+    keep = {"rules": [{"match": "*", "method": "dense"}]}
+    compile_eager(m, keep)(x)
+    assert not hasattr(m[0], "lrcompile")  # a dense rule runs the dense weight again
+
+
+def test_factors_installed_by_rewrite_are_not_replaced_by_a_compile_policy():
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    x = torch.randn(4, 64)
+    lrcompile.rewrite(m, all_lowrank(8), (x,))
+    compile_eager(m, all_lowrank(32))(x)
+    assert isinstance(m[0], LowRank) and m[0].cfg.rank == 8
