@@ -321,14 +321,31 @@ def test_triton_imported_before_the_interpreter_flag_falls_back_with_a_warning(m
 
 
 def test_kernel_source_cached_by_hash(tmp_path, monkeypatch):
-    monkeypatch.setenv("LRCOMPILE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LRCOMPILE_CACHE_DIR", str(tmp_path / "shared"))
+    (tmp_path / "own").mkdir()
+    monkeypatch.setattr(runtime, "_private_dir", str(tmp_path / "own"))
     monkeypatch.setattr(runtime, "_modules", {})  # earlier tests loaded these sources in this process
     a, b = torch.randn(5, 17), torch.randn(3, 17)
     gemm(a, b, steps=("relu",))
     gemm(a, b, steps=("relu",))
     gemm(a, b, steps=("tanh",))
-    files = sorted(os.listdir(tmp_path / "kernels"))
+    files = sorted(os.listdir(tmp_path / "own"))
     assert len(files) == 2 and all(f.startswith("gemm_") and f.endswith(".py") for f in files)  # no temp left
+    assert not (tmp_path / "shared" / "kernels").exists()  # nothing generated goes to the shared cache
+
+
+def test_kernel_source_planted_in_the_cache_directory_is_never_run(tmp_path, monkeypatch):
+    """Another user of a shared cache writes a file where the kernel for this source would be: not imported."""
+    import hashlib
+
+    monkeypatch.setenv("LRCOMPILE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "_modules", {})
+    source = "VALUE = 1\n"
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / f"probe_{digest}.py").write_text(f"VALUE = 2\nopen({str(tmp_path / 'ran')!r}, 'w')\n")
+    assert runtime.load("probe", source).VALUE == 1
+    assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.slow

@@ -1,23 +1,24 @@
 """Where a kernel runs and how its generated source is loaded.
 
 Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests); anything else takes the torch
-implementation. Kernel source is generated per epilogue combination, written once under
-$LRCOMPILE_CACHE_DIR/kernels/<name>_<hash>.py (Triton's JIT reads a function's source from its file) and imported
-from there; the interpreter flag is part of the in-process key because `triton.jit` picks interpreted or
-compiled at decoration time.
+implementation. Kernel source is generated per epilogue combination and written to a file (Triton's JIT reads a
+function's source from its file) in a directory this process made for itself (mode 0700) and removes at exit,
+then imported from there. Never from the shared cache directory: a file there may have been planted, and
+importing it would run it. The interpreter flag is part of the in-process key because `triton.jit` picks
+interpreted or compiled at decoration time.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import os
+import shutil
 import tempfile
 import warnings
 from typing import Optional
 
 import torch
-
-from ..cache_dir import cache_path
 
 # Tests set this: every output buffer a launcher allocates starts as NaN, so an element a kernel forgets to
 # write cannot pass as a correct zero.
@@ -25,6 +26,16 @@ POISON = False
 
 _modules: dict = {}
 _late_warned = False
+_private_dir: Optional[str] = None
+
+
+def kernel_dir() -> str:
+    """This process's own directory for generated kernel source (nobody else writes there)."""
+    global _private_dir
+    if _private_dir is None or not os.path.isdir(_private_dir):
+        _private_dir = tempfile.mkdtemp(prefix="lrcompile-kernels-")
+        atexit.register(shutil.rmtree, _private_dir, True)
+    return _private_dir
 
 
 def interpreting() -> bool:
@@ -76,10 +87,9 @@ def load(name: str, source: str):
     mod = _modules.get(key)
     if mod is not None:
         return mod
-    path = cache_path("kernels", f"{name}_{digest}.py")
+    path = os.path.join(kernel_dir(), f"{name}_{digest}.py")
     if not os.path.exists(path):
-        # a unique temp file beside the target (threads and processes alike), then an atomic rename:
-        # concurrent writers produce the same bytes
+        # a unique temp file beside the target (threads alike), then an atomic rename: writers produce the same bytes
         fd, tmp = tempfile.mkstemp(prefix=f"{name}_{digest}.", suffix=".tmp", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "w") as f:
