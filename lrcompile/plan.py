@@ -109,8 +109,13 @@ def from_dense_cached(cls, weight: torch.Tensor, cfg, stats, use_cache: bool) ->
     if cacheable:
         k = factor_cache.key(weight, cls.name, cfg, factor_cache.stats_digest(stats))
         hit = factor_cache.lookup(k)
-        if hit is not None and set(hit.tensors) == set(cls.tensor_names):
-            struct = cls(weight.shape[1], weight.shape[0], cfg, dtype=weight.dtype, device=weight.device)
+        struct = cls(weight.shape[1], weight.shape[0], cfg, dtype=weight.dtype, device=weight.device) if hit else None
+        if hit is not None and not _fits(struct, cls, hit.tensors):
+            warnings.warn(f"lrcompile: factor cache entry {k} does not fit {cls.name} {tuple(weight.shape)} "
+                          "(other tensors or shapes); computing the factors instead", stacklevel=3)
+            factor_cache.evict(k)
+            hit = None
+        if hit is not None:
             with torch.no_grad():
                 for n in cls.tensor_names:
                     getattr(struct, n).copy_(hit.tensors[n])
@@ -137,6 +142,13 @@ def from_dense_cached(cls, weight: torch.Tensor, cfg, stats, use_cache: bool) ->
     meta = {n: getattr(struct, n) for n in FACTOR_STATS if getattr(struct, n, None) is not None}
     factor_cache.store(k, {n: getattr(struct, n) for n in cls.tensor_names}, {**meta, "warnings": said})
     return struct, False
+
+
+def _fits(struct: Structure, cls, tensors: dict) -> bool:
+    """The entry holds exactly the family's tensors, each of the shape the structure has."""
+    if set(tensors) != set(cls.tensor_names):
+        return False
+    return all(tuple(tensors[n].shape) == tuple(getattr(struct, n).shape) for n in cls.tensor_names)
 
 
 def _warn_fallback(cls, struct: Structure, cfg, weight: torch.Tensor) -> None:
