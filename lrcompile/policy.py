@@ -9,6 +9,7 @@ import difflib
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 from typing import Any, Optional, Union
@@ -103,18 +104,63 @@ class Policy:
         return any(r.method in ("lora", "dora", "vera") for r in self.rules)
 
 
-def _compose(text: str):
-    """Parse YAML safely, keeping the node tree for line numbers."""
+MAX_POLICY_BYTES = 1 << 20
+MAX_NODES = 20_000
+
+
+def _compose(text: str, source: str):
+    """Parse YAML safely, keeping the node tree for line numbers. A policy is untrusted input: no aliases (a few
+    hundred bytes of nested aliases expand to gigabytes), no duplicate keys (last-wins would change a rule
+    unseen), and bounded size, checked on the node tree before anything is constructed."""
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{source}: policy larger than {MAX_POLICY_BYTES} bytes")
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            _check_tree(node, source)
         data = loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()
     return data, node
 
 
+def _check_tree(root, source: str) -> None:
+    seen: set = set()
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:  # the composer hands the same node object to every alias of an anchor
+            raise PolicyError(f"{source}:{n.start_mark.line + 1}: YAML aliases (*name) are not allowed in a policy")
+        seen.add(id(n))
+        if len(seen) > MAX_NODES:
+            raise PolicyError(f"{source}: policy has more than {MAX_NODES} YAML nodes")
+        if isinstance(n, yaml.MappingNode):
+            keys: dict = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in keys:
+                        raise PolicyError(f"{source}:{k.start_mark.line + 1}: duplicate key '{_short(k.value)}' "
+                                          f"(first at line {keys[k.value]})")
+                    keys[k.value] = k.start_mark.line + 1
+                stack.extend((k, v))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+
+
+def _short(value, limit: int = 60) -> str:
+    s = value if isinstance(value, str) else repr(value)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
 def _child_nodes(node) -> dict:
+    """Key -> the key's own node (its line is where the key is written)."""
+    if isinstance(node, yaml.MappingNode):
+        return {k.value: k for k, v in node.value}
+    return {}
+
+
+def _value_nodes(node) -> dict:
     if isinstance(node, yaml.MappingNode):
         return {k.value: v for k, v in node.value}
     return {}
@@ -135,10 +181,16 @@ def load_policy(policy: Union[str, os.PathLike, dict, "Policy", None]) -> Option
             if not os.path.isfile(text):
                 raise PolicyError(f"policy file not found: {text}")
             source = os.path.basename(text)
-            with open(text) as f:
-                text = f.read()
+            try:
+                with open(text, "rb") as f:
+                    raw = f.read(MAX_POLICY_BYTES + 1)
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PolicyError(f"{source}: not UTF-8 text (byte {e.start})") from None
+            except OSError as e:
+                raise PolicyError(f"{source}: cannot read the policy ({e.strerror})") from None
         try:
-            data, node = _compose(text)
+            data, node = _compose(text, source)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             loc = f"{source}:{mark.line + 1}" if mark else source
@@ -163,13 +215,15 @@ def _validate(data: Any, node, source: str) -> Policy:
             near = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             err(line_of(top_nodes.get(key)), f"unknown top-level key '{key}'{hint}")
-    if data.get("version", 1) != 1:
-        err(line_of(top_nodes.get("version")), f"unsupported policy version {data.get('version')!r} (known: 1)")
+    version = data.get("version", 1)
+    if type(version) is not int or version != 1:  # not 1.0, not true
+        err(line_of(top_nodes.get("version")), f"unsupported policy version {_short(version)} (known: 1)")
 
     defaults = Defaults()
     dnode = top_nodes.get("defaults")
     if not isinstance(data.get("defaults") or {}, dict):
         err(line_of(dnode), f"defaults must be a mapping of {', '.join(DEFAULT_KEYS)}, got {data['defaults']!r}")
+    dnode = _value_nodes(node).get("defaults")
     for key, value in (data.get("defaults") or {}).items():
         line = line_of(_child_nodes(dnode).get(key)) or line_of(dnode)
         if key not in DEFAULT_KEYS:
@@ -192,7 +246,7 @@ def _validate(data: Any, node, source: str) -> Policy:
             err(bline, f"budget fraction must be in (0, 1], got {f!r}")
 
     rules_data = data.get("rules")
-    rnode = top_nodes.get("rules")
+    rnode = _value_nodes(node).get("rules")
     if rules_data is None:
         rules_data = []
     if not isinstance(rules_data, list):
@@ -210,7 +264,8 @@ def _validate(data: Any, node, source: str) -> Policy:
 def _check_default(key, value, fail):
     if key == "min_features" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         fail(f"min_features must be a non-negative int, got {value!r}")
-    if key == "max_error" and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+    if key == "max_error" and value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
         fail(f"max_error must be a non-negative number, got {value!r}")
     if key == "strict" and not isinstance(value, bool):
         fail(f"strict must be true or false, got {value!r}")
@@ -241,6 +296,9 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
             re.compile(match[3:])
         except re.error as e:
             fail("match", f"bad regex {match[3:]!r}: {e}")
+        if nested_repeat(match[3:]):
+            fail("match", f"regex {match[3:]!r} repeats a repeated group (like (a+)+): it can backtrack without "
+                          "bound; write it without nesting")
     kind = data.get("kind", "linear")
     if kind not in KINDS:
         fail("kind", f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
@@ -272,7 +330,9 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
         except PolicyError as e:
             msg = str(e).lstrip(": ")
             # point at the offending key's line: the first option the message names
-            bad = next((k for k in data if k not in ("match", "method") and re.search(rf"\b{re.escape(str(k))}\b", msg)), None)
+            named = re.search(r"unknown option '([^']+)'", msg)
+            bad = named.group(1) if named and named.group(1) in data else next(
+                (k for k in data if k not in ("match", "method") and re.search(rf"\b{re.escape(str(k))}\b", msg)), None)
             fail(bad, msg)
         if method in FAMILIES and FAMILIES[method].compressing and getattr(config, "rank", 0) is None and "rank" in {
             f.name for f in dataclasses.fields(config)
@@ -282,3 +342,38 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
         index=index, line=line, match=match, kind=kind, method=method, config=config,
         max_error=data.get("max_error"), min_features=data.get("min_features"), guard=data.get("guard"),
     )
+
+
+def nested_repeat(pattern: str) -> bool:
+    """A repetition inside a repetition (star height > 1), the shape of pattern that backtracks exponentially in
+    Python's `re`; module paths never need one."""
+    try:
+        import re._parser as sre_parse  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse
+
+    repeats = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT, getattr(sre_parse, "POSSESSIVE_REPEAT", None)}
+
+    def walk(items, inside: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                lo, hi, sub = av
+                if inside and hi != lo:
+                    return True
+                if walk(sub, inside or hi > 1):
+                    return True
+            elif op is sre_parse.SUBPATTERN:
+                if walk(av[-1], inside):
+                    return True
+            elif op is sre_parse.BRANCH:
+                if any(walk(b, inside) for b in av[1]):
+                    return True
+            elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+                if walk(av[1], inside):
+                    return True
+        return False
+
+    try:
+        return walk(sre_parse.parse(pattern), False)
+    except Exception:  # noqa: BLE001 - re.compile already accepted it; be conservative
+        return False

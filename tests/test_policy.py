@@ -128,3 +128,111 @@ def test_a_missing_yaml_path_is_not_read_as_yaml_text(tmp_path, name):
 def test_defaults_null_is_the_built_in_defaults():
     pol = load_policy("defaults:\nrules: []\n")
     assert pol.defaults.min_features == 128 and pol.defaults.max_error is None
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+) + "rules: *i\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (BOMB, "YAML aliases (*name) are not allowed"),
+    ("rules:\n  - match: a\n    match: b\n    method: dense\n", "<policy>:3: duplicate key 'match' (first at line 2)"),
+    ("rules: []\nrules: []\n", "<policy>:2: duplicate key 'rules'"),
+    ("defaults: {max_error: .nan}\n", "max_error must be a non-negative number"),
+    ("defaults: {max_error: .inf}\n", "max_error must be a non-negative number"),
+    ("version: 1.0\n", "unsupported policy version 1.0"),
+    ("version: true\n", "unsupported policy version True"),
+    ("rules:\n  - match: 're:(a+)+b'\n    method: dense\n", "<policy>:2: rule 1 (match 're:(a+)+b'): regex '(a+)+b' repeats"),
+    ("rules:\n  - match: 're:(x|y*)*z'\n    method: dense\n", "can backtrack without bound"),
+    ("rules:\n  - match: a\n    method: lowrank\n\n    rank: 4\n    rnak: 4\n", "<policy>:6: rule 1 (match 'a'): unknown option 'rnak'"),
+    ("version: 1\n\nrulez:\n  - match: a\n", "<policy>:3: unknown top-level key 'rulez'"),
+])
+def test_untrusted_policy_input_is_a_one_line_error(text, expected):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(PolicyError) as e:
+        load_policy(text)
+    assert time.perf_counter() - t0 < 2.0
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400 and expected in msg, msg
+
+
+def test_plain_regexes_and_bounded_repeats_are_accepted():
+    for pat in (r".*\.attn\.(q|k|v)_proj", r"(layers\.\d+\.)?mlp\.fc[12]", r"(ab){2}x*", r"blocks\.(1|2)\..*"):
+        assert load_policy({"rules": [{"match": f"re:{pat}", "method": "dense"}]}).rules[0].match == f"re:{pat}"
+
+
+def test_a_non_utf8_policy_file_is_a_one_line_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(b"rules:\n  - match: \xff\xfe\n    method: dense\n")
+    with pytest.raises(PolicyError, match=r"bad\.yaml: not UTF-8 text") as e:
+        load_policy(str(p))
+    assert "\n" not in str(e.value)
+
+
+def _mutations(text: str, rng):
+    """Random edits of a valid policy: deleted, duplicated or swapped lines, spliced characters and values."""
+    lines = text.splitlines()
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(6)
+        i = rng.randrange(len(lines)) if lines else 0
+        if op == 0 and lines:
+            del lines[i]
+        elif op == 1 and lines:
+            lines.insert(i, lines[rng.randrange(len(lines))])
+        elif op == 2 and lines:
+            s = lines[i]
+            j = rng.randrange(len(s) + 1)
+            lines[i] = s[:j] + rng.choice(["*", "&x", ":", "[", "{", "'", '"', "-", " ", "\t", "!!python/object:os.system", "1e999", ".nan", "~", "re:(a+)+"]) + s[j:]
+        elif op == 3 and lines:
+            k = rng.randrange(len(lines))
+            lines[i], lines[k] = lines[k], lines[i]
+        elif op == 4:
+            lines.insert(i, rng.choice(["budget: {params: 0.5}", "version: 2", "defaults: {strict: true}",
+                                        "  - match: '*'\n    method: lora", "rules: &r []", "x: *r"]))
+        elif op == 5 and lines:
+            s = lines[i]
+            lines[i] = s.replace("4", rng.choice(["-1", "0", "0.0", "1.5", "true", "[]", "99999999999999999999"]))
+    return "\n".join(lines) + "\n"
+
+
+def test_fuzzed_policies_are_a_policy_or_a_one_line_error():
+    """Every outcome of loading a mutated example is a Policy or a one-line PolicyError, quickly."""
+    import pathlib
+    import random
+    import time
+
+    import yaml
+
+    from lrcompile.policy import Policy
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    seeds = [GOOD] + [p.read_text() for p in sorted((root / "examples" / "policies").glob("*.yaml"))]
+    rng = random.Random(1234)
+    outcomes = {"policy": 0, "error": 0}
+    t0 = time.perf_counter()
+    for n in range(400):
+        text = _mutations(rng.choice(seeds), rng)
+        t = time.perf_counter()
+        try:
+            got = load_policy(text)
+        except PolicyError as e:
+            assert "\n" not in str(e) and len(str(e)) < 500, (text, str(e))
+            outcomes["error"] += 1
+        else:
+            assert got is None or isinstance(got, Policy), text
+            outcomes["policy"] += 1
+        assert time.perf_counter() - t < 2.0, text
+        try:  # a mapping document fed as a dict takes the same checks
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue
+        if isinstance(data, dict):
+            try:
+                load_policy(data)
+            except PolicyError as e:
+                assert "\n" not in str(e), str(e)
+    assert outcomes["policy"] > 20 and outcomes["error"] > 100, outcomes
+    assert time.perf_counter() - t0 < 60
