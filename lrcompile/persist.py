@@ -24,6 +24,7 @@ from . import attach as store
 from .api import _replace_module
 from .attention_factors import AttnFactors, SharedBasis, StackedStructure
 from .errors import PlanError
+from .plan import first_line
 from .structures import FAMILIES, Structure
 from .structures.vera import ProjectionScope, VeRA
 
@@ -111,20 +112,22 @@ def load(model: nn.Module, directory: str, policy=None) -> nn.Module:
         raise PlanError(f"{plan_path}: unknown format {got!r} (expected {FORMAT})")
     if policy is not None:
         _check_policy(plan, policy, plan_path)
-    scopes: dict = {}  # VeRA pair number -> the scope its sites share in this load
-    for entry in plan.get("sites", []):
-        if not isinstance(entry, dict) or "placement" not in entry:
-            raise PlanError(f"{plan_path}: a site entry is not a plan entry: {str(entry)[:80]}")
-        if entry.get("family") in (SHARED, STACKED):
-            _rebuild_attention(model, entry, directory)
-        else:
-            _rebuild(model, entry, directory, scopes)
-    weights = os.path.join(directory, WEIGHTS)
-    _check_shapes(model, weights)
-    missing, unexpected = load_model(model, weights, strict=False)
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise PlanError(f"{weights}: weights do not fit the rebuilt model ({what})")
+    undo: list = []  # how to take back each change: a refused load leaves the model as it was
+    try:
+        _rebuild_all(model, plan, plan_path, directory, undo)
+        weights = os.path.join(directory, WEIGHTS)
+        _check_shapes(model, weights)
+        try:
+            missing, unexpected = load_model(model, weights, strict=False)
+        except Exception as e:  # noqa: BLE001 - a truncated data section reads as safetensors' own error type
+            raise PlanError(f"{weights}: cannot read the weights ({first_line(e)})") from None
+        if missing or unexpected:
+            what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise PlanError(f"{weights}: weights do not fit the rebuilt model ({what})")
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
     for entry in plan["sites"]:  # attached factors are fresh relative to the loaded dense weight
         if entry["placement"] == "attached" and entry.get("weight"):
             owner = model.get_submodule(entry["owner"]) if entry["owner"] else model
@@ -133,6 +136,48 @@ def load(model: nn.Module, directory: str, policy=None) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
     return model
+
+
+def _rebuild_all(model: nn.Module, plan: dict, plan_path: str, directory: str, undo: list) -> None:
+    scopes: dict = {}  # VeRA pair number -> the scope its sites share in this load
+    sites = plan.get("sites", [])
+    if not isinstance(sites, list):
+        raise PlanError(f"{plan_path}: 'sites' must be a list, got {type(sites).__name__}")
+    for entry in sites:
+        if not isinstance(entry, dict) or "placement" not in entry:
+            raise PlanError(f"{plan_path}: a site entry is not a plan entry: {str(entry)[:80]}")
+        try:
+            if entry.get("family") in (SHARED, STACKED):
+                _rebuild_attention(model, entry, directory, undo)
+            else:
+                _rebuild(model, entry, directory, scopes, undo)
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # JSON of the wrong types
+            _fail(directory, entry, f"bad entry ({first_line(e)})")
+
+
+def _attach_undoable(owner: nn.Module, child: str, struct: nn.Module, undo: list) -> None:
+    had = owner._modules.get(child, _MISSING)
+    struct.train(owner.training)
+    owner.add_module(child, struct)
+    undo.append(lambda: owner.add_module(child, had) if had is not _MISSING else delattr(owner, child))
+
+
+def _swap_undoable(model: nn.Module, old: nn.Module, new: nn.Module, undo: list) -> None:
+    _replace_module(model, old, new)
+    undo.append(lambda: _replace_module(model, new, old))
+
+
+_MISSING = object()
+# No family holds more than a few times the dense layer's parameters; a plan asking for more is refused before
+# anything is allocated (a planted plan.json could otherwise ask for terabytes).
+MAX_PARAMS_PER_DENSE = 4
+
+
+def _check_size(directory: str, entry: dict, params: int, in_f: int, out_f: int) -> None:
+    if params > MAX_PARAMS_PER_DENSE * in_f * out_f + (1 << 20):
+        _fail(directory, entry, f"{params:,} parameters for a {in_f}→{out_f} layer: not a plan lrcompile writes")
 
 
 def _check_policy(plan: dict, policy, plan_path: str) -> None:
@@ -161,7 +206,7 @@ def _check_shapes(model: nn.Module, weights: str) -> None:
                     if got != tuple(expected[key].shape):
                         raise PlanError(f"{weights}: '{key}' has shape {got}, the rebuilt model expects "
                                         f"{tuple(expected[key].shape)}")
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - a truncated header reads as safetensors' own error type
         if isinstance(e, PlanError):
             raise
         raise PlanError(f"{weights}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -197,19 +242,24 @@ def _config(cls, entry: dict, directory: str):
     return out
 
 
-def _rebuild_attention(model: nn.Module, entry: dict, directory: str) -> None:
+def _rebuild_attention(model: nn.Module, entry: dict, directory: str, undo: list) -> None:
     owner = _owner(model, entry, directory)
     dtype = _dtype_of(entry, directory)
     device = next(owner.parameters(), torch.empty(0)).device
     try:
         method, in_f, sizes = entry["method"], int(entry["in_features"]), [int(s) for s in entry["sizes"]]
+        if in_f < 1 or not sizes or min(sizes) < 1:
+            _fail(directory, entry, f"bad shapes {in_f}→{sizes}")
         if entry["family"] == SHARED:
-            struct = SharedBasis(method, in_f, sizes, int(entry["rank"]), dtype=dtype, device=device)
+            rank = int(entry["rank"])
+            _check_size(directory, entry, rank * (in_f + sum(sizes)), in_f, sum(sizes))
+            struct = SharedBasis(method, in_f, sizes, rank, dtype=dtype, device=device)
         else:
             cls = FAMILIES.get(entry["structure"])
             if cls is None:
                 _fail(directory, entry, f"unknown family {entry['structure']!r} (known: {', '.join(sorted(FAMILIES))})")
             cfg = _config(cls, entry, directory)
+            _check_size(directory, entry, _param_count(cls, in_f, sum(sizes), cfg, directory, entry), in_f, sum(sizes))
             made = cls(in_f, sum(sizes), cfg, dtype=dtype, device=device)  # empty tensors of the right shapes
             struct = StackedStructure(method, in_f, sizes, cls, cfg, made)
         struct.site_fqn = entry.get("site_fqn")
@@ -217,11 +267,22 @@ def _rebuild_attention(model: nn.Module, entry: dict, directory: str) -> None:
     except (KeyError, TypeError, ValueError) as e:
         _fail(directory, entry, f"bad attention factors entry ({type(e).__name__}: {str(e).splitlines()[0]})")
     struct.policy_digest = entry.get("policy")
-    struct.train(owner.training)
-    owner.add_module(entry["child"], struct)
+    _attach_undoable(owner, entry["child"], struct, undo)
 
 
-def _rebuild(model: nn.Module, entry: dict, directory: str, scopes: dict) -> None:
+def _param_count(cls, in_f: int, out_f: int, cfg, directory: str, entry: dict) -> int:
+    """What the structure as configured (not as resolved: the constructor takes the config as is) allocates."""
+    try:
+        return int(cls.param_count(in_f, out_f, cfg))
+    except (ValueError, TypeError, ZeroDivisionError):
+        pass
+    try:
+        return int(cls.param_count(in_f, out_f, cfg.resolve(in_f, out_f) if hasattr(cfg, "resolve") else cfg))
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        _fail(directory, entry, f"{cls.name} cannot take {in_f}→{out_f} ({first_line(e)})")
+
+
+def _rebuild(model: nn.Module, entry: dict, directory: str, scopes: dict, undo: list) -> None:
     cls = FAMILIES.get(entry.get("family"))
     if cls is None:
         _fail(directory, entry, f"unknown family {entry.get('family')!r} (known: {', '.join(sorted(FAMILIES))})")
@@ -229,19 +290,24 @@ def _rebuild(model: nn.Module, entry: dict, directory: str, scopes: dict) -> Non
     if cls is VeRA:  # a plan without pair numbers (older) shared one pair per model
         cfg._projection_scope = scopes.setdefault(entry.get("projections", 0), ProjectionScope())
     in_f, out_f = entry["in_features"], entry["out_features"]
+    if not all(type(v) is int and v > 0 for v in (in_f, out_f)):
+        _fail(directory, entry, f"bad entry (in_features and out_features must be positive ints, got {in_f!r}, "
+                                f"{out_f!r})")
     dtype = _dtype_of(entry, directory)
     if entry["placement"] == "attached":
+        if not isinstance(entry.get("weight"), str) or not isinstance(entry.get("child"), str):
+            _fail(directory, entry, "bad entry (an attached site names its weight and child)")
         owner = _owner(model, entry, directory)
         try:
             weight = owner.get_parameter(entry["weight"])
         except AttributeError:
             _fail(directory, entry, f"the model has no parameter {entry['owner']}.{entry['weight']}")
-        struct = cls(in_f, out_f, cfg, dtype=dtype, device=weight.device)
-        if weight.shape not in ((out_f, in_f), (in_f, out_f)):
+        if tuple(weight.shape) not in ((out_f, in_f), (in_f, out_f)):
             _fail(directory, entry, f"expected a weight of {in_f}→{out_f}, found shape {tuple(weight.shape)}")
+        _check_size(directory, entry, _param_count(cls, in_f, out_f, cfg, directory, entry), in_f, out_f)
+        struct = cls(in_f, out_f, cfg, dtype=dtype, device=weight.device)
         struct.policy_digest = entry.get("policy")
-        struct.train(owner.training)
-        owner.add_module(entry["child"], struct)
+        _attach_undoable(owner, entry["child"], struct, undo)
         return
     try:
         target = model.get_submodule(entry["path"])
@@ -257,9 +323,10 @@ def _rebuild(model: nn.Module, entry: dict, directory: str, scopes: dict) -> Non
         _fail(directory, entry, f"expected a Linear {in_f}→{out_f}, found {found}")
     if (target.bias is not None) != entry["bias"]:
         _fail(directory, entry, f"bias mismatch (plan {'has' if entry['bias'] else 'has no'} bias)")
+    _check_size(directory, entry, _param_count(cls, in_f, out_f, cfg, directory, entry), in_f, out_f)
     struct = cls(in_f, out_f, cfg, dtype=dtype, device=w.device)
     struct.bias = target.bias
     struct.policy_digest = entry.get("policy")
     if not struct.compressing:
         struct.weight = w if not conv1d else nn.Parameter(w.detach().T.contiguous(), requires_grad=w.requires_grad)
-    _replace_module(model, target, struct)
+    _swap_undoable(model, target, struct, undo)

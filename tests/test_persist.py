@@ -535,3 +535,51 @@ def test_factor_cache_key_covers_the_versions(monkeypatch):
     monkeypatch.setattr(factor_cache, "_code_versions", {})
     monkeypatch.setattr(lc, "__version__", "9.9.9")
     assert factor_cache.key(w, "lowrank", cfg, None) != k
+
+
+def _saved(tmp_path):
+    m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
+    lrcompile.rewrite(m, all_lowrank(6), (torch.randn(2, 32),))
+    lrcompile.save(m, str(tmp_path / "ck"))
+    return tmp_path / "ck"
+
+
+def _fresh():
+    return nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda p: p["sites"][1]["config"].update(rank=10**9), r"site '2': .* parameters for a 48→32 layer"),
+    (lambda p: p["sites"][1].update(in_features="many"), r"site '2': bad entry"),
+    (lambda p: p["sites"][1].update(config=None), r"site '2': no config"),
+    (lambda p: p.update(sites={"a": 1}), r"'sites' must be a list"),
+    (lambda p: p["sites"][1].update(placement="attached", owner="", weight=None, child="x"), r"site '2': bad entry"),
+    (lambda p: p["sites"][1].update(placement="attached", owner="", weight="nope", child="x"), r"no parameter"),
+])
+def test_a_refused_load_leaves_the_model_as_it_was(tmp_path, edit, expected):
+    ck = _saved(tmp_path)
+    plan = json.loads((ck / "plan.json").read_text())
+    edit(plan)
+    (ck / "plan.json").write_text(json.dumps(plan))
+    m = _fresh()
+    before = {n: (type(mod), id(mod)) for n, mod in m.named_modules()}
+    params = {n: p for n, p in m.named_parameters()}
+    with pytest.raises(PlanError, match=expected) as e:
+        lrcompile.load(m, str(ck))
+    assert "\n" not in str(e.value)
+    assert {n: (type(mod), id(mod)) for n, mod in m.named_modules()} == before  # site 1 was rebuilt, then undone
+    assert {n: p for n, p in m.named_parameters()}.keys() == params.keys()
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(compile_eager(m)(x), m(x))  # no empty factors left to compute NaN
+
+
+@pytest.mark.parametrize("cut", ["header", "data"])
+def test_a_truncated_weights_file_is_a_one_line_plan_error(tmp_path, cut):
+    ck = _saved(tmp_path)
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[:20] if cut == "header" else data[:-100])
+    m = _fresh()
+    before = {n: type(mod) for n, mod in m.named_modules()}
+    with pytest.raises(PlanError, match=r"model\.safetensors: cannot read the weights") as e:
+        lrcompile.load(m, str(ck))
+    assert "\n" not in str(e.value) and {n: type(mod) for n, mod in m.named_modules()} == before
