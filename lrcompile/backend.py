@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from . import attention
+from . import attention, coverage
 from .distributed import check_new_factors
 from .graph_plan import plan_graph
 from .instances import Instances, Runner
@@ -36,6 +36,12 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
         rel = dict(zip(map(id, sites), rel.values()))
     session = session_for(model, options, opts)
     plan_budget(session, model)
+    for rule in coverage.unmatched_linear_rules(session.policy, model):
+        coverage.warn_once(session, ("rule", rule.index),
+                           f"lrcompile: {session.policy.where(rule)} matches no module or parameter of the model")
+    for row in coverage.unrecognised_attention(gm, sites, session.policy, prefix):
+        session.report.add(row)
+        coverage.warn_once(session, ("attention", row.fqn), f"lrcompile: {row.rule}: {row.fqn}: {row.reason}")
     # attention rules first: the projections they claim are no linear rule's sites (lrcompile.attention)
     plans, rows = attention.plan_attention(
         sites, session.policy, lambda s: (site_module(s, root, f_locals) if s.module_expr else root) if root is not None else None,

@@ -32,6 +32,7 @@ class Session:
         self.orphans: dict = {}  # attention factors of sites whose module could not be found (lrcompile.attention)
         self.loose: dict = {}  # linear factors of such sites: id(weight) -> (weakref to the weight, structure)
         self.ranks: Optional[dict] = None  # the policy budget's allocation, planned once over the whole model
+        self.warned: set = set()  # what this session has warned about (once each)
 
     def orphan(self, weight: torch.Tensor) -> Optional[Structure]:
         ref, struct = self.loose.get(id(weight), (None, None))

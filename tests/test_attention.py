@@ -550,3 +550,44 @@ def test_attn_shared_kv_example_matches_hf_models(make, tmp_path):
     out_proj = {"llama": "self_attn.o_proj", "gpt2": "attn.c_proj", "bert": "attention.output.dense"}[make.__name__]
     methods = {r["fqn"]: r["method"] for r in rows if r["kind"] == "linear"}
     assert [m for f, m in methods.items() if f.endswith(out_proj)] == ["monarch", "monarch"]
+
+
+def _unrecognised(kind):
+    import transformers
+
+    ids = {"input_ids": torch.randint(0, 100, (2, 8))}
+    if kind == "bloom":
+        return transformers.BloomModel(transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=1,
+                                                                n_head=4)).eval(), ids
+    cfg = transformers.Gemma2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                    attn_implementation="eager")
+    return transformers.Gemma2Model(cfg).eval(), ids
+
+
+@pytest.mark.parametrize("kind, path", [("bloom", "h.0.self_attention"), ("gemma2", "layers.0.self_attn")])
+def test_an_attention_rule_on_an_unrecognised_attention_says_so(tmp_path, kind, path):
+    """Fused baddbmm scores (BLOOM) and soft-capped scores (Gemma2) are no attention site: a failed row and one
+    warning, not an output silently identical to dense."""
+    m, inputs = _unrecognised(kind)
+    rep = tmp_path / "r.json"
+    with pytest.warns(UserWarning, match=f"{path}: a softmax here is no attention lrcompile recognises"):
+        torch.compile(m, backend="lrcompile", options={"policy": ATT("shared_kv", rank=8), "inductor": False,
+                                                       "report": str(rep)})(**inputs)
+    rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"] if r["kind"] == "attention"}
+    assert rows[path]["status"] == "failed"
+
+
+def test_a_router_softmax_is_not_reported_as_an_attention():
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return torch.softmax(self.gate(x), -1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.compile(Router(), backend="lrcompile", options={"policy": ATT("shared_kv", rank=8),
+                                                              "inductor": False})(torch.randn(2, 16))

@@ -578,3 +578,12 @@ def test_factors_installed_by_rewrite_are_not_replaced_by_a_compile_policy():
     lrcompile.rewrite(m, all_lowrank(8), (x,))
     compile_eager(m, all_lowrank(32))(x)
     assert isinstance(m[0], LowRank) and m[0].cfg.rank == 8
+
+
+def test_a_rule_that_matches_nothing_warns_on_the_backend_path():
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "encoder.*", "method": "lowrank", "rank": 4},
+                                                      {"match": "0", "method": "lowrank", "rank": 4}]}
+    with pytest.warns(UserWarning, match=r"rule 1 \(match 'encoder\.\*'\) matches no module or parameter") as got:
+        compile_eager(m, pol)(torch.randn(2, 16))
+    assert not any("rule 2" in str(w.message) for w in got)
