@@ -75,6 +75,9 @@ def decide(site: Site, policy: Optional[Policy], ranks: Optional[dict] = None) -
     try:  # a shape the family cannot take (e.g. BLAST blocks that do not divide) keeps the site dense
         cfg = cfg.resolve(site.in_features, site.out_features) if hasattr(cfg, "resolve") else cfg
     except ValueError as e:
+        if policy.defaults.strict:
+            raise SiteError(f"{policy.where(rule)}: {site.fqn or '<root>'}: {rule.method} cannot take {site.in_features}→"
+                            f"{site.out_features} ({e})") from None
         return Decision(site.fqn, rule, rule.method, "failed", reason=str(e))
     d = Decision(site.fqn, rule, rule.method, "rewritten", config=cfg, allocated_rank=allocated)
     if cls.compressing and cls.param_count(site.in_features, site.out_features, cfg) >= site.weight.numel():

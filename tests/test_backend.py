@@ -587,3 +587,26 @@ def test_a_rule_that_matches_nothing_warns_on_the_backend_path():
     with pytest.warns(UserWarning, match=r"rule 1 \(match 'encoder\.\*'\) matches no module or parameter") as got:
         compile_eager(m, pol)(torch.randn(2, 16))
     assert not any("rule 2" in str(w.message) for w in got)
+
+
+def test_parameters_made_under_inference_mode_are_rewritten(tmp_path):
+    with torch.inference_mode():
+        m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    x = torch.randn(2, 32)
+    rep = tmp_path / "r.json"
+    with torch.inference_mode():
+        out = compile_eager(m, all_lowrank(8, guard="off"), report=str(rep))(x)
+    assert {r["status"] for r in json.loads(rep.read_text())["sites"]} == {"rewritten"}
+    with torch.inference_mode():
+        h = torch.relu(x @ m[0].lrcompile.to_dense().T + m[0].bias)
+        ref = h @ m[2].lrcompile.to_dense().T + m[2].bias
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", [{"method": "blast", "blocks": 5, "rank": 2}, {"method": "monarch", "blocks": 64}])
+def test_strict_raises_for_a_shape_the_family_cannot_take(rule):
+    pol = {"defaults": {"min_features": 0, "strict": True}, "rules": [{"match": "*", **rule}]}
+    with pytest.raises(Exception) as e:
+        compile_eager(nn.Linear(32, 48), pol)(torch.randn(2, 32))
+    err = inner(e.value)
+    assert isinstance(err, lrcompile.SiteError) and "cannot take 32→48" in str(err) and "\n" not in str(err)
