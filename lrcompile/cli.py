@@ -119,6 +119,18 @@ def cmd_warmup(args) -> int:
     return 1 if s["failed"] else 0
 
 
+def _cache_row(key: str, e: dict, pick) -> list:
+    """One `cache list` row; fields of the wrong type (an imported or edited file) show as '?'."""
+    d = lambda v: v if isinstance(v, dict) else {}  # noqa: E731
+    s = lambda v: v if isinstance(v, (str, int, float)) and not isinstance(v, bool) else "?"  # noqa: E731
+    sp, env = d(e.get("spec")), d(e.get("env"))
+    ms = {k: v for k, v in e["ms"].items() if isinstance(v, (int, float))}
+    impl, _ = pick({"ms": ms}, dense_why=None)
+    times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(ms.items(), key=lambda kv: kv[1]))
+    return [s(sp.get("family", key.split("|")[0])), f"{s(sp.get('in_features'))}→{s(sp.get('out_features'))}",
+            s(sp.get("tokens")), s(sp.get("dtype")), s(env.get("device", "")), s(sp.get("rank", "")), impl, times]
+
+
 def cmd_cache(args) -> int:
     from tabulate import tabulate
 
@@ -130,12 +142,8 @@ def cmd_cache(args) -> int:
         if args.action == "list":
             rows = []
             for key, e in sorted(cache.entries().items()):
-                sp = e.get("spec", {})
-                impl, _ = pick(e, dense_why=None)
-                times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(e["ms"].items(), key=lambda kv: kv[1]))
-                rows.append([sp.get("family", key.split("|")[0]), f"{sp.get('in_features')}→{sp.get('out_features')}",
-                             sp.get("tokens"), sp.get("dtype"), e.get("env", {}).get("device", ""), impl, times])
-            print(tabulate(rows, headers=["family", "shape", "tokens", "dtype", "device", "chosen", "ms"]))
+                rows.append(_cache_row(key, e, pick))
+            print(tabulate(rows, headers=["family", "shape", "tokens", "dtype", "device", "rank", "chosen", "ms"]))
             print(f"{len(rows)} entries in {cache.path()}")
         elif args.action == "clear":
             n = cache.clear()

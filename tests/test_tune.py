@@ -391,3 +391,41 @@ def test_guard_values_are_checked():
 
     with pytest.raises(PolicyError, match="guard must be one of 'dense', 'off', got 'never'"):
         load_policy({"defaults": {"guard": "never"}, "rules": []})
+
+
+def test_a_cached_entry_naming_an_unknown_implementation_is_ignored(tmp_path):
+    """An imported cache from other code names an implementation this code lacks: the rest of the entry decides."""
+    m, x = mlp(), torch.randn(4, 16, 64)
+    for lin in (m[0], m[2]):
+        spec = spec_for("lowrank", _cfg(lin, 8), lin.in_features, lin.out_features, True, 64, torch.float32,
+                        "cpu", False)
+        cache.store({spec.key(): {"ms": {REFERENCE: 3.0, "warp_speed": 0.1, "addmm": 2.0, DENSE: 9.0}}})
+    with torch.no_grad():
+        compile_eager(m, all_lowrank(8), report=str(tmp_path / "r.json"))(x)
+    rows = report_rows(tmp_path / "r.json")
+    assert {r["impl"] for r in rows.values()} == {"addmm"} and {r["status"] for r in rows.values()} == {"rewritten"}
+
+
+def test_timings_taken_under_a_burst_of_load_are_not_cached(monkeypatch, tmp_path):
+    real = timing.samples_ms
+
+    def noisy(fns, *a, **k):
+        got = real(fns, *a, **k)
+        return {n: [v[0]] + [v[0] * 10] * max(len(v), 5) for n, v in got.items()}  # fastest run, then 10x slower
+
+    monkeypatch.setattr(timing, "samples_ms", noisy)
+    m, x = mlp(), torch.randn(4, 16, 64)
+    with torch.no_grad():
+        compile_eager(m, all_lowrank(8), report=str(tmp_path / "r.json"))(x)
+    rows = report_rows(tmp_path / "r.json")
+    assert all("timings unstable under load" in r["notes"][-1] for r in rows.values())
+    assert cache.entries() == {}  # the next compile measures again
+
+
+def test_cache_list_survives_fields_of_the_wrong_type(capsys):
+    from lrcompile.cli import main
+
+    cache.store({"lowrank|x": {"ms": {REFERENCE: 1.0, "addmm": 0.5}, "spec": ["not", "a", "dict"], "env": [1]},
+                 "lowrank|y": {"ms": {REFERENCE: 1.0}, "spec": {"family": ["l"], "in_features": {"a": 1}}}})
+    assert main(["cache", "list"]) == 0
+    assert "2 entries" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import platform
+import statistics
 import time
 from typing import Optional
 
@@ -137,10 +138,15 @@ def measure(spec: Spec, budget_s: float = TIME_BUDGET_S) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     # the correctness gate (which doubles as the warm-up) spends the same budget
-    timed = timing.medians_ms({c.name: c.fn for c in runnable}, args, device, budget_s - (time.perf_counter() - t0))
-    ms = {k: round(v, 5) for k, v in timed.items()}
-    return {"ms": ms, "discarded": discarded, "spec": spec.as_dict(), "env": environment(spec.device),
-            "source": source_hash(spec.family), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    samples = timing.samples_ms({c.name: c.fn for c in runnable}, args, device,
+                                budget_s - (time.perf_counter() - t0))
+    ms = {k: round(statistics.median(v), 5) for k, v in samples.items()}
+    entry = {"ms": ms, "discarded": discarded, "spec": spec.as_dict(), "env": environment(spec.device),
+             "source": source_hash(spec.family), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    noisy = timing.unstable(samples)
+    if noisy:
+        entry["unstable"] = noisy
+    return entry
 
 
 def has_choice(spec: Spec) -> bool:
@@ -155,13 +161,19 @@ def lookup_or_measure(spec: Spec, budget_s: float = TIME_BUDGET_S) -> tuple[dict
     if entry is not None:
         return entry, True
     entry = measure(spec, budget_s)
-    cache.store({key: entry})
+    if not entry.get("unstable"):  # a burst of load decides this compile only, never later ones
+        cache.store({key: entry})
     return entry, False
 
 
-def pick(entry: dict, dense_why: Optional[str]) -> tuple[str, str]:
-    """(implementation, why) from a cache entry. `dense` only when allowed: `dense_why` says why it may be."""
-    ms = entry["ms"]
+def pick(entry: dict, dense_why: Optional[str], known: Optional[set] = None) -> tuple[str, str]:
+    """(implementation, why) from a cache entry. `dense` only when allowed: `dense_why` says why it may be.
+    `known`: the implementations this code has; an entry's others (an imported cache from other code) are
+    ignored, as are times that are not positive finite numbers."""
+    ms = {k: v for k, v in entry["ms"].items()
+          if (known is None or k in known or k == DENSE) and isinstance(v, (int, float)) and 0 < v < float("inf")}
+    if REFERENCE not in ms:
+        return REFERENCE, f"{REFERENCE}: the cached entry has no usable time for it"
     ref = ms[REFERENCE]
     lossless = {k: v for k, v in ms.items() if k != DENSE}
     best = min(lossless, key=lossless.get)

@@ -9,7 +9,7 @@ import torch
 
 from ..structures import FAMILIES
 from . import shapelog
-from .candidates import DENSE, REFERENCE, implementation
+from .candidates import DENSE, REFERENCE, candidates_for, implementation
 from .select import has_choice, lookup_or_measure, pick, site_tokens, spec_for
 
 NOTE_PREFIX = "tuned"
@@ -59,7 +59,10 @@ def tune_site(site, decision, dense_why: Optional[str], enabled: bool) -> Option
         if not has_choice(spec):
             return Tuned(decision.method, REFERENCE, f"{REFERENCE}: the only implementation here", {}, False, spec.tokens)
         entry, cached = lookup_or_measure(spec)
-        impl, why = pick(entry, dense_why if FAMILIES[decision.method].compressing else None)
+        known = {c.name for c in candidates_for(spec.family, len(spec.tensor_shapes), spec.device, spec.grad)}
+        impl, why = pick(entry, dense_why if FAMILIES[decision.method].compressing else None, known)
+        if entry.get("unstable"):
+            why += f"; timings unstable under load ({', '.join(entry['unstable'])}): not cached"
     except Exception as e:
         warnings.warn(f"lrcompile: autotune of {site.fqn} failed ({type(e).__name__}: {e}); using {decision.method}'s "
                       f"own implementation", stacklevel=2)

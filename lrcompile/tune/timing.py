@@ -24,6 +24,22 @@ def run(fn, args):
 
 
 def medians_ms(fns: dict, args, device: torch.device, budget_s: float) -> dict:
+    return {k: statistics.median(v) for k, v in samples_ms(fns, args, device, budget_s).items()}
+
+
+# A measurement whose median is this many times its fastest run was taken under a burst of load: it is used for
+# this compile but not cached, so that one noisy run cannot fix a choice for every later compile.
+UNSTABLE = 3.0
+MIN_ROUNDS_TO_JUDGE = 5
+
+
+def unstable(samples: dict) -> list:
+    """Candidates whose times spread grossly (median > UNSTABLE × fastest over enough rounds)."""
+    return [k for k, v in samples.items()
+            if len(v) >= MIN_ROUNDS_TO_JUDGE and statistics.median(v) > UNSTABLE * max(min(v), 1e-9)]
+
+
+def samples_ms(fns: dict, args, device: torch.device, budget_s: float) -> dict:
     """Median milliseconds per call of each fn, called round-robin (load drift on a shared machine hits all alike)
     for 1..MAX_REPS rounds, stopping once `budget_s` is spent: the bound holds to within one round, which is what
     keeps a cold compile within its target on large shapes."""
@@ -48,4 +64,4 @@ def medians_ms(fns: dict, args, device: torch.device, budget_s: float) -> dict:
                     samples[k].append((time.perf_counter() - t0) * 1e3)
                 spent += time.perf_counter() - t0
             rounds += 1
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
