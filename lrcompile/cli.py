@@ -3,22 +3,53 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
+import os
 import sys
 
 from .errors import LrcompileError
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _module(mod: str, spec: str):
+    """A module by dotted name (the working directory first on the path, as `python -m` has it) or a .py file."""
+    if mod.endswith(".py") or os.sep in mod:
+        if not os.path.isfile(mod):
+            raise LrcompileError(f"--model {spec!r}: no such file {mod}")
+        loaded = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(mod))[0], mod)
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+        return module
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(mod)
+
+
 def _factory(spec: str):
-    """`module:callable` returning a model or (model, example_inputs)."""
-    mod, _, name = spec.partition(":")
-    if not name:
-        raise LrcompileError(f"--model {spec!r}: expected module:factory, e.g. lrcompile.models.tiny:demo_model")
+    """`module:callable` or `path/to/file.py:callable` returning a model or (model, example_inputs). Whatever
+    goes wrong in the user's code is one line saying where."""
+    mod, _, name = spec.rpartition(":") if spec.count(":") else (spec, "", "")
+    if not name or not mod:
+        raise LrcompileError(f"--model {spec!r}: expected module:factory or file.py:factory, e.g. "
+                             "lrcompile.models.tiny:demo_model")
     try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise LrcompileError(f"--model {spec!r}: {e}") from None
-    out = fn()
+        module = _module(mod, spec)
+    except LrcompileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's module: any failure is theirs to read in one line
+        raise LrcompileError(f"--model {spec!r}: importing {mod} failed ({_one_line(e)})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise LrcompileError(f"--model {spec!r}: {mod} has no callable {name!r}")
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001
+        raise LrcompileError(f"--model {spec!r}: the factory raised {_one_line(e)}") from None
     if isinstance(out, tuple) and len(out) == 2:
         return out
     example = getattr(out, "example_inputs", None)
@@ -41,7 +72,12 @@ def cmd_check(args) -> int:
 
     model, example = _factory(args.model)
     seen, rows = set(), []
-    for c in capture_sites(model, example):
+    try:
+        captured = capture_sites(model, example)
+    except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
+        raise LrcompileError(f"--model {args.model!r}: the model does not run on its example inputs "
+                             f"({_one_line(e)})") from None
+    for c in captured:
         s = c.site
         if (s.kind, s.fqn) in seen:
             continue
@@ -65,9 +101,13 @@ def cmd_report(args) -> int:
     try:
         with open(args.report) as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise LrcompileError(f"{args.report}: cannot read report ({e})") from None
-    print(format_table(data))
+    except (OSError, ValueError) as e:
+        raise LrcompileError(f"{args.report}: cannot read report ({_one_line(e)})") from None
+    try:
+        print(format_table(data))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise LrcompileError(f"{args.report}: not an lrcompile report ({_one_line(e)}); write one with "
+                             "options={'report': path}") from None
     return 0
 
 
@@ -108,7 +148,14 @@ def cmd_warmup(args) -> int:
         if not (args.policy and args.model):
             raise LrcompileError("warmup: give --policy and --model, or --from-log")
         model, example = _factory(args.model)
-        specs = warmup.model_specs(model, example, load_policy(args.policy))
+        policy = load_policy(args.policy)
+        try:
+            specs = warmup.model_specs(model, example, policy)
+        except LrcompileError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
+            raise LrcompileError(f"--model {args.model!r}: the model does not run on its example inputs "
+                                 f"({_one_line(e)})") from None
         source = args.model
     specs = warmup.expand(specs, tokens)
     s = warmup.tune_all(specs, args.budget)
@@ -193,7 +240,7 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except LrcompileError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
 
 

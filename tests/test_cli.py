@@ -74,3 +74,47 @@ def test_help_runs_and_lists_the_commands():
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert all(f"--{o}" in demo.stdout for o in ("d", "layers", "batch", "seq", "reps", "report"))
     assert "model width" in demo.stdout
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_model_factories_from_the_working_directory_and_from_files(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build():\n    return nn.Sequential(nn.Linear(16, 16)), (torch.randn(2, 16),)\n"
+        "def boom():\n    raise RuntimeError('no weights here\\nsecond line')\n"
+        "def wrong_inputs():\n    return nn.Linear(16, 16), (torch.randn(2, 7),)\n")
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    policy = tmp_path / "p.yaml"
+    policy.write_text("rules:\n  - match: '*'\n    method: lowrank\n    rank: 4\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["check", str(policy), "--model", "mymodels:build"]) == 0  # a module in the working directory
+    assert main(["check", str(policy), "--model", str(tmp_path / "mymodels.py") + ":build"]) == 0  # a file
+    capsys.readouterr()
+    for spec, expected in [("mymodels:boom", "the factory raised RuntimeError: no weights here"),
+                           ("broken:f", "importing broken failed (SyntaxError"),
+                           ("mymodels:nothing", "has no callable 'nothing'"),
+                           ("mymodels:wrong_inputs", "does not run on its example inputs"),
+                           ("nowhere.py:f", "no such file nowhere.py")]:
+        assert main(["check", str(policy), "--model", spec]) == 2
+        assert expected in _err(capsys), spec
+
+
+def test_report_on_a_json_that_is_not_a_report_is_one_line(tmp_path, capsys):
+    for text in ('{"a": 1}', '[1, 2]', '{"sites": [{"fqn": 3}]}', "\xff"):
+        p = tmp_path / "r.json"
+        p.write_text(text, encoding="latin-1")
+        assert main(["report", str(p)]) == 2
+        assert "r.json" in _err(capsys)
+
+
+def test_a_non_utf8_policy_is_one_line(tmp_path, capsys):
+    p = tmp_path / "p.yaml"
+    p.write_bytes(b"rules:\n  - match: \xff\n    method: dense\n")
+    assert main(["check", str(p)]) == 2
+    assert "not UTF-8" in _err(capsys)
