@@ -17,6 +17,25 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 
 
+# LRCOMPILE_NOOP=backend | rewrite runs the suite against a backend that returns Dynamo's graph unchanged, or a
+# `rewrite` that changes nothing: every test that passes then does not prove that feature (see README, Testing).
+NOOP = os.environ.get("LRCOMPILE_NOOP", "")
+if NOOP:
+    import lrcompile
+    import lrcompile.api
+    import lrcompile.backend
+
+    if NOOP == "backend":
+        lrcompile.backend.lrcompile_backend = lambda gm, example_inputs, options=None, mode=None: gm.forward
+    elif NOOP == "rewrite":
+        def _noop_rewrite(model, policy, example_inputs, calibration=None, **kw):
+            return model
+
+        lrcompile.rewrite = lrcompile.api.rewrite = _noop_rewrite
+    else:
+        raise ValueError(f"LRCOMPILE_NOOP={NOOP!r}: expected 'backend' or 'rewrite'")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo(tmp_path, monkeypatch):
     """Each test compiles from scratch, with its own lrcompile cache directory."""
