@@ -109,6 +109,9 @@ def _attached_weight(owner: nn.Module, child: str, struct: Adapter) -> tuple[str
     for name, p in owner.named_parameters():
         if name.startswith(store.PREFIX) or store.child_name(owner, p) != child:
             continue
+        recorded = getattr(struct, "base_transposed", None)
+        if recorded is not None:  # recorded when attached: storage pointers change with copies and loads
+            return name, p, recorded
         base = struct._base
         if base is not None and base.data_ptr() == p.data_ptr():
             return name, p, base.stride() != p.stride() or base.shape != p.shape
@@ -132,7 +135,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def _merge_module(model: nn.Module, mod: Adapter) -> None:
-    from .api import _replace_module
+    from .api import _replace_module, restore_layout
 
     W = mod.weight
     if W is None:
@@ -144,10 +147,16 @@ def _merge_module(model: nn.Module, mod: Adapter) -> None:
             W = nn.Parameter(merged, requires_grad=W.requires_grad)
         else:
             W.copy_(merged)
-    lin = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
-    lin.weight = W
-    lin.bias = mod.bias
-    _replace_module(model, mod, lin)
+    layout = getattr(mod, "original_layout", None)
+    if layout is not None:  # the module type and weight layout the adapter replaced (a GPT-2 Conv1D stays one)
+        new = restore_layout(layout, W.detach(), mod.bias, W.requires_grad, mod.training)
+        if not layout[2]:
+            new.weight = W  # the same Parameter where the layout allows: optimizers and ties keep it
+    else:
+        new = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
+        new.weight = W
+        new.bias = mod.bias
+    _replace_module(model, mod, new)
 
 
 def _merge_attached(model: nn.Module, owner: nn.Module, owner_path: str, leaf: str, mod: Adapter) -> None:

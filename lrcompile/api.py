@@ -12,6 +12,7 @@ import warnings
 import weakref
 from typing import Optional
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,6 +32,26 @@ def _swappable(module: Optional[nn.Module], site) -> bool:
     if type(module) is nn.Linear and site.form == "linear":
         return True
     return type(module).__name__ == "Conv1D" and site.form == "addmm"  # HF GPT-2: weight stored (in, out)
+
+
+def layout_of(module: nn.Module, transposed: bool) -> tuple:
+    """(class, constructor-free attributes, weight stored (in, out)) of a module a structure replaces."""
+    attrs = {k: v for k, v in vars(module).items()
+             if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, tuple))}
+    return type(module), attrs, bool(transposed)
+
+
+def restore_layout(layout: tuple, weight: torch.Tensor, bias, requires_grad: bool, training: bool) -> nn.Module:
+    """A module of the recorded class holding `weight` (out, in) in its own layout, and `bias`."""
+    cls, attrs, transposed = layout
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    new.weight = nn.Parameter((weight.T if transposed else weight).contiguous(), requires_grad=requires_grad)
+    new.bias = bias
+    new.train(training)
+    return new
 
 
 def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
@@ -135,6 +156,7 @@ def _install(model: nn.Module, c: CapturedSite, struct: Structure, row) -> None:
     site, module = c.site, c.module
     struct.to(device=site.weight.device)
     if _swappable(module, site):
+        struct.original_layout = layout_of(module, site.transposed)  # merge gives this module type back
         struct.bias = module.bias
         if not struct.compressing:
             struct.weight = site.weight if not site.transposed else nn.Parameter(
@@ -144,7 +166,7 @@ def _install(model: nn.Module, c: CapturedSite, struct: Structure, row) -> None:
         if tied:
             row.notes.append(TIE_NOTE)
     elif module is not None:
-        store.attach(module, site.weight, struct)
+        store.attach(module, site.weight, struct, site.transposed)
         store.record_versions(struct, site.weight)
         row.notes.append("functional site: factors attached; they run under torch.compile(backend='lrcompile')")
         if struct.compressing:

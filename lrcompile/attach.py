@@ -60,8 +60,12 @@ def attached(module: nn.Module, weight: torch.Tensor) -> Optional[Structure]:
     return child if isinstance(child, Structure) else None
 
 
-def attach(module: nn.Module, weight: torch.Tensor, struct: Structure) -> str:
+def attach(module: nn.Module, weight: torch.Tensor, struct: Structure, transposed: Optional[bool] = None) -> str:
+    """Register `struct` beside `weight` on `module`. `transposed`: the weight is stored (in, out); recorded so
+    that merge never has to guess the orientation of a square weight (copies and loads change storage)."""
     name = child_name(module, weight)
+    if transposed is not None:
+        struct.base_transposed = bool(transposed)
     struct.train(module.training)  # the model's mode: no adapter dropout in an eval model
     module.add_module(name, struct)
     return name

@@ -132,7 +132,7 @@ def keep_factors(site: Site, struct: Structure, module, session: Session, row: S
         struct.policy_digest = session.policy.digest  # lrcompile.save writes it into plan.json
     struct._lrc_origin = "backend"  # a later compile under another policy may replace these (_superseded)
     if module is not None:
-        store.attach(module, site.weight, struct)
+        store.attach(module, site.weight, struct, site.transposed)
     else:
         session.loose[id(site.weight)] = (weakref.ref(site.weight), struct)
         row.notes.append("module not found: factors are not registered on the model")

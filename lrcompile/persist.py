@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import attach as store
-from .api import _replace_module
+from .api import _replace_module, layout_of
 from .attention_factors import AttnFactors, SharedBasis, StackedStructure
 from .errors import PlanError
 from .plan import first_line
@@ -56,7 +56,8 @@ def _entries(model: nn.Module) -> list[dict]:
             entry["projections"] = pairs.setdefault(id(mod.vera_A), len(pairs))
         if leaf.startswith(store.PREFIX):
             found = store.base_weight(model.get_submodule(owner) if owner else model, leaf)
-            entry.update(placement="attached", owner=owner, child=leaf, weight=found[0] if found else None)
+            entry.update(placement="attached", owner=owner, child=leaf, weight=found[0] if found else None,
+                         transposed=getattr(mod, "base_transposed", None))
         else:
             entry.update(placement="module")
         out.append(entry)
@@ -307,6 +308,8 @@ def _rebuild(model: nn.Module, entry: dict, directory: str, scopes: dict, undo: 
         _check_size(directory, entry, _param_count(cls, in_f, out_f, cfg, directory, entry), in_f, out_f)
         struct = cls(in_f, out_f, cfg, dtype=dtype, device=weight.device)
         struct.policy_digest = entry.get("policy")
+        if isinstance(entry.get("transposed"), bool):
+            struct.base_transposed = entry["transposed"]
         _attach_undoable(owner, entry["child"], struct, undo)
         return
     try:
@@ -325,6 +328,7 @@ def _rebuild(model: nn.Module, entry: dict, directory: str, scopes: dict, undo: 
         _fail(directory, entry, f"bias mismatch (plan {'has' if entry['bias'] else 'has no'} bias)")
     _check_size(directory, entry, _param_count(cls, in_f, out_f, cfg, directory, entry), in_f, out_f)
     struct = cls(in_f, out_f, cfg, dtype=dtype, device=w.device)
+    struct.original_layout = layout_of(target, conv1d)
     struct.bias = target.bias
     struct.policy_digest = entry.get("policy")
     if not struct.compressing:

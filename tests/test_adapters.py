@@ -842,3 +842,53 @@ def test_load_into_a_live_compiled_model_follows_the_loaded_factors(tmp_path):
     expected = compile_eager(copy.deepcopy(other))(x)
     lrcompile.load(m, str(tmp_path / "ck"))
     torch.testing.assert_close(c(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_gpt2_keeps_conv1d_and_round_trips_through_save_pretrained(tmp_path):
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=16)
+    m = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "re:.*(c_attn|c_fc)", "method": "lora", "rank": 4}]}
+    lrcompile.rewrite(m, pol, (ids,))
+    assert isinstance(m.transformer.h[0].attn.c_attn, LoRA)
+    _noisy_branches(m)
+    with torch.no_grad():
+        ref = m(ids).logits
+    lrcompile.merge(m)
+    conv1d = type(transformers.GPT2Model(cfg).h[0].attn.c_attn)
+    assert type(m.transformer.h[0].attn.c_attn) is conv1d and type(m.transformer.h[0].mlp.c_fc) is conv1d
+    assert m.transformer.h[0].attn.c_attn.weight.shape == (32, 96)  # Conv1D's (in, out) layout
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    m.save_pretrained(tmp_path / "hf")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+class SquareMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.P = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x):
+        return x @ self.P  # W = Pᵀ: the orientation cannot be read off a square shape
+
+
+@pytest.mark.parametrize("via", ["deepcopy", "save_load"])
+def test_merge_of_a_square_matmul_site_after_a_copy(tmp_path, via):
+    m = SquareMatmul()
+    x = torch.randn(4, 16)
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "P", "method": "lora", "rank": 4}]}
+    compile_eager(m, pol)(x)
+    _noisy_branches(m)
+    expected = compile_eager(copy.deepcopy(m))(x)  # the adapter, applied by the graph
+    if via == "deepcopy":
+        m2 = copy.deepcopy(m)
+    else:
+        lrcompile.save(m, str(tmp_path / "ck"))
+        m2 = lrcompile.load(SquareMatmul(), str(tmp_path / "ck"))
+    lrcompile.merge(m2)
+    torch.testing.assert_close(m2(x), expected, atol=1e-5, rtol=1e-5)
