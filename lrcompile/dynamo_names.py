@@ -18,11 +18,22 @@ def strip_root(expr: str) -> str:
     return rest[1:] if rest.startswith(".") else rest
 
 
+_TOKEN = re.compile(r"\.([A-Za-z_]\w*)|\[\s*'([^']*)'\s*\]|\[\s*\"([^\"]*)\"\s*\]|\[\s*(\d+)\s*\]")
+# attribute hops that lead into a module's containers, not to a named child
+_CONTAINERS = {"_modules", "_parameters", "_buffers", "__dict__"}
+
+
 def source_path(source) -> str:
-    """Module path of a parameter from its Dynamo source: `L['s']._modules['blk']._parameters['w']` -> `blk.w`."""
+    """Module path of a parameter from its Dynamo source: `L['s']._modules['blk']._parameters['w']` -> `blk.w`;
+    `L['self'].__dict__['_modules']['layers'][0]` (Swin's form) -> `layers.0`."""
     name = source.name if isinstance(source.name, str) else source.name()
-    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)", name)
-    return ".".join(a or b for a, b in parts)
+    parts = []
+    for attr, key1, key2, index in _TOKEN.findall(_ROOT.sub("", name, count=1)):
+        part = attr or key1 or key2 or index
+        if part in _CONTAINERS:
+            continue
+        parts.append(part)
+    return ".".join(parts)
 
 
 def frame_locals() -> Optional[dict]:

@@ -1,6 +1,7 @@
 """Site discovery in Dynamo graphs: forms, names, nesting, tied weights, graph breaks, attention."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,3 +160,18 @@ def test_weight_shared_marks_weights_the_graph_also_uses_elsewhere(toy):
     assert by["lm_head"] == [True]  # tied: the embedding lookup reads the same placeholder
     assert by["heads.shared"] == [False, False]  # one module called twice is one site, not a second use
     assert by["blocks.0"] == [False] and by["v"] == [False] and by["blocks.0.fc"] == [False]
+
+
+@pytest.mark.parametrize("expr, path", [
+    ("L['s']._modules['blk']._parameters['w']", "blk.w"),
+    ("L['self'].__dict__['_modules']['layers'][0]._modules['blocks']._parameters['weight']", "layers.0.blocks.weight"),
+    ("L['self'].encoder.layer[3].intermediate.dense.weight", "encoder.layer.3.intermediate.dense.weight"),
+    ("L['args'][0]._modules['model']._parameters['w']", "model.w"),
+    ("L['self']._parameters['v']", "v"),
+])
+def test_source_paths_of_every_form(expr, path):
+    """Swin-style `__dict__['_modules']` hops are containers, not path parts (they made false tied-weight notes)."""
+    class Src:
+        name = expr
+
+    assert source_path(Src()) == path
