@@ -31,7 +31,23 @@ def _swappable(module: Optional[nn.Module], site) -> bool:
         return False
     if type(module) is nn.Linear and site.form == "linear":
         return True
+    if isinstance(module, nn.Linear) and site.form in ("linear", "matmul") and not site.transposed:
+        return _computes_linear(module)  # a subclass (Falcon's FalconLinear): swapped if it is the same function
     return type(module).__name__ == "Conv1D" and site.form == "addmm"  # HF GPT-2: weight stored (in, out)
+
+
+def _computes_linear(module: nn.Linear) -> bool:
+    """The subclass's forward is F.linear with its own weight and bias, checked on a random input."""
+    w = module.weight
+    x = torch.randn(3, module.in_features, dtype=w.dtype, device=w.device, generator=None)
+    try:
+        with torch.no_grad():
+            got = module(x)
+            want = torch.nn.functional.linear(x, w, module.bias)
+    except Exception:  # noqa: BLE001 - a forward that cannot run alone is no plain linear
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=1e-4,
+                                                                                          atol=1e-5)
 
 
 def layout_of(module: nn.Module, transposed: bool) -> tuple:

@@ -9,6 +9,7 @@ from torch import nn
 
 import lrcompile
 from conftest import Toy, all_lowrank, compile_eager, rel_err
+from lrcompile.structures.lora import LoRA
 from lrcompile.structures.lowrank import LowRank
 
 
@@ -119,3 +120,31 @@ def test_adapter_rewrite_keeps_earlier_noble_bases_trainable(toy):
     assert lora and trainable - lora == {"blocks.0.fc.weight", "blocks.0.w"}  # the NOBLE bases, nothing else
     assert not noble_fc.tensors()[0].requires_grad  # the earlier NOBLE branch is pre-existing: frozen
     assert not m.blocks[1].fc.weight.requires_grad and not m.heads["shared"].weight.requires_grad
+
+
+class FalconStyleLinear(nn.Linear):
+    """Falcon's FalconLinear: `input @ self.weight.T`, the bias added after."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)  # another function: must not be swapped
+
+
+def test_a_linear_subclass_that_computes_a_linear_is_swapped_so_eager_calls_see_the_adapter():
+    m = nn.Sequential(FalconStyleLinear(16, 16), nn.ReLU(), ScaledLinear(16, 16))
+    x = torch.randn(4, 16)
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lora", "rank": 4}]}
+    lrcompile.rewrite(m, pol, (x,))
+    assert isinstance(m[0], LoRA)  # swapped: the eager forward runs the adapter
+    assert type(m[2]) is ScaledLinear and isinstance(m[2].lrcompile, LoRA)  # attached, runs when compiled
+    with torch.no_grad():
+        m[0].lora_B.normal_()
+    compiled = torch.compile(m, backend="lrcompile", options={"inductor": False})
+    h = torch.relu(m[0](x))
+    torch.testing.assert_close(m[0](x), x @ (m[0].weight + m[0].delta()).T + m[0].bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled(x), 2 * (h @ m[2].weight.T + m[2].bias), atol=1e-5, rtol=1e-5)
