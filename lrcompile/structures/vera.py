@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MethodConfig, mark_owned, register
+from .base import Candidate, MethodConfig, mark_owned, register
 from .lora import Adapter, add_branch, branch_input, check_dropout, check_int_rank, flat, unflat
 
 
@@ -116,12 +116,19 @@ def shared_projections(rank: int, seed: int, in_features: int, out_features: int
     return pair
 
 
+def vera_merged(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b):
+    out_f, in_f = weight.shape
+    delta = torch.mm(vera_B[:out_f] * lambda_b[:, None], lambda_d[:, None] * vera_A[:, :in_f])
+    return F.linear(x, weight + delta, bias)
+
+
 @register
 class VeRA(Adapter):
     name = "vera"
     Config = VeRAConfig
     tensor_names = ("vera_A", "vera_B", "lambda_d", "lambda_b")
     adapter_names = ("vera_A", "vera_B", "lambda_d", "lambda_b")
+    candidates = (Candidate("merged", vera_merged, inference_only=True),)  # no kernel
 
     def __init__(self, in_features: int, out_features: int, cfg: VeRAConfig, dtype=None, device=None):
         super().__init__(in_features, out_features, cfg, dtype=dtype, device=device)
