@@ -13,9 +13,10 @@ later sites that do not fit get a fresh pair.
 One adapter is one VeRA rule of one loaded policy (PEFT: a pair per adapter config). The rule's config carries
 a scope (`VeRAConfig.bind`) that keys its pairs, and `rewrite` loads its policy per call (the backend once per
 compiled model), so two models rewritten one after the other never share projections: neither growing nor
-loading one reaches the other. A Policy object reused for several models is one adapter and shares; configs
-made outside a policy (persist.load rebuilds them from plan.json) share one process-wide scope. In both cases
-`load_adapter_state_dict` first gives the model private copies of shared pairs (`own_projections`).
+loading one reaches the other. A Policy object reused for several models is one adapter and shares; a config
+made outside a policy is its own adapter (bound when a site first uses it; persist.load binds one scope per
+saved pair). The pairs live in their scope, not in a process-wide table. `load_adapter_state_dict` first gives
+the model private copies of pairs another model shares (`own_projections`).
 
 Trainable: λ_d (r, init `d_initial` = 0.1) and λ_b (out, init 0). Options default as in PEFT: rank 256.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,11 @@ def _kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor
 
 
 class ProjectionScope:
-    """Identity of one adapter (a policy rule): part of the key of its projection pairs."""
+    """One adapter (a policy rule): it holds its projection pairs, keyed by (rank, seed, dtype, device), weakly
+    (a pair lives as long as a site uses it)."""
+
+    def __init__(self):
+        self.pairs: "weakref.WeakValueDictionary[tuple, SharedProjections]" = weakref.WeakValueDictionary()
 
 
 class SharedProjections:
@@ -101,16 +106,13 @@ class SharedProjections:
         return new
 
 
-_PAIRS: "weakref.WeakValueDictionary[tuple, SharedProjections]" = weakref.WeakValueDictionary()
-
-
 def shared_projections(rank: int, seed: int, in_features: int, out_features: int, dtype, device,
-                       scope: Optional[ProjectionScope] = None) -> SharedProjections:
-    key = (scope, rank, seed, dtype, str(torch.device(device) if device is not None else torch.device("cpu")))
-    pair = _PAIRS.get(key)
+                       scope: ProjectionScope) -> SharedProjections:
+    key = (rank, seed, dtype, str(torch.device(device) if device is not None else torch.device("cpu")))
+    pair = scope.pairs.get(key)
     if pair is None or not pair.growable():  # a used pair keeps its numbers: later sites get their own
         pair = SharedProjections(rank, seed, dtype, device)
-        _PAIRS[key] = pair
+        scope.pairs[key] = pair
     if not pair.fits(in_features, out_features):
         pair.grow(in_features, out_features)
     return pair
@@ -138,10 +140,16 @@ class VeRA(Adapter):
         self.lambda_b = mark_owned(nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)))
         self._lrc_init_versions = (self.lambda_d._version, self.lambda_b._version)
         self._pair = shared_projections(r, cfg.seed, in_features, out_features, dtype, device,
-                                        getattr(cfg, "_projection_scope", None))
+                                        self._scope(cfg))
         self._pair.users.add(self)
         self.register_buffer("vera_A", self._pair.A)
         self.register_buffer("vera_B", self._pair.B)
+
+    @staticmethod
+    def _scope(cfg: VeRAConfig) -> ProjectionScope:
+        if getattr(cfg, "_projection_scope", None) is None:
+            cfg.bind()  # made outside a policy: this config is one adapter
+        return cfg._projection_scope
 
     def use_pair(self, pair: SharedProjections) -> None:
         self._pair.users.discard(self)
@@ -192,7 +200,7 @@ class VeRA(Adapter):
 
 def own_projections(model: nn.Module) -> None:
     """Make the VeRA pairs of `model` its own before writing into them: a pair that a module outside `model`
-    also uses (a model built next to it in the process-wide scope) is replaced, for `model`'s sites, by a
+    also uses (a model built next to it under the same Policy object or config) is replaced, for `model`'s sites, by a
     private copy — so loading into `model` cannot change another model."""
     mine = [m for m in model.modules() if isinstance(m, VeRA)]
     ids = {id(m) for m in mine}
