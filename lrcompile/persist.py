@@ -7,9 +7,8 @@ beside one; attention rules' shared bases are attached to the attention module),
 parameters. `load(model, directory)` rebuilds that structure on an unmodified model with empty tensors, loads
 the weights and restores every parameter's `requires_grad`.
 
-VeRA sites that shared one frozen projection pair when saved share one again after `load` (plan.json numbers the
-pairs): each pair gets a scope of its own for this load, so a loaded model shares nothing with another model in
-the process, and two adapters of different sizes do not collapse into one pair.
+A family adds what else its sites need through `Structure.plan_extra` / `config_from_plan` (VeRA numbers its
+shared projection pairs, so sites that shared one when saved share one again after `load`).
 """
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ from .api import _replace_module
 from .attention import AttnFactors, SharedBasis, StackedStructure
 from .errors import PlanError
 from .structures import FAMILIES, Structure
-from .structures.vera import ProjectionScope, VeRA
 
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
@@ -40,7 +38,7 @@ def _dtype(t: torch.Tensor) -> str:
 
 def _entries(model: nn.Module) -> list[dict]:
     out = []
-    pairs: dict[int, int] = {}  # id of a VeRA projection tensor -> its pair's number in plan.json
+    shared: dict = {}  # the families' own bookkeeping for this save (Structure.plan_extra)
     for path, mod in model.named_modules():
         if isinstance(mod, AttnFactors):
             out.append(_attention_entry(path, mod))
@@ -51,8 +49,7 @@ def _entries(model: nn.Module) -> list[dict]:
                  "in_features": mod.in_features, "out_features": mod.out_features,
                  "bias": mod.bias is not None, "dtype": _dtype(mod.tensors()[0]),
                  "policy": getattr(mod, "policy_digest", None)}
-        if isinstance(mod, VeRA):
-            entry["projections"] = pairs.setdefault(id(mod.vera_A), len(pairs))
+        entry.update(mod.plan_extra(shared))
         if leaf.startswith(store.PREFIX):
             found = store.base_weight(model.get_submodule(owner) if owner else model, leaf)
             entry.update(placement="attached", owner=owner, child=leaf, weight=found[0] if found else None)
@@ -111,14 +108,14 @@ def load(model: nn.Module, directory: str, policy=None) -> nn.Module:
         raise PlanError(f"{plan_path}: unknown format {got!r} (expected {FORMAT})")
     if policy is not None:
         _check_policy(plan, policy, plan_path)
-    scopes: dict = {}  # VeRA pair number -> the scope its sites share in this load
+    shared: dict = {}  # the families' own bookkeeping for this load (Structure.config_from_plan)
     for entry in plan.get("sites", []):
         if not isinstance(entry, dict) or "placement" not in entry:
             raise PlanError(f"{plan_path}: a site entry is not a plan entry: {str(entry)[:80]}")
         if entry.get("family") in (SHARED, STACKED):
             _rebuild_attention(model, entry, directory)
         else:
-            _rebuild(model, entry, directory, scopes)
+            _rebuild(model, entry, directory, shared)
     weights = os.path.join(directory, WEIGHTS)
     _check_shapes(model, weights)
     missing, unexpected = load_model(model, weights, strict=False)
@@ -220,13 +217,12 @@ def _rebuild_attention(model: nn.Module, entry: dict, directory: str) -> None:
     owner.add_module(entry["child"], struct)
 
 
-def _rebuild(model: nn.Module, entry: dict, directory: str, scopes: dict) -> None:
+def _rebuild(model: nn.Module, entry: dict, directory: str, shared: dict) -> None:
     cls = FAMILIES.get(entry.get("family"))
     if cls is None:
         _fail(directory, entry, f"unknown family {entry.get('family')!r} (known: {', '.join(sorted(FAMILIES))})")
     cfg = _config(cls, entry, directory)
-    if cls is VeRA:  # a plan without pair numbers (older) shared one pair per model
-        cfg._projection_scope = scopes.setdefault(entry.get("projections", 0), ProjectionScope())
+    cls.config_from_plan(cfg, entry, shared)
     in_f, out_f = entry["in_features"], entry["out_features"]
     dtype = _dtype_of(entry, directory)
     if entry["placement"] == "attached":

@@ -272,6 +272,16 @@ class Structure(Owner):
         layer is then the same function, and the autotuner may pick it by default."""
         return False
 
+    # --- save / load (lrcompile.persist) --------------------------------------------------------------------
+    def plan_extra(self, shared: dict) -> dict:
+        """Fields of this site's plan.json entry beyond the config and shape; `shared` is one dict per save (to
+        number what several sites share)."""
+        return {}
+
+    @classmethod
+    def config_from_plan(cls, cfg: MethodConfig, entry: dict, shared: dict) -> None:
+        """Restore on a loaded `cfg` what `plan_extra` saved, before the site is built; `shared`: one per load."""
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, cfg={self.cfg}"
 

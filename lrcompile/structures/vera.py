@@ -160,6 +160,18 @@ class VeRA(Adapter):
     def untouched(self) -> bool:
         return (self.lambda_d._version, self.lambda_b._version) == self._lrc_init_versions
 
+    def plan_extra(self, shared: dict) -> dict:
+        """The number of this site's projection pair: sites that share one when saved share one after load."""
+        pairs = shared.setdefault("vera_pairs", {})  # id of a pair's A -> its number
+        return {"projections": pairs.setdefault(id(self.vera_A), len(pairs))}
+
+    @classmethod
+    def config_from_plan(cls, cfg: VeRAConfig, entry: dict, shared: dict) -> None:
+        # one scope per saved pair, new in each load: a loaded model shares nothing with another model, and two
+        # adapters of different sizes do not collapse into one pair; a plan without numbers shared one pair
+        scopes = shared.setdefault("vera_scopes", {})
+        cfg._projection_scope = scopes.setdefault(entry.get("projections", 0), ProjectionScope())
+
     @classmethod
     def init(cls, in_features, out_features, cfg, dtype=None, device=None) -> "VeRA":
         return cls(in_features, out_features, cfg, dtype=dtype, device=device)
