@@ -188,7 +188,9 @@ def allocate(candidates: list[Candidate], budget: dict, stats=None, *, step: int
         (c0, e0, _), (c1, e1, _) = s["opts"][s["at"]], s["opts"][j]
         return (e0 - e1) / (c1 - c0)
 
-    # (1) hull segments, best first; a segment that does not fit ends its site's walk (later ones depend on it)
+    # (1) hull segments, best first; a segment that does not fit ends its site's walk (later ones depend on it),
+    # and so does one that removes nothing (a site exact at this size, up to rounding): bought here it would
+    # take the budget from the fill below, where it comes last
     heap = [(-ratio(s, s["hull"][1]), i) for i, s in enumerate(sites) if len(s["hull"]) > 1]
     heapq.heapify(heap)
     while heap:
@@ -196,7 +198,7 @@ def allocate(candidates: list[Candidate], budget: dict, stats=None, *, step: int
         s = sites[i]
         j = s["hull"][s["h"] + 1]
         dc = s["opts"][j][0] - s["opts"][s["at"]][0]
-        if spent + dc > target + 1e-9:
+        if spent + dc > target + 1e-9 or s["opts"][s["at"]][1] - s["opts"][j][1] <= 1e-9 * s["opts"][0][1]:
             continue
         spent += dc
         s["at"], s["h"] = j, s["h"] + 1
