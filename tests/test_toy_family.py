@@ -13,6 +13,7 @@ loses its kernel (no fusion group), its tuner candidate, its budget and its base
 """
 import copy
 import dataclasses
+import functools
 import json
 from typing import ClassVar, Optional
 
@@ -97,7 +98,6 @@ def kron_two_step(x, weight, bias, A, B):
     return y if bias is None else y + bias
 
 
-@register
 class Kron(Structure):
     name = NAME
     Config = KronConfig
@@ -162,7 +162,6 @@ class Kron(Structure):
         return lambda k: tail[min(k, len(tail) - 1)]
 
 
-@register
 class KronDelta(Adapter):
     """An adapter: y = W x + b + Σ_k (A_k ⊗ B_k) x, zero-initialised branch. `trains_base` is flipped by a test."""
 
@@ -213,12 +212,17 @@ def kron_launch(x, tensors, operands, steps, alpha, out_dtype):
     return epi.apply(y.float(), steps, operands).to(out_dtype or tensors[0].dtype).contiguous()
 
 
-define(OP, kron_core, kron_launch, lambda t: t[0].shape[1] * t[1].shape[1])
+@functools.lru_cache(maxsize=None)
+def kernel_op():
+    return define(OP, kron_core, kron_launch, lambda t: t[0].shape[1] * t[1].shape[1])  # once per process
 
 
 @pytest.fixture(scope="module", autouse=True)
 def registered():
-    """Registered above at import; gone for every other test module."""
+    """Registered for this module's tests only (not at import: collection imports every test module first)."""
+    register(Kron)
+    register(KronDelta)
+    OPS[OP] = kernel_op()
     yield
     unregister(NAME)
     unregister("kron_delta")
@@ -296,6 +300,16 @@ def test_the_views_list_the_toy_from_its_declarations():
     assert [c.name for c in candidates_for(NAME, 2, "cpu", False)] == ["functional", "two_step", "dense"]
     fams = site_families()
     assert fams[Kron.functional] == NAME and fams[kron_two_step] == NAME
+
+
+def test_a_declaration_that_cannot_work_is_refused_at_registration():
+    for attrs, msg in (({"budget_knob": "termz"}, "budget_knob 'termz' is not a field of KronConfig"),
+                       ({"candidates": (kron_two_step,)}, "candidates must be a tuple of Candidate"),
+                       ({"kernel": ""}, "kernel must be an op name")):
+        bad = type("Bad", (Kron,), {"name": "kron_bad", **attrs})
+        with pytest.raises(TypeError, match=msg):
+            register(bad)
+        assert "kron_bad" not in FAMILIES
 
 
 def test_functional_and_candidate_match_the_float64_kronecker_reference():

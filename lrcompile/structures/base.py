@@ -36,6 +36,21 @@ class Owner(nn.Module):
 
 
 def register(cls: type["Structure"]) -> type["Structure"]:
+    """Add a family under `cls.name`. Its declarations are checked here: a typo would otherwise only make the
+    family quietly lose its kernel, its candidates or its budget."""
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    problems = [
+        f"budget_knob {cls.budget_knob!r} is not a field of {cls.Config.__name__}"
+        if cls.budget_knob is not None and cls.budget_knob not in fields else None,
+        "candidates must be a tuple of Candidate" if not (isinstance(cls.candidates, tuple) and all(
+            isinstance(c, Candidate) for c in cls.candidates)) else None,
+        f"kernel must be an op name or None, got {cls.kernel!r}" if not (
+            cls.kernel is None or (isinstance(cls.kernel, str) and cls.kernel)) else None,
+        "budget_error without a budget_knob" if cls.budget_error is not None and cls.budget_knob is None else None,
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise TypeError(f"lrcompile: family {getattr(cls, 'name', cls.__name__)!r}: {'; '.join(problems)}")
     FAMILIES[cls.name] = cls
     return cls
 
