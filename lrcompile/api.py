@@ -160,9 +160,9 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
 
 
 def _freeze(model: nn.Module, before) -> None:
-    """Freeze every parameter the model had before this rewrite except the base weights of NOBLE sites — those
-    of this rewrite and of earlier ones (NOBLE trains its base)."""
-    keep = {id(w) for _, s, w in store.installed(model) if s.name == "noble" and w is not None}
+    """Freeze every parameter the model had before this rewrite except the base weights of adapters that train
+    theirs (`Structure.trains_base`: NOBLE) — those of this rewrite and of earlier ones."""
+    keep = {id(w) for _, s, w in store.installed(model) if s.trains_base and w is not None}
     for p in model.parameters():
         if before.get(id(p)) is p and id(p) not in keep:
             p.requires_grad_(False)

@@ -9,13 +9,18 @@ lower convex hull of (cost, error) options — its ranks and staying dense — t
 a site whose low-rank form saves nothing stays dense (rank None), and so does one whose remaining error is
 cheapest to remove that way. Measured error curves (e.g. end-to-end sensitivity) can replace the spectra through
 `errors=`.
+
+The allocator knows families only through what they declare (`Structure.budget_knob`, `budget_max`,
+`budget_cost`, `budget_error`): "rank" above is whatever knob the family sizes by, and any family with an error
+model (lowrank's spectrum, BTT's blockwise spectra) is allocated jointly with the others. A family with a knob
+but no error model (BLAST) gets F of its own dense cost at each site; one without a knob counts at the fixed cost
+its rule gives.
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
 import heapq
-import math
 import warnings
 from typing import Callable, Mapping, Optional, Union
 
@@ -33,17 +38,48 @@ class Candidate:
     weight: torch.Tensor  # dense (out, in)
     bias: int = 0  # bias numel
     min_rank: int = 1
-    max_rank: Optional[int] = None  # a rule's `rank` caps the allocation under a budget
+    max_rank: Optional[int] = None  # a rule's knob value (`rank`) caps the allocation under a budget
+    family: str = "lowrank"  # whose knob is allocated: the family prices it, bounds it and models its error
+    config: Optional[object] = None  # the rule's config (knob unset, or the cap); None: the family's defaults
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
+    def family_config(self):
+        from .structures import FAMILIES
 
-def _costs(kind: str, in_f: int, out_f: int, bias: int):
+        cls = FAMILIES[self.family]
+        return cls, (self.config if self.config is not None else cls.Config())
+
+    def full(self) -> int:
+        """The largest knob value that changes anything here."""
+        cls, cfg = self.family_config()
+        out_f, in_f = self.shape
+        return cls.budget_max(in_f, out_f, cfg)
+
+
+def _costs(c: Candidate, kind: str):
+    """(cost(k), dense cost) of a site: its family's price of knob value k, plus the bias for parameters."""
+    cls, cfg = c.family_config()
+    out_f, in_f = c.shape
+    price = cls.budget_cost(in_f, out_f, cfg, kind)
     if kind == "params":
-        return (lambda r: r * (in_f + out_f) + bias), in_f * out_f + bias
-    return (lambda r: 2 * r * (in_f + out_f)), 2 * in_f * out_f
+        return (lambda r: price(r) + c.bias), in_f * out_f + c.bias
+    return price, 2 * in_f * out_f
+
+
+def _largest(ok: Callable[[int], bool], top: int) -> int:
+    """The largest k in [1, top] with ok(k), for an `ok` that holds up to some k and fails after it; 0 if none
+    (bisection: costs are priced through the family, for every site)."""
+    lo, hi = 0, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _curve(values: ErrorCurve, full: int) -> tuple[Callable[[int], float], int]:
@@ -98,12 +134,10 @@ def _hull(opts: list[tuple[float, float]]) -> list[int]:
 
 def _options(c: Candidate, kind: str, step: int, err: Callable[[int], float], first: int):
     """A site's choices [(cost, error, rank or None=dense)] by cost; () when low rank saves nothing."""
-    out_f, in_f = c.shape
-    cost, dense = _costs(kind, in_f, out_f, c.bias)
-    full = min(in_f, out_f)
+    cost, dense = _costs(c, kind)
+    full = c.full()
     top = min(full, c.max_rank if c.max_rank is not None else full)
-    while top >= 1 and cost(top) >= dense:  # ranks at or above break-even save nothing
-        top -= 1
+    top = _largest(lambda r: cost(r) < dense, top)  # ranks at or above break-even save nothing
     if top < 1:
         return (), dense
     lo = min(max(1, c.min_rank, first), top)
@@ -126,18 +160,17 @@ def allocate(candidates: list[Candidate], budget: dict, stats=None, *, step: int
     filled one option at a time, best ratio first, until no site's next step fits.
     `stats`: CalibrationStats (or None) for the whitened spectra; `errors`: measured curves per FQN that replace
     them; `reserved`: (dense, spent) of compressing sites outside this allocation (other families), which count
-    toward the same budget.
+    toward the same budget; `damping`: the whitening damping of candidates without a config.
     """
     kind, frac = _check_budget(budget)
     step = max(1, int(step))
     sites, state = [], {}
     dense_total, spent = float(reserved[0]), 0.0
     for c in candidates:
-        out_f, in_f = c.shape
         if errors is not None and c.fqn in errors:
-            err, first = _curve(errors[c.fqn], min(in_f, out_f))
+            err, first = _curve(errors[c.fqn], c.full())
         else:
-            err, first = spectrum_curve(c.weight, stats.get(c.fqn) if stats is not None else None, damping), 1
+            err, first = _family_curve(c, stats, damping), 1
         opts, dense = _options(c, kind, step, err, first)
         dense_total += dense
         if not opts:
@@ -155,7 +188,9 @@ def allocate(candidates: list[Candidate], budget: dict, stats=None, *, step: int
         (c0, e0, _), (c1, e1, _) = s["opts"][s["at"]], s["opts"][j]
         return (e0 - e1) / (c1 - c0)
 
-    # (1) hull segments, best first; a segment that does not fit ends its site's walk (later ones depend on it)
+    # (1) hull segments, best first; a segment that does not fit ends its site's walk (later ones depend on it),
+    # and so does one that removes nothing (a site exact at this size, up to rounding): bought here it would
+    # take the budget from the fill below, where it comes last
     heap = [(-ratio(s, s["hull"][1]), i) for i, s in enumerate(sites) if len(s["hull"]) > 1]
     heapq.heapify(heap)
     while heap:
@@ -163,7 +198,7 @@ def allocate(candidates: list[Candidate], budget: dict, stats=None, *, step: int
         s = sites[i]
         j = s["hull"][s["h"] + 1]
         dc = s["opts"][j][0] - s["opts"][s["at"]][0]
-        if spent + dc > target + 1e-9:
+        if spent + dc > target + 1e-9 or s["opts"][s["at"]][1] - s["opts"][j][1] <= 1e-9 * s["opts"][0][1]:
             continue
         spent += dc
         s["at"], s["h"] = j, s["h"] + 1
@@ -187,6 +222,15 @@ def allocate(candidates: list[Candidate], budget: dict, stats=None, *, step: int
     return state
 
 
+def _family_curve(c: Candidate, stats, damping: float) -> Callable[[int], float]:
+    cls, cfg = c.family_config()
+    if cls.budget_error is None:
+        raise PlanError(f"budget: {c.fqn}: {c.family} has no error model to allocate by (size it with uniform_ranks)")
+    if c.config is None and "damping" in {f.name for f in dataclasses.fields(cfg)}:
+        cfg = dataclasses.replace(cfg, damping=damping)
+    return cls.budget_error(c.weight, stats.get(c.fqn) if stats is not None else None, cfg)
+
+
 ALLOCATORS = ("spectrum", "sensitivity")
 
 
@@ -204,8 +248,7 @@ def budget_cost(ranks: dict, candidates: list[Candidate], kind: str = "params") 
     """(spent, dense) of an allocation, counted as `allocate` counts them."""
     spent = dense_total = 0.0
     for c in candidates:
-        out_f, in_f = c.shape
-        cost, dense = _costs(kind, in_f, out_f, c.bias)
+        cost, dense = _costs(c, kind)
         r = ranks.get(c.fqn)
         spent += dense if r is None else cost(r)
         dense_total += dense
@@ -213,11 +256,12 @@ def budget_cost(ranks: dict, candidates: list[Candidate], kind: str = "params") 
 
 
 def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int]]:
-    """Ranks for every low-rank site of a whole model under `policy.budget`.
+    """Knob values (ranks) for every site of a whole model whose family a budget sizes, under `policy.budget`.
 
-    `sites`: (fqn, dense weight (out, in), bias or None) for each linear site of the model. Sites of other
-    compressing families count toward the budget with their own fixed cost; dense, adapter and below-
-    `min_features` sites do not count.
+    `sites`: (fqn, dense weight (out, in), bias or None) for each linear site of the model. Families with an
+    error model are allocated jointly (`allocate`), those without one get the budget's fraction of each site
+    (`uniform_ranks`); a rule's own knob value caps either. Compressing families without a knob count toward the
+    budget with their own fixed cost; dense, adapter and below-`min_features` sites do not count.
     """
     from .structures import FAMILIES
 
@@ -227,7 +271,7 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
         if not errors:
             raise PlanError(f"{policy.source}: budget allocate: sensitivity needs calibration statistics with "
                             f"sensitivity curves: lrcompile.calibrate(model, batches, policy) with this policy")
-    cands, res_dense, res_spent = [], 0.0, 0.0
+    cands, uniform, res_dense, res_spent = [], [], 0.0, 0.0
     for fqn, w, b in sites:
         rule = policy.match(fqn, "linear")
         if rule is None or not rule.compressing:
@@ -237,13 +281,19 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
         if min(in_f, out_f) < min_features:
             continue
         nb = b.numel() if b is not None else 0
-        if rule.method == "lowrank":
-            from .structures.lowrank import resolve_rank
-
-            cap = resolve_rank(rule.config.rank, in_f, out_f) if rule.config.rank is not None else None
-            cands.append(Candidate(fqn, w, nb, 1, cap))
-            continue
         cls = FAMILIES[rule.method]
+        knob = cls.budget_knob
+        if knob is not None:
+            try:
+                given = getattr(rule.config, knob) is not None  # a cap, resolved as the family resolves it
+                cap = getattr(rule.config.resolve(in_f, out_f), knob) if given else None
+                cand = Candidate(fqn, w, nb, 1, cap, rule.method, rule.config)
+                cand.full()
+            except Exception as e:
+                raise PlanError(f"{policy.where(rule)}: {fqn}: cannot size {rule.method} for the budget "
+                                f"({type(e).__name__}: {e})") from None
+            (cands if cls.budget_error is not None else uniform).append(cand)
+            continue
         cfg = rule.config.resolve(in_f, out_f) if hasattr(rule.config, "resolve") else rule.config
         try:
             fixed = (cls.param_count(in_f, out_f, cfg) + nb) if kind == "params" else cls.flops_per_token(in_f, out_f, cfg)
@@ -252,29 +302,27 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
                             f"({type(e).__name__}: {e})") from None
         res_dense += (in_f * out_f + nb) if kind == "params" else 2 * in_f * out_f
         res_spent += fixed
-    if not cands:
-        return {}
     budget = {kind: policy.budget[kind]}
-    return allocate(cands, budget, stats, errors=errors, reserved=(res_dense, res_spent), damping=_damping(policy))
-
-
-def _damping(policy) -> float:
-    """The whitening damping of the policy's low-rank rules (the spectra should match the factorisation)."""
-    ds = {r.config.damping for r in policy.rules if r.method == "lowrank" and hasattr(r.config, "damping")}
-    return ds.pop() if len(ds) == 1 else 1e-2
+    out = uniform_ranks(uniform, budget) if uniform else {}
+    if uniform:  # what they take counts toward the same budget as the fixed-cost sites
+        spent, dense = budget_cost(out, uniform, kind)
+        res_dense, res_spent = res_dense + dense, res_spent + spent
+    if cands:  # each candidate carries its rule's config: its own whitening damping
+        out.update(allocate(cands, budget, stats, errors=errors, reserved=(res_dense, res_spent)))
+    return out
 
 
 def uniform_ranks(candidates: list[Candidate], budget: dict) -> dict[str, Optional[int]]:
-    """The same fraction F at every site (the baseline to beat): the largest r with r(in+out)+b ≤ F(in·out+b)
-    (FLOPs: 2r(in+out) ≤ F·2·in·out), within the site's rank bounds; dense (None) where that saves nothing."""
+    """The same fraction F at every site (the baseline to beat, and the sizing of families without an error
+    model): the largest r whose cost fits F of the site's dense cost — low rank: r(in+out)+b ≤ F(in·out+b), FLOPs
+    2r(in+out) ≤ F·2·in·out — within the site's rank bounds; dense (None) where that saves nothing."""
     kind, frac = _check_budget(budget)
     out = {}
     for c in candidates:
-        out_f, in_f = c.shape
-        cost, dense = _costs(kind, in_f, out_f, c.bias)
-        unit = cost(1) - cost(0)
-        r = math.floor((frac * dense - cost(0)) / unit + 1e-9)
-        r = min(r, min(in_f, out_f), c.max_rank if c.max_rank is not None else r)
+        cost, dense = _costs(c, kind)
+        target = frac * dense
+        r = _largest(lambda k: cost(k) <= target + 1e-9 * max(1.0, abs(target)), c.full())
+        r = min(r, c.max_rank if c.max_rank is not None else r)
         r = max(r, c.min_rank, 1)
         out[c.fqn] = None if cost(r) >= dense else r
     return out

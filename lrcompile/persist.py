@@ -7,9 +7,8 @@ beside one; attention rules' shared bases are attached to the attention module),
 parameters. `load(model, directory)` rebuilds that structure on an unmodified model with empty tensors, loads
 the weights and restores every parameter's `requires_grad`.
 
-VeRA sites that shared one frozen projection pair when saved share one again after `load` (plan.json numbers the
-pairs): each pair gets a scope of its own for this load, so a loaded model shares nothing with another model in
-the process, and two adapters of different sizes do not collapse into one pair.
+A family adds what else its sites need through `Structure.plan_extra` / `config_from_plan` (VeRA numbers its
+shared projection pairs, so sites that shared one when saved share one again after `load`).
 """
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ from .attention_factors import AttnFactors, SharedBasis, StackedStructure
 from .errors import PlanError
 from .plan import first_line
 from .structures import FAMILIES, Structure
-from .structures.vera import ProjectionScope, VeRA
 
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
@@ -41,7 +39,7 @@ def _dtype(t: torch.Tensor) -> str:
 
 def _entries(model: nn.Module) -> list[dict]:
     out = []
-    pairs: dict[int, int] = {}  # id of a VeRA projection tensor -> its pair's number in plan.json
+    shared: dict = {}  # the families' own bookkeeping for this save (Structure.plan_extra)
     for path, mod in model.named_modules():
         if isinstance(mod, AttnFactors):
             out.append(_attention_entry(path, mod))
@@ -52,8 +50,7 @@ def _entries(model: nn.Module) -> list[dict]:
                  "in_features": mod.in_features, "out_features": mod.out_features,
                  "bias": mod.bias is not None, "dtype": _dtype(mod.tensors()[0]),
                  "policy": getattr(mod, "policy_digest", None)}
-        if isinstance(mod, VeRA):
-            entry["projections"] = pairs.setdefault(id(mod.vera_A), len(pairs))
+        entry.update(mod.plan_extra(shared))
         if leaf.startswith(store.PREFIX):
             found = store.base_weight(model.get_submodule(owner) if owner else model, leaf)
             entry.update(placement="attached", owner=owner, child=leaf, weight=found[0] if found else None,
@@ -140,7 +137,7 @@ def load(model: nn.Module, directory: str, policy=None) -> nn.Module:
 
 
 def _rebuild_all(model: nn.Module, plan: dict, plan_path: str, directory: str, undo: list) -> None:
-    scopes: dict = {}  # VeRA pair number -> the scope its sites share in this load
+    shared: dict = {}  # the families' own bookkeeping for this load (Structure.config_from_plan)
     sites = plan.get("sites", [])
     if not isinstance(sites, list):
         raise PlanError(f"{plan_path}: 'sites' must be a list, got {type(sites).__name__}")
@@ -151,7 +148,7 @@ def _rebuild_all(model: nn.Module, plan: dict, plan_path: str, directory: str, u
             if entry.get("family") in (SHARED, STACKED):
                 _rebuild_attention(model, entry, directory, undo)
             else:
-                _rebuild(model, entry, directory, scopes, undo)
+                _rebuild(model, entry, directory, shared, undo)
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # JSON of the wrong types
@@ -283,13 +280,12 @@ def _param_count(cls, in_f: int, out_f: int, cfg, directory: str, entry: dict) -
         _fail(directory, entry, f"{cls.name} cannot take {in_f}→{out_f} ({first_line(e)})")
 
 
-def _rebuild(model: nn.Module, entry: dict, directory: str, scopes: dict, undo: list) -> None:
+def _rebuild(model: nn.Module, entry: dict, directory: str, shared: dict, undo: list) -> None:
     cls = FAMILIES.get(entry.get("family"))
     if cls is None:
         _fail(directory, entry, f"unknown family {entry.get('family')!r} (known: {', '.join(sorted(FAMILIES))})")
     cfg = _config(cls, entry, directory)
-    if cls is VeRA:  # a plan without pair numbers (older) shared one pair per model
-        cfg._projection_scope = scopes.setdefault(entry.get("projections", 0), ProjectionScope())
+    cls.config_from_plan(cfg, entry, shared)
     in_f, out_f = entry["in_features"], entry["out_features"]
     if not all(type(v) is int and v > 0 for v in (in_f, out_f)):
         _fail(directory, entry, f"bad entry (in_features and out_features must be positive ints, got {in_f!r}, "

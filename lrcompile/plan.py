@@ -30,7 +30,7 @@ class Decision:
     config: object = None  # resolved family config (rank an int), when the site is to be rewritten
     reason: Optional[str] = None
     notes: list = dataclasses.field(default_factory=list)
-    allocated_rank: Optional[int] = None  # the rank a policy budget gave this site (lrcompile.budget)
+    allocated_rank: Optional[int] = None  # the size (the family's `budget_knob`) a policy budget gave this site
 
     @property
     def rewrites(self) -> bool:
@@ -47,7 +47,8 @@ def _row(site: Site, method: str, status: str, **kw) -> SiteRow:
 
 
 def decide(site: Site, policy: Optional[Policy], ranks: Optional[dict] = None) -> Decision:
-    """`ranks`: the budget's allocation (lrcompile.budget.plan_ranks), FQN -> rank or None (stay dense)."""
+    """`ranks`: the budget's allocation (lrcompile.budget.plan_ranks), FQN -> the family's knob value (rank) or
+    None (stay dense)."""
     if site.installed:
         return Decision(site.fqn, None, site.module_type.name if _is_structure(site.module_type) else "installed",
                         "installed", reason="installed by lrcompile")
@@ -65,13 +66,15 @@ def decide(site: Site, policy: Optional[Policy], ranks: Optional[dict] = None) -
                         reason=f"min(in, out) = {min(site.in_features, site.out_features)} < min_features {min_features}")
     cfg, allocated = rule.config, None
     planned = ranks is not None and site.fqn in ranks
-    if cls.compressing and hasattr(cfg, "rank") and (planned or cfg.rank is None):
+    knob = cls.budget_knob
+    if knob is not None and (planned or getattr(cfg, knob) is None):
         if not planned:
-            return Decision(site.fqn, rule, rule.method, "skipped", reason="no rank: the budget planned none for this site")
+            return Decision(site.fqn, rule, rule.method, "skipped", reason=f"no {knob}: the budget planned none for this site")
         if ranks[site.fqn] is None:  # unprofitable: "skipped", not a rule's "dense"
-            return Decision(site.fqn, rule, rule.method, "skipped", reason="the budget keeps it dense (low rank saves too little)")
+            return Decision(site.fqn, rule, rule.method, "skipped",
+                            reason=f"the budget keeps it dense ({rule.method} saves too little)")
         allocated = int(ranks[site.fqn])
-        cfg = dataclasses.replace(cfg, rank=allocated)
+        cfg = cls.with_size(cfg, allocated)
     try:  # a shape the family cannot take (e.g. BLAST blocks that do not divide) keeps the site dense
         cfg = cfg.resolve(site.in_features, site.out_features) if hasattr(cfg, "resolve") else cfg
     except ValueError as e:
@@ -247,7 +250,7 @@ def site_row(site: Site, struct: Structure, status: str, **kw) -> SiteRow:
     after = struct.param_count(struct.in_features, struct.out_features, struct.cfg) + bias
     if not struct.compressing:
         after += site.weight.numel()
-    row = _row(site, struct.name, status, rank=getattr(struct.cfg, "rank", None), **kw)
+    row = _row(site, struct.name, status, rank=getattr(struct.cfg, struct.budget_knob or "rank", None), **kw)
     row.params_after = after
     row.flops_after = struct.flops_per_token(struct.in_features, struct.out_features, struct.cfg) + (
         0 if struct.compressing else row.flops_before)

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import PolicyError
-from .structures import FAMILIES, parse_config
+from .structures import FAMILIES, FamilyView, parse_config
 from .structures.base import MethodConfig
 from .attention_config import ATTENTION_CONFIGS
 
@@ -27,7 +27,7 @@ KINDS = ("linear", "attention")
 # Methods that keep a site as it is, per kind; attention sites also take the rewrites of attention_config.py.
 KEEP = "dense"
 ATTENTION_METHODS = (KEEP, *ATTENTION_CONFIGS)
-ADAPTERS = ("lora", "dora", "vera", "noble")
+ADAPTERS = FamilyView(lambda cls: True if not cls.compressing else None)  # the families that add a branch to W
 
 
 # When the autotuner may lower a compressing rewrite as the original dense layer (measured faster): 'dense' —
@@ -101,7 +101,9 @@ class Policy:
 
     @property
     def has_adapters(self) -> bool:
-        return any(r.method in ("lora", "dora", "vera") for r in self.rules)
+        """A rule installs an adapter that trains alone (PEFT style: `rewrite` freezes what the model had); an
+        adapter whose base trains with it (`Structure.trains_base`, NOBLE) does not ask for that."""
+        return any(r.method in ADAPTERS and not FAMILIES[r.method].trains_base for r in self.rules)
 
 
 MAX_POLICY_BYTES = 1 << 20
@@ -334,10 +336,10 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
             bad = named.group(1) if named and named.group(1) in data else next(
                 (k for k in data if k not in ("match", "method") and re.search(rf"\b{re.escape(str(k))}\b", msg)), None)
             fail(bad, msg)
-        if method in FAMILIES and FAMILIES[method].compressing and getattr(config, "rank", 0) is None and "rank" in {
-            f.name for f in dataclasses.fields(config)
-        } and not has_budget:
-            fail("method", f"method {method!r} needs a 'rank' (int, or float fraction in (0, 1]) unless the policy sets a budget")
+        knob = FAMILIES[method].budget_knob if method in FAMILIES else None
+        if knob is not None and getattr(config, knob, 0) is None and not has_budget:
+            what = " (int, or float fraction in (0, 1])" if knob == "rank" else ""
+            fail("method", f"method {method!r} needs a '{knob}'{what} unless the policy sets a budget")
     return Rule(
         index=index, line=line, match=match, kind=kind, method=method, config=config,
         max_error=data.get("max_error"), min_features=data.get("min_features"), guard=data.get("guard"),

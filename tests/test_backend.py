@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrcompile
-from conftest import Toy, all_lowrank, compile_eager
+from conftest import all_lowrank, compile_eager
 from lrcompile.structures.lowrank import LowRank
 
 

@@ -108,6 +108,13 @@ def test_plateau_is_skipped_for_the_drop_behind_it():
     assert B.allocate(cs, {"params": 0.5}, None, errors=errors) == {"p": 4, "q": 1}
 
 
+def test_steps_that_remove_nothing_do_not_take_the_budget_of_others():
+    # "e" is exact at rank 2 (what is left is rounding); "f"'s hull jumps from 1 to dense, which does not fit.
+    # 120 to spend from (1, 1) = 40: e 1→2, then f's single steps — not e's worthless steps toward dense.
+    errors = {"e": {1: 10.0, 2: 1e-13, 3: 1e-14, 4: 0.0}, "f": {1: 3.0, 2: 2.5, 3: 2.1, 4: 1.8}}
+    assert B.allocate([sq("e"), sq("f")], {"params": 0.6}, None, errors=errors) == {"e": 2, "f": 4}
+
+
 def test_rank_caps_forbid_dense_and_min_ranks_hold():
     errors = {"a": {1: 10.0, 2: 9.0, 3: 8.0, 4: 7.0}}
     c = B.Candidate("a", torch.zeros(10, 10, dtype=torch.float64), max_rank=2)
@@ -148,6 +155,35 @@ def test_plan_ranks_counts_only_compressing_sites_and_respects_caps():
     ranks = B.plan_ranks(pol, sites)
     assert set(ranks) == {"capped", "free"}  # dense rule and below-min_features sites do not count
     assert ranks["capped"] == 3 and ranks["free"] > 3
+
+
+def test_btt_is_allocated_by_its_blockwise_spectra_and_blast_gets_the_fraction():
+    """BTT declares a knob (its rank t) and an error model (the sub-blocks' spectral tails, the exact error of its
+    blockwise SVD): it joins the allocation. BLAST declares a knob without an error model: F of each site's own
+    cost. A rule's rank caps either."""
+    from lrcompile.structures import FAMILIES
+
+    BTT = FAMILIES["btt"]
+    # 36 -> 36 with a₁ = a₀ = c₀ = c₁ = 6: every (6 x 6) sub-block of "exact" has rank 2
+    g = torch.Generator().manual_seed(0)
+    exact = torch.einsum("cair,cajr->ciaj", torch.randn(6, 6, 6, 2, generator=g, dtype=torch.float64),
+                         torch.randn(6, 6, 6, 2, generator=g, dtype=torch.float64)).reshape(36, 36) * 3
+    cfg = BTT.Config()
+    err = BTT.budget_error(exact, None, cfg)
+    assert err(1) > 1 and err(2) < 1e-20 and BTT.budget_max(36, 36, cfg) == 6
+    btt_cost = BTT.param_count(36, 36, BTT.Config(rank=1))  # 432 per unit of t, dense 1296
+    pol = load_policy({"defaults": {"min_features": 4}, "budget": {"params": 0.5},
+                       "rules": [{"match": "t*", "method": "btt"}, {"match": "l*", "method": "lowrank"},
+                                 {"match": "bl", "method": "blast", "blocks": 2},
+                                 {"match": "capped", "method": "blast", "blocks": 2, "rank": 3}]})
+    sites = [("texact", exact, None), ("lflat", weight(36, 36, 0.0, 1), None),
+             ("bl", torch.randn(40, 32), torch.zeros(40)), ("capped", torch.randn(40, 32), None)]
+    ranks = B.plan_ranks(pol, sites)
+    assert ranks["texact"] == 2  # exact at 2: more buys nothing, the flat low-rank site gets the rest
+    # blast: r(32 + 40 + 4) + 40 ≤ 0.5·(1280 + 40) -> r = 8; capped at its rule's 3
+    assert ranks["bl"] == 8 and ranks["capped"] == 3
+    spent = 2 * btt_cost + ranks["lflat"] * 72 + (8 * 76 + 40) + 3 * 76
+    assert spent <= 0.5 * (2 * 1296 + 1320 + 1280) < spent + 72
 
 
 def test_bad_budget_is_a_one_line_error():

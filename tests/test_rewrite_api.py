@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lrcompile
-from conftest import Toy, all_lowrank, compile_eager, rel_err
+from conftest import all_lowrank, compile_eager, rel_err
 from lrcompile.structures.lora import LoRA
 from lrcompile.structures.lowrank import LowRank
 

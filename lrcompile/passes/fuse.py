@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..structures import FAMILIES
+from ..structures import FAMILIES, FamilyView
 
 ADD = {operator.add, torch.add}
 MUL = {operator.mul, torch.mul}
@@ -36,8 +36,8 @@ GELU = {torch.nn.functional.gelu, torch._C._nn.gelu}
 ACT_METHODS = {"relu": "relu", "tanh": "tanh"}
 CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
 VIEW_METHODS = {"view", "reshape", "contiguous"}
-# Families whose map is linear in x: an input scale folds into the accumulator (NOBLE's cosine is not).
-LINEAR_IN_X = {"lowrank", "lora", "dora", "monarch", "btt", "blast"}
+# Families whose map is linear in x (`Structure.linear_in_x`): an input scale folds into the accumulator.
+LINEAR_IN_X = FamilyView(lambda cls: True if cls.linear_in_x else None)
 
 
 @dataclasses.dataclass
@@ -105,8 +105,9 @@ def propagate(gm: fx.GraphModule, inputs) -> bool:
 
 
 def site_families() -> dict:
-    """Site function -> family, for the families that have a kernel: each family's `functional` and the lossless
-    alternatives the autotuner may have emitted in its place (same signature, same function)."""
+    """Site function -> family, for the families that have a kernel (`Structure.kernel`): each family's
+    `functional` and the lossless alternatives the autotuner may have emitted in its place (same signature, same
+    function)."""
     from ..kernels import KERNEL_OF
     from ..tune.candidates import EXTRA
 

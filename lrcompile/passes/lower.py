@@ -14,12 +14,13 @@ from .fuse import Group, find_groups
 
 
 def lower(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
-    from ..kernels import KERNEL_OF
+    from ..kernels import KERNEL_OF, op_of
 
     graph = gm.graph
     done: dict = {}  # a lowered group's last node -> its replacement (another group's operand or input)
     for g in groups:
         new = lambda n: done.get(n, n)  # noqa: E731
+        op_of(g.family)  # its module imported: the op is registered
         op = getattr(torch.ops.lrcompile, KERNEL_OF[g.family]).default
         last = g.last
         out_dtype = last.meta["val"].dtype

@@ -1,5 +1,11 @@
-"""Families of linear maps, one file each, registered by name (adding a family touches nothing else)."""
-from .base import FAMILIES, MethodConfig, Structure, family, is_owned, parse_config, register  # noqa: F401
-from . import lowrank  # noqa: F401  (registers)
-from . import lora, dora, vera, noble  # noqa: F401,E401  (register the adapter families)
-from . import monarch, btt, blast  # noqa: F401,E401  (register the structured families)
+"""Families of linear maps, one file each, registered by name: adding a family is adding its file here (every
+module of this package is imported below, so `@register` runs), plus its kernel's file if it has one."""
+import importlib
+import pkgutil
+
+from .base import (FAMILIES, Candidate, FamilyView, MethodConfig, Structure, family, is_owned, parse_config,  # noqa: F401
+                   register, unregister)
+
+for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    importlib.import_module(f"{__name__}.{_m.name}")
+del _m

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import ClassVar, Optional
+from collections.abc import Mapping
+from typing import Callable, ClassVar, Optional
 
 import sympy
 import torch
@@ -35,12 +36,77 @@ class Owner(nn.Module):
 
 
 def register(cls: type["Structure"]) -> type["Structure"]:
+    """Add a family under `cls.name`. Its declarations are checked here: a typo would otherwise only make the
+    family quietly lose its kernel, its candidates or its budget."""
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    problems = [
+        f"budget_knob {cls.budget_knob!r} is not a field of {cls.Config.__name__}"
+        if cls.budget_knob is not None and cls.budget_knob not in fields else None,
+        "candidates must be a tuple of Candidate" if not (isinstance(cls.candidates, tuple) and all(
+            isinstance(c, Candidate) for c in cls.candidates)) else None,
+        f"kernel must be an op name or None, got {cls.kernel!r}" if not (
+            cls.kernel is None or (isinstance(cls.kernel, str) and cls.kernel)) else None,
+        "budget_error without a budget_knob" if cls.budget_error is not None and cls.budget_knob is None else None,
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise TypeError(f"lrcompile: family {getattr(cls, 'name', cls.__name__)!r}: {'; '.join(problems)}")
     FAMILIES[cls.name] = cls
     return cls
 
 
+def unregister(name: str) -> None:
+    """Remove a family (a test's toy family at teardown); every view below forgets it at once."""
+    FAMILIES.pop(name, None)
+
+
 def family(name: str) -> type["Structure"]:
     return FAMILIES[name]
+
+
+class FamilyView(Mapping):
+    """name -> trait(cls) over the registered families, skipping those where it is None. Recomputed on every
+    access: the tables the passes, the tuner and the kernels read (KERNEL_OF, LINEAR_IN_X, EXTRA, ...) are views
+    of what the families declare, so registering a family is all it takes and nothing can drift."""
+
+    def __init__(self, trait: Callable[[type["Structure"]], object]):
+        self._trait = trait
+
+    def __getitem__(self, name: str):
+        cls = FAMILIES.get(name)
+        value = None if cls is None else self._trait(cls)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self):
+        return iter([n for n, cls in list(FAMILIES.items()) if self._trait(cls) is not None])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def __repr__(self) -> str:
+        return f"FamilyView({dict(self)!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """An implementation of one family's function that the autotuner (lrcompile.tune) may emit in place of
+    `functional`, with the same signature. Families list theirs in `Structure.candidates`; it lives here, not in
+    the tuner, so a family file can declare its own without importing the tuner."""
+
+    name: str
+    fn: Callable
+    lossless: bool = True  # computes the family's function (else: lossy, e.g. the dense layer)
+    device_types: tuple[str, ...] = ("cpu", "cuda")  # Triton kernels: ("cuda",)
+    # timed forward only: a merged adapter's backward needs a full dW GEMM that the forward timing never sees
+    inference_only: bool = False
+    # computes the function of the family's base tensors only: not where the site passes extra ones (dropout)
+    base_tensors_only: bool = False
+
+    def __post_init__(self):
+        if self.inference_only:  # merged forms fold the branch into W: the branch input must be x itself
+            object.__setattr__(self, "base_tensors_only", True)
 
 
 def mark_owned(t: torch.Tensor) -> torch.Tensor:
@@ -107,12 +173,57 @@ class MethodConfig:
 
 
 class Structure(Owner):
-    """Base class of every family module. Subclasses set `name`, `Config`, `compressing`, `tensor_names`."""
+    """Base class of every family module. Subclasses set `name`, `Config`, `compressing`, `tensor_names`, and
+    declare below whatever the rest of lrcompile needs to know of them: a family is its one file (plus, if it
+    has one, its kernel's), registered with `@register`."""
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
-    compressing: ClassVar[bool] = True  # True: replaces W (dense weight unused); False: adds a branch to W
+    compressing: ClassVar[bool] = True  # True: replaces W (dense weight unused); False: an adapter, adds a branch to W
     tensor_names: ClassVar[tuple[str, ...]]  # parameter/buffer names passed to `functional`, in order
+
+    # --- traits the passes, the tuner and the policy read ---------------------------------------------------
+    # The fused kernel op torch.ops.lrcompile.<kernel> (lrcompile.kernels.op.define) that runs this family with
+    # a prologue and an epilogue; None: no kernel, so the fusion pass leaves its sites alone and the tuner has no
+    # kernel candidate. `kernel_module` is the module whose import defines the op (default
+    # lrcompile.kernels.<kernel>); it is imported on first use.
+    kernel: ClassVar[Optional[str]] = None
+    kernel_module: ClassVar[Optional[str]] = None
+    # f(αx) = α·f(x) without the bias: the fusion pass may fold an input scale into the kernel's accumulator
+    # (a cast to the compute dtype always folds: the op casts x itself). NOBLE's cosine is not.
+    linear_in_x: ClassVar[bool] = True
+    # Lossless alternatives of `functional` the autotuner times (the kernel's candidate is added from `kernel`).
+    candidates: ClassVar[tuple[Candidate, ...]] = ()
+    # Adapters: True keeps the base weight trainable under `rewrite` (NOBLE); False (PEFT style): a policy with
+    # this family freezes every parameter the model had.
+    trains_base: ClassVar[bool] = False
+
+    # --- how a policy budget sizes it (lrcompile.budget) ------------------------------------------------------
+    # The int config field a budget chooses, rank-like: the cost grows with it, values 1..budget_max. A value the
+    # rule gives caps the choice; None lets the budget choose alone. No knob: the family counts at the cost its
+    # rule gives. With `budget_error` too the knob is allocated jointly with the other sites (error per cost);
+    # without, each site gets the budget's fraction of its own dense cost.
+    budget_knob: ClassVar[Optional[str]] = None
+    # classmethod (weight (out, in), site statistics or None, cfg) -> error(k): the error of the knob value k,
+    # comparable across sites and families (Σ of squared errors: of the output per token with statistics, of W
+    # without). None: no error model (sized uniformly, see above).
+    budget_error: ClassVar[Optional[Callable]] = None
+
+    @classmethod
+    def budget_max(cls, in_features: int, out_features: int, cfg: MethodConfig) -> int:
+        """The largest knob value that changes anything at this shape."""
+        return min(in_features, out_features)
+
+    @classmethod
+    def with_size(cls, cfg: MethodConfig, k: int) -> MethodConfig:
+        """`cfg` with the knob set to `k`."""
+        return dataclasses.replace(cfg, **{cls.budget_knob: int(k)})
+
+    @classmethod
+    def budget_cost(cls, in_features: int, out_features: int, cfg: MethodConfig, kind: str) -> Callable[[int], float]:
+        """k -> parameters (kind 'params', bias excluded) or FLOPs per token ('flops') at knob value k."""
+        count = cls.param_count if kind == "params" else cls.flops_per_token
+        return lambda k: count(in_features, out_features, cls.with_size(cfg, k))
 
     def __init__(self, in_features: int, out_features: int, cfg: MethodConfig):
         super().__init__()
@@ -175,6 +286,16 @@ class Structure(Owner):
         """True where a compressing family represents every dense matrix of this shape (full rank): the original
         layer is then the same function, and the autotuner may pick it by default."""
         return False
+
+    # --- save / load (lrcompile.persist) --------------------------------------------------------------------
+    def plan_extra(self, shared: dict) -> dict:
+        """Fields of this site's plan.json entry beyond the config and shape; `shared` is one dict per save (to
+        number what several sites share)."""
+        return {}
+
+    @classmethod
+    def config_from_plan(cls, cfg: MethodConfig, entry: dict, shared: dict) -> None:
+        """Restore on a loaded `cfg` what `plan_extra` saved, before the site is built; `shared`: one per load."""
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, cfg={self.cfg}"

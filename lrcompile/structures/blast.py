@@ -211,6 +211,10 @@ class Blast(Structure):
     Config = BlastConfig
     compressing = True
     tensor_names = ("U", "V", "s")
+    kernel = "blast"
+    # a budget sizes the rank; without a cheap error model (the fit is iterative) each site gets the budget's
+    # fraction of its own dense cost
+    budget_knob = "rank"
 
     def __init__(self, in_features: int, out_features: int, cfg: BlastConfig, dtype=None, device=None):
         super().__init__(in_features, out_features, cfg)

@@ -113,6 +113,7 @@ class TwoCore(Structure):
     """Shared body of BTT and Monarch: parameters W1 (a₁, a₀, c₀, t) and W2 (c₀, a₁, t, c₁)."""
 
     compressing = True
+    kernel = "twocore"
 
     @classmethod
     def geometry(cls, in_features: int, out_features: int, cfg) -> tuple[int, int, int, int, int]:
@@ -240,6 +241,27 @@ class BTT(TwoCore):
     name = "btt"
     Config = BTTConfig
     tensor_names = ("W1", "W2")
+    budget_knob = "rank"
+
+    @classmethod
+    def budget_max(cls, in_features, out_features, cfg):
+        return cls.geometry(in_features, out_features, cls.with_size(cfg, in_features + out_features))[4]
+
+    @classmethod
+    def budget_error(cls, weight, stats, cfg: BTTConfig):
+        """Σ over the (c₀, a₁) sub-blocks of their spectral tails beyond t: `from_dense`'s blockwise SVD is the
+        optimal projection, so this is its exact error — of W without statistics, of the output under the
+        block-diagonal whitening (whitening_blocks.py) with them, as lowrank's whitened spectrum."""
+        out_f, in_f = weight.shape
+        a1, a0, c0, c1, _ = cls.geometry(in_f, out_f, cls.with_size(cfg, 1))
+        w = weight.detach().double()
+        blocks = w.reshape(c0, c1, a1, a0).permute(0, 2, 1, 3)  # (c₀, a₁, c₁, a₀)
+        cov = getattr(stats, "cov", None) if stats is not None and getattr(stats, "tokens", 1) > 0 else None
+        if whiten.usable(cov):
+            blocks = BlockWhitener(cov, a1, a0, cfg.damping).right(blocks)
+        s2 = torch.linalg.svdvals(blocks).square().sum((0, 1))  # σ² summed over sub-blocks, per index
+        tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0]).tolist() + [0.0]  # tail[t] = Σ_{i≥t}
+        return lambda t: tail[min(max(int(t), 0), len(tail) - 1)]
 
     @classmethod
     def geometry(cls, in_features, out_features, cfg):

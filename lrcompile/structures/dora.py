@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import mark_owned, register
+from .base import Candidate, mark_owned, register
 from .lora import (Adapter, LoRAConfig, add_branch, autocast_on, branch_input, flat, lora_init, pissa_factors,
                    unflat)
 
@@ -118,12 +118,19 @@ def formula_vjp(dy, inputs, need) -> tuple:
     return tuple(next(grads) if n else None for n in need)
 
 
+def dora_merged(x, weight, bias, lora_A, lora_B, magnitude, scaling):
+    g = magnitude / dora_row_norm(weight, lora_A, lora_B, scaling)
+    return F.linear(x, g[:, None] * torch.addmm(weight, lora_B * scaling, lora_A), bias)
+
+
 @register
 class DoRA(Adapter):
     name = "dora"
     Config = LoRAConfig
     tensor_names = ("lora_A", "lora_B", "magnitude", "scaling")
     adapter_names = ("lora_A", "lora_B", "magnitude", "scaling")
+    kernel = "dora"
+    candidates = (Candidate("merged", dora_merged, inference_only=True),)
 
     def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig, dtype=None, device=None):
         super().__init__(in_features, out_features, cfg, dtype=dtype, device=device)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MethodConfig, Structure, mark_owned, register
+from .base import Candidate, MethodConfig, Structure, mark_owned, register
 
 
 def check_int_rank(rank) -> None:
@@ -171,12 +171,18 @@ def pissa_factors(weight: torch.Tensor, cfg: LoRAConfig) -> tuple[torch.Tensor, 
     return A.to(weight.dtype), B.to(weight.dtype), residual.to(weight.dtype)
 
 
+def lora_merged(x, weight, bias, lora_A, lora_B, scaling):
+    return F.linear(x, torch.addmm(weight, lora_B * scaling, lora_A), bias)
+
+
 @register
 class LoRA(Adapter):
     name = "lora"
     Config = LoRAConfig
     tensor_names = ("lora_A", "lora_B", "scaling")
     adapter_names = ("lora_A", "lora_B", "scaling")
+    kernel = "lora"
+    candidates = (Candidate("merged", lora_merged, inference_only=True),)
 
     def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig, dtype=None, device=None):
         super().__init__(in_features, out_features, cfg, dtype=dtype, device=device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import svd, whiten
-from .base import MethodConfig, Structure, mark_owned, register, site_label
+from .base import Candidate, MethodConfig, Structure, mark_owned, register, site_label
 
 
 RANK_MULTIPLE = 8
@@ -79,12 +79,49 @@ def truncated_svd(weight: torch.Tensor, rank: int) -> svd.Truncated:
     return svd.truncated_svd(weight, rank)
 
 
+def _rows(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+def lowrank_addmm(x, weight, bias, U, V):
+    """(x Vᵀ) Uᵀ as mm + addmm on 2-D rows: the bias rides in the second GEMM's epilogue."""
+    h = torch.mm(_rows(x), V.t())
+    y = torch.mm(h, U.t()) if bias is None else torch.addmm(bias, h, U.t())
+    return y.reshape(*x.shape[:-1], U.shape[0])
+
+
+def lowrank_pretransposed(x, weight, bias, U, V):
+    """Both factors copied to contiguous (in, r) / (r, out) first: row-major B operands for the GEMMs."""
+    Vt, Ut = V.t().contiguous(), U.t().contiguous()
+    h = torch.mm(_rows(x), Vt)
+    y = torch.mm(h, Ut) if bias is None else torch.addmm(bias, h, Ut)
+    return y.reshape(*x.shape[:-1], U.shape[0])
+
+
 @register
 class LowRank(Structure):
     name = "lowrank"
     Config = LowRankConfig
     compressing = True
     tensor_names = ("U", "V")
+    kernel = "lowrank"
+    # (U V) formed per call is the same function too, but it rebuilds the dense matrix the rewrite was asked to
+    # drop (peak memory): not a candidate
+    candidates = (Candidate("addmm", lowrank_addmm), Candidate("pretransposed", lowrank_pretransposed))
+    budget_knob = "rank"
+
+    @classmethod
+    def budget_error(cls, weight, stats, cfg: LowRankConfig):
+        """Σ_{i>r} σᵢ² of the whitened spectrum (W·L, C = L Lᵀ; plain W without statistics): the mean squared
+        output error per token of the truncation, the error the factorisation minimises."""
+        from ..budget import spectrum_curve
+
+        return spectrum_curve(weight, stats, cfg.damping)
+
+    @classmethod
+    def budget_cost(cls, in_features, out_features, cfg, kind):
+        unit = (in_features + out_features) * (1 if kind == "params" else 2)  # param_count / flops_per_token, closed
+        return lambda r: r * unit  # form: the allocator prices every rank of every site
 
     def __init__(self, in_features: int, out_features: int, cfg: LowRankConfig, dtype=None, device=None):
         super().__init__(in_features, out_features, cfg)

@@ -42,6 +42,9 @@ class NOBLE(Adapter):
     name = "noble"
     Config = NOBLEConfig
     mergeable = False
+    kernel = "noble"
+    linear_in_x = False  # cos(ω·(αz) + φ) is not α·cos(ω·z + φ): an input scale stays outside the kernel
+    trains_base = True  # a permanent branch for pretraining: the base weight keeps training
     tensor_names = ("down", "down_bias", "omega1", "phi1", "mid", "mid_bias", "omega2", "phi2", "up")
 
     def __init__(self, in_features: int, out_features: int, cfg: NOBLEConfig, dtype=None, device=None):

@@ -13,9 +13,10 @@ later sites that do not fit get a fresh pair.
 One adapter is one VeRA rule of one loaded policy (PEFT: a pair per adapter config). The rule's config carries
 a scope (`VeRAConfig.bind`) that keys its pairs, and `rewrite` loads its policy per call (the backend once per
 compiled model), so two models rewritten one after the other never share projections: neither growing nor
-loading one reaches the other. A Policy object reused for several models is one adapter and shares; configs
-made outside a policy (persist.load rebuilds them from plan.json) share one process-wide scope. In both cases
-`load_adapter_state_dict` first gives the model private copies of shared pairs (`own_projections`).
+loading one reaches the other. A Policy object reused for several models is one adapter and shares; a config
+made outside a policy is its own adapter (bound when a site first uses it; persist.load binds one scope per
+saved pair). The pairs live in their scope, not in a process-wide table. `load_adapter_state_dict` first gives
+the model private copies of pairs another model shares (`own_projections`).
 
 Trainable: λ_d (r, init `d_initial` = 0.1) and λ_b (out, init 0). Options default as in PEFT: rank 256.
 """
@@ -24,13 +25,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MethodConfig, mark_owned, register
+from .base import Candidate, MethodConfig, mark_owned, register
 from .lora import Adapter, add_branch, branch_input, check_dropout, check_int_rank, flat, unflat
 
 
@@ -66,7 +67,11 @@ def _kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor
 
 
 class ProjectionScope:
-    """Identity of one adapter (a policy rule): part of the key of its projection pairs."""
+    """One adapter (a policy rule): it holds its projection pairs, keyed by (rank, seed, dtype, device), weakly
+    (a pair lives as long as a site uses it)."""
+
+    def __init__(self):
+        self.pairs: "weakref.WeakValueDictionary[tuple, SharedProjections]" = weakref.WeakValueDictionary()
 
 
 class SharedProjections:
@@ -101,19 +106,22 @@ class SharedProjections:
         return new
 
 
-_PAIRS: "weakref.WeakValueDictionary[tuple, SharedProjections]" = weakref.WeakValueDictionary()
-
-
 def shared_projections(rank: int, seed: int, in_features: int, out_features: int, dtype, device,
-                       scope: Optional[ProjectionScope] = None) -> SharedProjections:
-    key = (scope, rank, seed, dtype, str(torch.device(device) if device is not None else torch.device("cpu")))
-    pair = _PAIRS.get(key)
+                       scope: ProjectionScope) -> SharedProjections:
+    key = (rank, seed, dtype, str(torch.device(device) if device is not None else torch.device("cpu")))
+    pair = scope.pairs.get(key)
     if pair is None or not pair.growable():  # a used pair keeps its numbers: later sites get their own
         pair = SharedProjections(rank, seed, dtype, device)
-        _PAIRS[key] = pair
+        scope.pairs[key] = pair
     if not pair.fits(in_features, out_features):
         pair.grow(in_features, out_features)
     return pair
+
+
+def vera_merged(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b):
+    out_f, in_f = weight.shape
+    delta = torch.mm(vera_B[:out_f] * lambda_b[:, None], lambda_d[:, None] * vera_A[:, :in_f])
+    return F.linear(x, weight + delta, bias)
 
 
 @register
@@ -122,6 +130,7 @@ class VeRA(Adapter):
     Config = VeRAConfig
     tensor_names = ("vera_A", "vera_B", "lambda_d", "lambda_b")
     adapter_names = ("vera_A", "vera_B", "lambda_d", "lambda_b")
+    candidates = (Candidate("merged", vera_merged, inference_only=True),)  # no kernel
 
     def __init__(self, in_features: int, out_features: int, cfg: VeRAConfig, dtype=None, device=None):
         super().__init__(in_features, out_features, cfg, dtype=dtype, device=device)
@@ -131,10 +140,16 @@ class VeRA(Adapter):
         self.lambda_b = mark_owned(nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)))
         self._lrc_init_versions = (self.lambda_d._version, self.lambda_b._version)
         self._pair = shared_projections(r, cfg.seed, in_features, out_features, dtype, device,
-                                        getattr(cfg, "_projection_scope", None))
+                                        self._scope(cfg))
         self._pair.users.add(self)
         self.register_buffer("vera_A", self._pair.A)
         self.register_buffer("vera_B", self._pair.B)
+
+    @staticmethod
+    def _scope(cfg: VeRAConfig) -> ProjectionScope:
+        if getattr(cfg, "_projection_scope", None) is None:
+            cfg.bind()  # made outside a policy: this config is one adapter
+        return cfg._projection_scope
 
     def use_pair(self, pair: SharedProjections) -> None:
         self._pair.users.discard(self)
@@ -144,6 +159,18 @@ class VeRA(Adapter):
 
     def untouched(self) -> bool:
         return (self.lambda_d._version, self.lambda_b._version) == self._lrc_init_versions
+
+    def plan_extra(self, shared: dict) -> dict:
+        """The number of this site's projection pair: sites that share one when saved share one after load."""
+        pairs = shared.setdefault("vera_pairs", {})  # id of a pair's A -> its number
+        return {"projections": pairs.setdefault(id(self.vera_A), len(pairs))}
+
+    @classmethod
+    def config_from_plan(cls, cfg: VeRAConfig, entry: dict, shared: dict) -> None:
+        # one scope per saved pair, new in each load: a loaded model shares nothing with another model, and two
+        # adapters of different sizes do not collapse into one pair; a plan without numbers shared one pair
+        scopes = shared.setdefault("vera_scopes", {})
+        cfg._projection_scope = scopes.setdefault(entry.get("projections", 0), ProjectionScope())
 
     @classmethod
     def init(cls, in_features, out_features, cfg, dtype=None, device=None) -> "VeRA":
@@ -185,7 +212,7 @@ class VeRA(Adapter):
 
 def own_projections(model: nn.Module) -> None:
     """Make the VeRA pairs of `model` its own before writing into them: a pair that a module outside `model`
-    also uses (a model built next to it in the process-wide scope) is replaced, for `model`'s sites, by a
+    also uses (a model built next to it under the same Policy object or config) is replaced, for `model`'s sites, by a
     private copy — so loading into `model` cannot change another model."""
     mine = [m for m in model.modules() if isinstance(m, VeRA)]
     ids = {id(m) for m in mine}
