@@ -162,8 +162,11 @@ def _plan_budget(session: Session, model: Optional[nn.Module]) -> None:
     """The policy budget's ranks, planned once per session over the whole compiled model."""
     if session.policy is not None and session.policy.budget and session.ranks is None and model is not None:
         from .budget import plan_model
+        from .capture import call_inputs
 
-        session.ranks = plan_model(session.policy, model, session.calibration)
+        # the site list: the calibration's, else a nested trace of this very call (functional sites included)
+        session.ranks = plan_model(session.policy, model, session.calibration, example_inputs=call_inputs(model),
+                                   nested=True)
 
 
 def _path_in(model: nn.Module, module: nn.Module) -> Optional[str]:
