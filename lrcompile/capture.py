@@ -179,12 +179,14 @@ class Recorder:
         gm.recompile()
 
     def _structure_inputs(self, gm: fx.GraphModule, f_locals) -> dict:
-        """{input node: (first node of the call, rel module path)} for each call of an installed structure: the
-        tensor from outside the call that the structure's ops consume, of its in_features."""
+        """{input node: (its first use in the call, rel module path)} for each call of an installed structure:
+        the tensor from outside the call that the structure's ops consume, of its in_features."""
         from .structures import Structure
 
         calls: dict = {}  # nn_module_stack key -> (expr, nodes in the call)
         for n in gm.graph.nodes:
+            if n.op == "placeholder":  # parameters carry their module's stack too
+                continue
             for key, (expr, mtype) in (n.meta.get("nn_module_stack") or {}).items():
                 if isinstance(mtype, type) and issubclass(mtype, Structure):
                     calls.setdefault(key, (expr, []))[1].append(n)
@@ -202,7 +204,7 @@ class Recorder:
                           and getattr(_example_value(a), "shape", (None,))[-1:] == (mod.in_features,)
                           and not _is_param_input(a)), None)
                 if x is not None:
-                    out[x] = (nodes[0], strip_root(expr))
+                    out[x] = (n, strip_root(expr))
                     break
         return out
 
