@@ -380,7 +380,9 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
         warnings.warn(f"lrcompile.calibrate: attention_mask could not be applied at {len(names)} site(s) "
                       f"(e.g. {names[0]} with input rows {rows.unmasked[names[0]]}): their statistics include "
                       f"padded positions", stacklevel=2)
-    stats.index = _index(model, rec.sites)
+    # the site list a budget plans over: with `reference=`, the dense reference's (the statistics factorise its
+    # weights; the model's installed structures are no sites of it)
+    stats.index = _index(reference, ref_rec.sites) if reference is not None else _index(model, rec.sites)
     for s in stats.sites.values():
         s.xtx, s.abs_sum = s.xtx.cpu(), s.abs_sum.cpu()
         if s.cross is not None:

@@ -357,7 +357,7 @@ def test_reference_cross_moments_at_functional_and_installed_sites():
     lrcompile.rewrite(comp, {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 2}]},
                       (xs[0],), progress=False)
     st = lrcompile.calibrate(comp, xs, reference=ref, progress=False)
-    assert set(st.keys()) == {"sub", "lin", "P"}
+    assert set(st.keys()) == {"sub", "lin", "P"} == set(st.index)  # the site list: the dense reference's
     x = torch.cat(xs)
     with torch.no_grad():
         ins = lambda net: (torch.relu(net.sub(x)), torch.tanh(net.lin(torch.relu(net.sub(x)))))  # noqa: E731
