@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -104,21 +105,24 @@ class Recorder:
         self.observed = 0  # observer calls made
         self.token = next(_TOKENS)
         self._running: list[tuple[_Graph, str]] = []
+        self._graphs: list[_Graph] = []
         self._paths: Optional[dict] = None
         _RECORDERS[self.token] = self
 
     def close(self) -> None:
-        """Drop the model and graph state: Dynamo's cache may keep the runners (a capture made inside a compile
-        cannot reset Dynamo), which then run their graphs as they are."""
+        """Stop recording. Dynamo's cache may keep the runners (a capture made inside a compile cannot reset
+        Dynamo): they hold the recorder weakly and then run their graphs as they are."""
         _RECORDERS.pop(self.token, None)
         self.model = self.observe = None
         self._paths = None
+        self._graphs.clear()
 
     # --- compile time ---------------------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs, **_):
         sites = find_sites(gm, example_inputs)
         f_locals = frame_locals()
-        root = root_module(sites, f_locals) or self.model
+        root = root_module(sites, f_locals)
+        root = self.model if root is None else root
         path = _path_in(self.model, root) if root is not None else None
         prefix = path + "." if path else ""
         index = {id(t): i for i, t in enumerate(example_inputs)}
@@ -139,19 +143,8 @@ class Recorder:
         for e in entries:  # drop graph references (nodes hold fake tensors and the graph alive)
             e[0].node = e[0].input_node = e[0].weight_node = e[0].bias_node = None
         self.graphs += 1
-        fn = gm.forward
-
-        def run(*args):
-            if self.model is None:  # closed
-                return fn(*args)
-            g_prefix = self._bind(g, args)
-            self._running.append((g, g_prefix))
-            try:
-                return fn(*args)
-            finally:
-                self._running.pop()
-
-        return run
+        self._graphs.append(g)
+        return _runner(gm.forward, weakref.ref(self), len(self._graphs) - 1)
 
     def _holds(self, path: str, t) -> bool:
         try:
@@ -259,6 +252,21 @@ class Recorder:
         g, prefix = self._running[-1]
         self.observed += 1
         self.observe([_named(prefix, rel) for rel in g.groups[group]], x)
+
+
+def _runner(fn, ref, gi: int):
+    def run(*args):
+        rec = ref()
+        if rec is None or rec.model is None:  # closed
+            return fn(*args)
+        g = rec._graphs[gi]
+        rec._running.append((g, rec._bind(g, args)))
+        try:
+            return fn(*args)
+        finally:
+            rec._running.pop()
+
+    return run
 
 
 def _is_param_input(node: fx.Node) -> bool:
