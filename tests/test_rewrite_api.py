@@ -119,3 +119,19 @@ def test_adapter_rewrite_keeps_earlier_noble_bases_trainable(toy):
     assert lora and trainable - lora == {"blocks.0.fc.weight", "blocks.0.w"}  # the NOBLE bases, nothing else
     assert not noble_fc.tensors()[0].requires_grad  # the earlier NOBLE branch is pre-existing: frozen
     assert not m.blocks[1].fc.weight.requires_grad and not m.heads["shared"].weight.requires_grad
+
+
+def test_graphs_shared_by_instances_are_rewritten_for_each_instance():
+    """A graph break inside a loop over blocks: Dynamo compiles the block's forward once and runs that graph for
+    every block. The capture names each run for its block, as the backend does, so every block is rewritten."""
+    from test_calibrate import Loop
+
+    m = Loop()
+    x = torch.randn(3, 6)
+    ref = m(x)
+    lrcompile.rewrite(m, {"defaults": {"min_features": 0, "guard": "off"},
+                          "rules": [{"match": "blocks.*", "method": "lowrank", "rank": 6}]}, (x,), progress=False)
+    rows = {r.fqn: r.status for r in m.lrcompile_report.sites()}
+    assert rows == {f"blocks.{i}.{n}": "rewritten" for i in range(3) for n in "ab"}
+    assert all(type(getattr(blk, n)).__name__ == "LowRank" for blk in m.blocks for n in "ab")
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)  # full rank: the same function
