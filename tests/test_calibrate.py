@@ -354,8 +354,8 @@ def test_reference_cross_moments_at_functional_and_installed_sites():
     ref = Functional()
     comp = copy.deepcopy(ref)
     xs = [torch.randn(4, 6) for _ in range(2)]
-    lrcompile.rewrite(comp, {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 2}]},
-                      (xs[0],), progress=False)
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 2}]}
+    lrcompile.rewrite(comp, pol, (xs[0],), progress=False)
     st = lrcompile.calibrate(comp, xs, reference=ref, progress=False)
     assert set(st.keys()) == {"sub", "lin", "P"} == set(st.index)  # the site list: the dense reference's
     x = torch.cat(xs)
@@ -403,7 +403,8 @@ def test_graphs_shared_by_instances_are_named_and_counted_per_instance():
     with torch.no_grad():
         for i, blk in enumerate(m.blocks):
             for n in "ab":
-                torch.testing.assert_close(st.get(f"blocks.{i}.{n}").xtx, h.double().T @ h.double(), rtol=1e-5, atol=1e-6)
+                x = h.double()
+                torch.testing.assert_close(st.get(f"blocks.{i}.{n}").xtx, x.T @ x, rtol=1e-5, atol=1e-6)
                 h = getattr(blk, n)(h)
                 h = torch.relu(h) if n == "a" else h
 
