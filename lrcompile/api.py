@@ -3,7 +3,8 @@
 nn.Linear and HF Conv1D sites are swapped for the family module (the dense weight of a compressed site is
 released); functional sites (F.linear with a bare parameter) get their factors attached next to the module,
 as the backend does, and run factored under `torch.compile(backend="lrcompile")` (the dense weight of a
-compressed functional site stays, frozen). Budgets are planned by `budget.plan_model`, as in the backend.
+compressed functional site stays, frozen). Budgets are planned by `budget.plan_model` over the captured sites,
+as in the backend.
 """
 from __future__ import annotations
 
@@ -89,14 +90,15 @@ def _load_stats(calibration):
     return calibration if isinstance(calibration, CalibrationStats) else CalibrationStats.load(calibration)
 
 
-def _plan_budget(pol, model: nn.Module, stats):
+def _plan_budget(pol, model: nn.Module, stats, captured):
     """The policy budget's ranks, allocated once over the whole model (None without a budget): the backend's
-    own planner (`budget.plan_model`) over the same module list, so both paths give every site the same rank."""
+    own planner (`budget.plan_model`) over the captured sites — the backend's enumeration — so both paths give
+    every site the same rank."""
     if pol is None or not pol.budget:
         return None
     from .budget import plan_model
 
-    return plan_model(pol, model, stats)
+    return plan_model(pol, model, stats, sites=captured)
 
 
 def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, report: Optional[str] = None,
@@ -115,7 +117,7 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
     for row in attn_rows:
         rep.add(row)
     seen: set = set()
-    ranks = _plan_budget(pol, model, stats)
+    ranks = _plan_budget(pol, model, stats, captured)
     n_sites = len({c.site.fqn for c in captured if c.site.kind == "linear"})
     bar = tqdm(total=n_sites, desc="lrcompile rewrite", unit="site", disable=not progress)
     for c in captured:

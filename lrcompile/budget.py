@@ -328,9 +328,17 @@ def uniform_ranks(candidates: list[Candidate], budget: dict) -> dict[str, Option
     return out
 
 
-def plan_model(policy, model, stats=None, errors=None) -> dict[str, Optional[int]]:
-    """`plan_ranks` over every nn.Linear / Conv1D module of `model`: the one site list that both the backend
-    (once per session) and `rewrite` plan over, so both give the same ranks."""
+def plan_model(policy, model, stats=None, errors=None, *, example_inputs=None, sites=None,
+               nested: bool = False) -> dict[str, Optional[int]]:
+    """`plan_ranks` over every linear site of `model` as the backend enumerates and names them — nn.Linear, Conv1D
+    and functional sites: the one site list that the backend (once per session), `rewrite` and `calibrate` share,
+    so all give the same ranks. `sites`: the sites already captured (Site objects, e.g. `rewrite`'s); else the
+    list `calibrate` recorded in `stats`, else a trace of `model(example_inputs)` (calibrate.module_sites)."""
     from .calibrate import module_sites
+    from .capture import linear_sites
 
-    return plan_ranks(policy, module_sites(model), stats, errors)
+    if sites is not None:
+        listed = [(s.fqn, s.dense_weight, s.bias) for s in linear_sites(sites)]
+    else:
+        listed = module_sites(model, example_inputs, stats, nested=nested)
+    return plan_ranks(policy, listed, stats, errors)

@@ -1,7 +1,10 @@
 """Activation statistics per site, for activation-aware factorisation and rank allocation.
 
-`calibrate(model, batches, policy)` runs the model eagerly with forward pre-hooks on its nn.Linear and HF Conv1D
-modules and accumulates, per site FQN (the module's path, the name the backend and `rewrite` give the site):
+`calibrate(model, batches, policy)` runs the model through Dynamo with a recording backend (capture.Recorder): the
+backend's own site enumeration (`find_sites`) on each graph, and a call before each linear site that hands the
+site's input rows to the statistics, the graph itself running eagerly. So every site the backend can rewrite —
+nn.Linear, HF Conv1D and functional ones (`F.linear(x, self.w)`, `x @ self.P`) — gets statistics under the
+backend's name for it. Per site FQN:
   xtx       Σ xᵀx over tokens, float64 (in × in): the second moment the whitened objective ‖(W−Ŵ)Xᵀ‖ needs;
   abs_mean  mean |x| per input channel (ASVD's channel scale);
   tokens    how many token rows were seen;
@@ -10,9 +13,12 @@ modules and accumulates, per site FQN (the module's path, the name the backend a
             and factorising against it reproduces the original outputs from the compressed upstream (whiten.py).
 Padded positions (attention_mask == 0 in a batch dict) are left out: pad tokens are not the distribution the
 model serves, and for right-padded batches they would dominate short sentences.
+The statistics also keep the site list itself (`index`: each site's weight path and layout), so that a budget
+planned from them (`budget.plan_model`) counts the same sites without another trace.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,7 +29,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .capture import call_model
+from .capture import Recorder, call_model, model_sites, recording
 
 FORMAT = "lrcompile-calibration-v1"
 
@@ -58,11 +64,16 @@ class SiteStats:
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         return cls(z(in_features, in_features), z(in_features), 0, z(in_features, in_features) if cross else None)
 
-    def add(self, x: torch.Tensor, ref: Optional[torch.Tensor] = None) -> None:
-        """Accumulate rows x (…, in); `ref`: the reference model's rows at the same tokens (for `cross`)."""
+    def add(self, x: torch.Tensor, ref: Optional[torch.Tensor] = None, moments: Optional[tuple] = None) -> None:
+        """Accumulate rows x (…, in); `ref`: the reference model's rows at the same tokens (for `cross`);
+        `moments`: (xᵀx, Σ|x|) of these rows already computed (sites that share an input)."""
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        self.xtx.addmm_(x.T, x)
-        self.abs_sum.add_(x.abs().sum(0))
+        if moments is None:
+            self.xtx.addmm_(x.T, x)
+            self.abs_sum.add_(x.abs().sum(0))
+        else:
+            self.xtx.add_(moments[0])
+            self.abs_sum.add_(moments[1])
         self.tokens += x.shape[0]
         if ref is not None:
             r = ref.detach().reshape(-1, ref.shape[-1]).to(torch.float64)
@@ -74,10 +85,13 @@ class SiteStats:
 class CalibrationStats:
     """Statistics keyed by site FQN; `get(fqn)` gives a SiteStats or None."""
 
-    def __init__(self, sites: Optional[dict] = None, sensitivity: Optional[dict] = None):
+    def __init__(self, sites: Optional[dict] = None, sensitivity: Optional[dict] = None, index: Optional[dict] = None):
         self.sites: dict[str, SiteStats] = dict(sites or {})
         # measured end-to-end error curves {fqn: {rank: loss}} (`measure_sensitivity`); budgets can allocate by them
         self.sensitivity: dict[str, dict[int, float]] = dict(sensitivity or {})
+        # every linear site of the calibrated model, as the backend enumerates it (not only those with statistics):
+        # {fqn: {"weight": path, "transposed": bool, "bias": path or None}}
+        self.index: dict[str, dict] = dict(index or {})
 
     def get(self, fqn: str) -> Optional[SiteStats]:
         s = self.sites.get(fqn)
@@ -126,7 +140,8 @@ class CalibrationStats:
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
         save_file(tensors, str(path), metadata={"format": FORMAT, "sites": json.dumps(tokens),
-                                                "sensitivity": json.dumps(self._curves())})
+                                                "sensitivity": json.dumps(self._curves()),
+                                                "index": json.dumps(self.index)})
 
     @classmethod
     def load(cls, path) -> "CalibrationStats":
@@ -146,21 +161,35 @@ class CalibrationStats:
                     sites[fqn] = SiteStats(f.get_tensor(f"{i}.xtx"), f.get_tensor(f"{i}.abs_sum"), int(tokens), cross)
                 curves = {fqn: {int(r): float(e) for r, e in c.items()}
                           for fqn, c in json.loads(meta.get("sensitivity", "{}")).items()}
+                index = json.loads(meta.get("index", "{}"))  # absent in files written before it existed
         except Exception:
             raise ValueError(f"lrcompile: {path} is not an lrcompile calibration file (expected {FORMAT} safetensors)") from None
-        return cls(sites, curves)
+        return cls(sites, curves, index)
+
+    def site_list(self, model: nn.Module) -> Optional[list]:
+        """(fqn, dense weight (out, in), bias) of every indexed site, resolved on `model`; None without an index
+        or where `model` lacks one of its parameters (statistics of another model)."""
+        if not self.index:
+            return None
+        out = []
+        try:
+            for fqn, e in self.index.items():
+                w = model.get_parameter(e["weight"])
+                b = model.get_parameter(e["bias"]) if e.get("bias") else None
+                out.append((fqn, w.T if e.get("transposed") else w, b))
+        except (AttributeError, KeyError, TypeError):
+            return None
+        return out
 
 
-def _linear_modules(model: nn.Module, installed: bool = False) -> dict[str, nn.Module]:
-    """nn.Linear and HF Conv1D modules by path (a module reachable twice is one site, under its first name).
-    `installed`: also lrcompile's own structures (a compressed model calibrated against its reference)."""
+def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """nn.Linear and HF Conv1D modules by path (a module reachable twice is one site, under its first name): the
+    site list of last resort, for a budget with neither example inputs nor indexed statistics."""
     from .structures import Structure
 
     found = {}
     for name, m in model.named_modules():
         if isinstance(m, Structure):
-            if installed:
-                found[name] = m
             continue  # installed by lrcompile: never a site for another rewrite
         if isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None
                                          and m.weight.dim() == 2):
@@ -168,13 +197,23 @@ def _linear_modules(model: nn.Module, installed: bool = False) -> dict[str, nn.M
     return found
 
 
-def module_sites(model: nn.Module) -> list[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
-    """(fqn, dense weight (out, in), bias) of every nn.Linear / Conv1D module, as the backend names them."""
-    out = []
-    for name, m in _linear_modules(model).items():
-        w = m.weight if isinstance(m, nn.Linear) else m.weight.T  # Conv1D stores (in, out)
-        out.append((name, w, getattr(m, "bias", None)))
-    return out
+def module_sites(model: nn.Module, example_inputs=None, stats: Optional[CalibrationStats] = None, *,
+                 nested: bool = False) -> list[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
+    """(fqn, dense weight (out, in), bias) of every linear site of `model` as the backend enumerates and names them
+    (nn.Linear, Conv1D and functional sites): from the site list of `stats` (`calibrate` records it), else a
+    trace of `model(example_inputs)` (`nested`: from inside a backend call). With neither, only nn.Linear /
+    Conv1D modules can be listed — functional sites are then missing, and a warning says so."""
+    got = stats.site_list(model) if stats is not None else None
+    if got is not None:
+        return got
+    if example_inputs is not None:
+        return [(s.fqn, s.dense_weight, s.bias) for s in model_sites(model, example_inputs, nested=nested)]
+    mods = _linear_modules(model)
+    if any(p.dim() == 2 and not any(p is m.weight for m in mods.values()) for p in model.parameters()):
+        warnings.warn("lrcompile: sites listed from nn.Linear / Conv1D modules only (no example inputs or indexed "
+                      "calibration statistics to trace the model with): functional sites are left out", stacklevel=2)
+    return [(name, m.weight if isinstance(m, nn.Linear) else m.weight.T, getattr(m, "bias", None))
+            for name, m in mods.items()]
 
 
 def _wanted(policy, fqn: str) -> bool:
@@ -186,12 +225,6 @@ def _mask_of(batch) -> Optional[torch.Tensor]:
     if isinstance(batch, dict) and batch.get("attention_mask") is not None:
         return batch["attention_mask"]
     return None
-
-
-def _in_features(m: nn.Module) -> int:
-    if isinstance(m, nn.Linear) or hasattr(m, "in_features"):
-        return m.in_features
-    return m.weight.shape[0]  # HF Conv1D: weight (in, out)
 
 
 def apply_mask(x: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, bool]:
@@ -213,12 +246,15 @@ def apply_mask(x: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Ten
 
 def calibrate(model: nn.Module, batches: Iterable, policy=None, *, reference: Optional[nn.Module] = None,
               sensitivity_batches: int = 2, progress: bool = True) -> CalibrationStats:
-    """Run `batches` (tensors, tuples of args or dicts of kwargs) through `model` eagerly and collect statistics.
+    """Run `batches` (tensors, tuples of args or dicts of kwargs) through `model` and collect statistics.
 
+    The model runs through Dynamo with a recording backend (eval mode, no grad; Dynamo is reset before and
+    after, as `rewrite` does), its graphs eagerly: the sites are the backend's.
     `reference`: the dense original of `model` (e.g. `model` is a compressed copy): each batch also runs through
     it and every site records the cross moment between the reference's and `model`'s inputs (SiteStats.cross),
-    sites being matched by module path. A policy whose budget says `allocate: sensitivity` also gets each site's
-    measured error curve (`measure_sensitivity`, on the first `sensitivity_batches` batches)."""
+    sites being matched by name; structures lrcompile installed in `model` count as their sites. A policy whose
+    budget says `allocate: sensitivity` also gets each site's measured error curve (`measure_sensitivity`, on
+    the first `sensitivity_batches` batches)."""
     from .policy import load_policy
 
     pol = load_policy(policy)
@@ -231,91 +267,143 @@ def calibrate(model: nn.Module, batches: Iterable, policy=None, *, reference: Op
     return stats
 
 
+def _shapes(batch) -> tuple:
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else (batch,)
+    return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in items)
+
+
+class _Rows:
+    """What the observers share: the batch's mask and the sites it could not be applied at."""
+
+    def __init__(self):
+        self.mask = None
+        self.unmasked: dict[str, tuple] = {}
+
+    def __call__(self, names: list, x: torch.Tensor) -> torch.Tensor:
+        x, ok = apply_mask(x.detach(), self.mask)
+        if not ok:
+            for n in names:
+                self.unmasked.setdefault(n, tuple(x.shape))
+        return x
+
+
 def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
     from tqdm.auto import tqdm
 
-    modules = {n: m for n, m in _linear_modules(model, installed=reference is not None).items()
-               if pol is None or _wanted(pol, n)}
-    ref_modules = {}
-    if reference is not None:
-        ref_modules = {n: m for n, m in _linear_modules(reference).items() if n in modules}
-        missing = sorted(set(modules) - set(ref_modules))
-        if missing:
-            raise ValueError(f"lrcompile.calibrate: reference has no linear site {missing[0]!r} "
-                             f"({len(missing)} of {len(modules)} sites unmatched)")
     stats = CalibrationStats()
-    state = {"mask": None, "unmasked": {}}
-    seen_ref: dict[str, list] = {}  # the reference's rows per site and call, consumed in call order
+    rows = _Rows()
+    wanted: dict[str, bool] = {}
 
-    def rows(name, x):
-        x, ok = apply_mask(x.detach(), state["mask"])
-        if not ok:
-            state["unmasked"].setdefault(name, tuple(x.shape))
-        return x
+    def want(names):
+        for n in names:
+            if n not in wanted:
+                wanted[n] = pol is None or _wanted(pol, n)
+        return [n for n in names if wanted[n]]
 
-    def ref_hook_for(name, in_features):
-        def hook(module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            if x.shape[-1] == in_features:
-                seen_ref.setdefault(name, []).append(rows(name, x))
-        return hook
+    ref_rows: dict[str, list] = {}  # the reference's rows per site and call, consumed in call order
+    ref_known: set = set()
+    missing: set = set()
+    seen: set = set()  # the model's sites with statistics wanted
 
-    def hook_for(name, in_features):
-        def hook(module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            if x.shape[-1] != in_features:
-                return None
-            x = rows(name, x)
+    def observe_ref(names, x):
+        names = want(names)
+        if names:
+            r = rows(names, x)
+            for n in names:
+                ref_known.add(n)
+                ref_rows.setdefault(n, []).append(r)
+
+    def observe(names, x):
+        names = want(names)
+        if not names:
+            return
+        seen.update(names)
+        x = rows(names, x)
+        x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        shared = (x64.T @ x64, x64.abs().sum(0)) if len(names) > 1 else None  # one product for q, k and v
+        for n in names:
             ref = None
             if reference is not None:
-                queue = seen_ref.get(name)
+                if n not in ref_known:
+                    missing.add(n)
+                    continue
+                queue = ref_rows.get(n)
                 ref = queue.pop(0) if queue else None
                 if ref is None or ref.shape != x.shape:
-                    raise ValueError(f"lrcompile.calibrate: site {name!r} sees {tuple(x.shape)} in the model but "
+                    raise ValueError(f"lrcompile.calibrate: site {n!r} sees {tuple(x.shape)} in the model but "
                                      f"{None if ref is None else tuple(ref.shape)} in the reference")
-            s = stats.sites.get(name)
+            s = stats.sites.get(n)
             if s is None:
-                s = stats.sites[name] = SiteStats.empty(in_features, x.device, cross=reference is not None)
-            s.add(x, ref)
-            return None
+                s = stats.sites[n] = SiteStats.empty(x.shape[-1], x.device, cross=reference is not None)
+            s.add(x64, ref, moments=shared)
 
-        return hook
-
-    handles = []
-    for name, m in modules.items():
-        handles.append(m.register_forward_pre_hook(hook_for(name, _in_features(m)), with_kwargs=True))
-    for name, m in ref_modules.items():
-        handles.append(m.register_forward_pre_hook(ref_hook_for(name, _in_features(m)), with_kwargs=True))
-    # eval mode: dropout would perturb the statistics; restore each module's own mode afterwards
+    # one trace for batches of one shape; dynamic shapes where they differ (a recompile per new shape would be
+    # slow, and past Dynamo's recompile limit the frames would run uncompiled, without statistics)
+    seq = isinstance(batches, (list, tuple))
+    dynamic = (len({_shapes(b) for b in batches}) > 1) if seq else None
+    rec = Recorder(model, observe, structures=reference is not None)
+    ref_rec = Recorder(reference, observe_ref) if reference is not None else None
     nets = [model] + ([reference] if reference is not None else [])
+    # eval mode: dropout would perturb the statistics; restore each module's own mode afterwards
     modes = {m: m.training for net in nets for m in net.modules()}
     for net in nets:
         net.eval()
     try:
-        total = len(batches) if hasattr(batches, "__len__") else None
-        with torch.no_grad():
+        with recording(model, rec, dynamic=dynamic) as compiled, \
+                (recording(reference, ref_rec, dynamic=dynamic, nested=True) if reference is not None
+                 else contextlib.nullcontext()) as ref_compiled, \
+                torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), torch.no_grad():
+            total = len(batches) if hasattr(batches, "__len__") else None
             for batch in tqdm(batches, total=total, desc="lrcompile calibrate", disable=not progress):
-                state["mask"] = _mask_of(batch)
-                seen_ref.clear()
+                rows.mask = _mask_of(batch)
+                ref_rows.clear()
                 if reference is not None:
-                    call_model(reference, batch)
-                call_model(model, batch)
+                    call_model(ref_compiled, batch)
+                before = rec.observed
+                call_model(compiled, batch)
+                if missing:
+                    names = sorted(missing)
+                    raise ValueError(f"lrcompile.calibrate: reference has no linear site {names[0]!r} "
+                                     f"({len(names)} of {len(seen)} sites unmatched)")
+                if rec.observed == before and stats.sites:
+                    raise RuntimeError("lrcompile.calibrate: a batch ran without the instrumented graphs (Dynamo "
+                                       "ran the model uncompiled): its statistics would be missing")
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise RuntimeError(f"lrcompile.calibrate: Dynamo reached its recompile limit on these batches; past it the "
+                           f"model would run uncompiled and its statistics be skipped ({e})") from None
     finally:
-        state["mask"] = None
-        for h in handles:
-            h.remove()
+        rows.mask = None
         for m, training in modes.items():
             m.training = training
-    if state["unmasked"]:
-        names = sorted(state["unmasked"])
+    if rows.unmasked:
+        names = sorted(rows.unmasked)
         warnings.warn(f"lrcompile.calibrate: attention_mask could not be applied at {len(names)} site(s) "
-                      f"(e.g. {names[0]} with input rows {state['unmasked'][names[0]]}): their statistics include "
+                      f"(e.g. {names[0]} with input rows {rows.unmasked[names[0]]}): their statistics include "
                       f"padded positions", stacklevel=2)
+    # the site list a budget plans over: with `reference=`, the dense reference's (the statistics factorise its
+    # weights; the model's installed structures are no sites of it)
+    stats.index = _index(reference, ref_rec.sites) if reference is not None else _index(model, rec.sites)
     for s in stats.sites.values():
         s.xtx, s.abs_sum = s.xtx.cpu(), s.abs_sum.cpu()
         if s.cross is not None:
             s.cross = s.cross.cpu()
     return stats
+
+
+def _index(model: nn.Module, sites: dict) -> dict:
+    """The site list for CalibrationStats.index: parameter paths in `model` (a tied weight: its first name)."""
+    paths = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        paths.setdefault(id(p), name)
+    out = {}
+    for fqn, c in sites.items():
+        s = c.site
+        w = paths.get(id(s.weight))
+        if w is None:
+            continue  # not the model's own parameter: the budget could not find it again
+        out[fqn] = {"weight": w, "transposed": bool(s.transposed),
+                    "bias": paths.get(id(s.bias)) if s.bias is not None else None}
+    return out
 
 
 SENSITIVITY_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9)
@@ -359,31 +447,42 @@ def measure_sensitivity(model: nn.Module, batches, stats: CalibrationStats, poli
 
     pol = load_policy(policy)
     batches = list(batches)
-    mods = {n: m for n, m in _linear_modules(model).items() if n in stats.sites}
+    params = _site_weights(model, stats, batches[0])
     modes = {m: m.training for m in model.modules()}
     model.eval()
     curves = {}
     try:
         with torch.no_grad():
             refs = [_hidden(call_model(model, b)) for b in batches]
-            for fqn, m in tqdm(mods.items(), desc="lrcompile sensitivity", disable=not progress):
-                conv = not isinstance(m, nn.Linear)
-                W = (m.weight.T if conv else m.weight).detach()
+            for fqn, (weight, conv) in tqdm(params.items(), desc="lrcompile sensitivity", disable=not progress):
+                W = (weight.T if conv else weight).detach()
                 out_f, in_f = W.shape
                 approx = factorised(W, stats.get(fqn), *_site_init(pol, fqn))
-                saved = m.weight.detach().clone()
+                saved = weight.detach().clone()
                 curve = {}
                 try:
                     for f in fractions:
                         r = max(1, int(f * in_f * out_f / (in_f + out_f)))
                         Wr = approx(r).to(saved.dtype)
-                        m.weight.copy_(Wr.T if conv else Wr)
+                        weight.copy_(Wr.T if conv else Wr)
                         curve[r] = sum(float(loss_of(_hidden(call_model(model, b)), t, b, 0.0))
                                        for b, t in zip(batches, refs)) / len(batches)
                 finally:
-                    m.weight.copy_(saved)
+                    weight.copy_(saved)
                 curves[fqn] = curve
     finally:
         for mod, training in modes.items():
             mod.training = training
     return curves
+
+
+def _site_weights(model: nn.Module, stats: CalibrationStats, example) -> dict:
+    """{fqn: (stored parameter, stored (in, out))} of the sites with statistics, from the statistics' site list,
+    else from a trace of `model(example)` (statistics saved before they kept one)."""
+    if all(f in stats.index for f in stats.sites):
+        try:
+            return {f: (model.get_parameter(stats.index[f]["weight"]), bool(stats.index[f]["transposed"]))
+                    for f in stats.sites}
+        except AttributeError:
+            pass
+    return {s.fqn: (s.weight, s.transposed) for s in model_sites(model, example) if s.fqn in stats.sites}

@@ -95,4 +95,8 @@ def plan_budget(session: Session, model: Optional[nn.Module]) -> None:
     if session.policy is not None and session.policy.budget and session.ranks is None and model is not None:
         from .budget import plan_model
 
-        session.ranks = plan_model(session.policy, model, session.calibration)
+        from .capture import call_inputs
+
+        # the site list: the calibration's, else a nested trace of this very call (functional sites included)
+        session.ranks = plan_model(session.policy, model, session.calibration, example_inputs=call_inputs(model),
+                                   nested=True)

@@ -211,7 +211,7 @@ class Mixed(torch.nn.Module):
 
 def test_eager_rewrite_and_backend_plan_the_same_ranks(tmp_path):
     """The budget is planned once over the whole model by `plan_model` in both paths: same rank per site, and
-    the same function (the backend sees one graph here; the eager trace sees the functional site too)."""
+    the same function; the functional site `w` is one of the budget's sites in both."""
     import json
 
     import lrcompile
@@ -236,8 +236,63 @@ def test_eager_rewrite_and_backend_plan_the_same_ranks(tmp_path):
     assert set(rows) == {"a", "b", "w"}
     assert eager_rows == rows
     expected = B.plan_model(load_policy(pol), ref, stats)
-    assert {f: rows[f][1] for f in ("a", "b")} == expected and expected["a"] != expected["b"]  # non-uniform
+    assert {f: rows[f][1] for f in ("a", "b", "w")} == expected and expected["a"] != expected["b"]  # non-uniform
     torch._dynamo.reset()
     with torch.no_grad():
         got = torch.compile(eager, backend="lrcompile", options={"inductor": False})(x)
     torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
+
+
+class Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(weight(64, 48, 0.3, 6).float())
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w)  # site `inner`: no module hook sees it
+
+
+class Funcs(torch.nn.Module):
+    """Functional sites only: F.linear with a bare parameter inside a submodule, `x @ self.P` at the root."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Inner()
+        self.P = torch.nn.Parameter(weight(40, 64, 0.02, 7).T.float().contiguous())  # W = Pᵀ (40, 64)
+
+    def forward(self, x):
+        return torch.relu(self.inner(x)) @ self.P
+
+
+def test_functional_sites_are_budgeted_by_the_backend(tmp_path):
+    """Both functional sites get statistics, a planned rank, and the backend rewrites them at that rank — with
+    the calibration's site list, and without statistics (the backend traces the call for its site list)."""
+    import json
+
+    import lrcompile
+
+    pol = {"defaults": {"min_features": 0}, "budget": {"params": 0.4},
+           "rules": [{"match": "*", "method": "lowrank"}]}
+    torch.manual_seed(0)
+    m = Funcs()
+    xs = [torch.randn(16, 48) for _ in range(2)]
+    stats = lrcompile.calibrate(m, xs, pol, progress=False)
+    assert set(stats.keys()) == {"inner", "P"}
+    planned = {True: B.plan_model(load_policy(pol), m, stats),
+               False: B.plan_model(load_policy(pol), m, example_inputs=(xs[0],))}
+    assert all(set(p) == {"inner", "P"} and None not in p.values() for p in planned.values())
+    for calibrated in (True, False):
+        torch._dynamo.reset()
+        rep = tmp_path / f"r{calibrated}.json"
+        opts = {"policy": pol, "inductor": False, "report": str(rep), **({"calibration": stats} if calibrated else {})}
+        with torch.no_grad():
+            out = torch.compile(m, backend="lrcompile", options=opts)(xs[0])
+        rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"] if r["kind"] == "linear"}
+        assert set(rows) == {"inner", "P"}
+        for f, r in rows.items():
+            assert r["status"] == "rewritten" and r["allocated_rank"] == r["rank"] == planned[calibrated][f]
+        with torch.no_grad():  # and the factors are the ones applied
+            h = torch.relu(xs[0] @ m.inner.lrcompile_w.to_dense().T)
+            torch.testing.assert_close(out, h @ m.lrcompile_P.to_dense().T, rtol=1e-4, atol=1e-5)
+        for mod, name in ((m.inner, "lrcompile_w"), (m, "lrcompile_P")):
+            delattr(mod, name)

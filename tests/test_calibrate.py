@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lrcompile
@@ -266,3 +267,171 @@ def test_bench_calibration_and_held_out_text_are_disjoint(monkeypatch):
     # the filter, not luck: a generator that emits held-out sentences still yields a disjoint corpus
     monkeypatch.setattr(generated, "generate", lambda n, seed=0: HELD_OUT[:5] + [f"filler {i}." for i in range(n)])
     assert not set(generated.calibration_corpus(50)) & set(HELD_OUT)
+
+
+class Sub(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6) / 3)
+
+    def forward(self, x):
+        return F.linear(x, self.w)  # a site named `sub` that no module hook sees
+
+
+class Functional(nn.Module):
+    """Sites only a trace sees: F.linear with a bare parameter inside a submodule (`sub`) and `x @ self.P` at the
+    root (`P`, W = Pᵀ), around an nn.Linear (`lin`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sub = Sub()
+        self.lin = nn.Linear(8, 8)
+        self.P = nn.Parameter(torch.randn(8, 5) / 3)
+
+    def forward(self, x, attention_mask=None):
+        return torch.tanh(self.lin(torch.relu(self.sub(x)))) @ self.P
+
+
+def functional_batches():
+    """Dict batches of two lengths (dynamic shapes), each with padded positions."""
+    out = []
+    for seq in (5, 7, 5):
+        mask = torch.ones(2, seq, dtype=torch.long)
+        mask[1, seq - 2:] = 0
+        out.append({"x": torch.randn(2, seq, 6), "attention_mask": mask})
+    return out
+
+
+def linear_report_names(model, inputs, tmp_path) -> set:
+    """The linear sites the backend reports for one call of `model`."""
+    rep = tmp_path / "names.json"
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="lrcompile", options={"inductor": False, "report": str(rep)})(**inputs)
+    torch._dynamo.reset()
+    return {r["fqn"] for r in json.loads(rep.read_text())["sites"] if r["kind"] == "linear"}
+
+
+def test_functional_sites_get_statistics_under_the_backends_names(tmp_path):
+    m = Functional()
+    batches = functional_batches()
+    st = lrcompile.calibrate(m, batches, progress=False)
+    assert set(st.keys()) == {"sub", "lin", "P"} == linear_report_names(m, batches[0], tmp_path)
+    assert st.index["P"] == {"weight": "P", "transposed": True, "bias": None}
+    assert st.index["sub"] == {"weight": "sub.w", "transposed": False, "bias": None}
+    want = {k: torch.zeros(n, n, dtype=torch.float64) for k, n in (("sub", 6), ("lin", 8), ("P", 8))}
+    tokens = 0
+    with torch.no_grad():
+        for b in batches:
+            keep = b["attention_mask"].bool()
+            x = b["x"]
+            h = torch.relu(F.linear(x, m.sub.w))
+            ins = {"sub": x, "lin": h, "P": torch.tanh(m.lin(h))}
+            for k, v in ins.items():
+                rows = v[keep].double()  # padded positions left out
+                want[k] += rows.T @ rows
+            tokens += int(keep.sum())
+    for k in want:
+        assert st.get(k).tokens == tokens
+        torch.testing.assert_close(st.get(k).xtx, want[k], rtol=1e-6, atol=1e-9)
+        assert st.get(k).xtx.dtype == torch.float64
+
+
+def test_functional_sites_get_sensitivity_curves_and_weights_are_restored():
+    m = Functional()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    st = lrcompile.calibrate(m, functional_batches(), SENS_POLICY, sensitivity_batches=1, progress=False)
+    assert set(st.sensitivity) == {"sub", "lin", "P"}
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_reference_cross_moments_at_functional_and_installed_sites():
+    """A compressed copy (lowrank modules installed by rewrite, factors attached to the functional site) against
+    its dense reference: every site's cross moment, sites matched by name."""
+    import copy
+
+    torch.manual_seed(0)
+    ref = Functional()
+    comp = copy.deepcopy(ref)
+    xs = [torch.randn(4, 6) for _ in range(2)]
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 2}]}
+    lrcompile.rewrite(comp, pol, (xs[0],), progress=False)
+    st = lrcompile.calibrate(comp, xs, reference=ref, progress=False)
+    assert set(st.keys()) == {"sub", "lin", "P"} == set(st.index)  # the site list: the dense reference's
+    x = torch.cat(xs)
+    with torch.no_grad():
+        ins = lambda net: (torch.relu(net.sub(x)), torch.tanh(net.lin(torch.relu(net.sub(x)))))  # noqa: E731
+        (hr, yr), (hc, yc) = ins(ref), ins(comp)
+    x = x.double()
+    torch.testing.assert_close(st.get("sub").cross, x.T @ x)
+    torch.testing.assert_close(st.get("lin").cross, hr.double().T @ hc.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.get("P").cross, yr.double().T @ yc.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.get("P").xtx, yc.double().T @ yc.double(), rtol=1e-5, atol=1e-6)
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
+class Loop(nn.Module):
+    """A graph break inside a loop over blocks: Dynamo compiles Broken.forward as a frame of its own and runs its
+    graphs for every block, with that block's weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Broken() for _ in range(3)])
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+def test_graphs_shared_by_instances_are_named_and_counted_per_instance():
+    m = Loop()
+    xs = [torch.randn(3, 6) for _ in range(2)]
+    st = lrcompile.calibrate(m, xs, progress=False)
+    assert set(st.keys()) == {f"blocks.{i}.{n}" for i in range(3) for n in "ab"}
+    h = torch.cat(xs)
+    with torch.no_grad():
+        for i, blk in enumerate(m.blocks):
+            for n in "ab":
+                x = h.double()
+                torch.testing.assert_close(st.get(f"blocks.{i}.{n}").xtx, x.T @ x, rtol=1e-5, atol=1e-6)
+                h = getattr(blk, n)(h)
+                h = torch.relu(h) if n == "a" else h
+
+
+def test_recompiles_past_dynamos_limit_fail_loudly():
+    class Repeat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, n):
+            for _ in range(n):  # every n is another graph
+                x = self.fc(x)
+            return x
+
+    batches = [(torch.randn(2, 4), n) for n in range(1, 12)]
+    with pytest.raises(RuntimeError, match="recompile limit"):
+        lrcompile.calibrate(Repeat(), batches, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_site_names_equal_the_backends_on_hf_models(kind, tmp_path):
+    from conftest import tiny_hf
+
+    model, inputs = tiny_hf(kind, width=32, inter=48, layers=1, heads=2, kv_heads=2, vocab=60, tokens=5)
+    st = lrcompile.calibrate(model, [inputs], progress=False)
+    names = linear_report_names(model, inputs, tmp_path)
+    assert set(st.keys()) == set(st.index) == names
+    if kind == "gpt2":  # Conv1D (weight stored (in, out)) and the head tied to the embedding
+        assert st.index["transformer.h.0.attn.c_attn"]["transposed"] and "lm_head" in names

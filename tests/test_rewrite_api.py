@@ -148,3 +148,19 @@ def test_a_linear_subclass_that_computes_a_linear_is_swapped_so_eager_calls_see_
     h = torch.relu(m[0](x))
     torch.testing.assert_close(m[0](x), x @ (m[0].weight + m[0].delta()).T + m[0].bias, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled(x), 2 * (h @ m[2].weight.T + m[2].bias), atol=1e-5, rtol=1e-5)
+
+
+def test_graphs_shared_by_instances_are_rewritten_for_each_instance():
+    """A graph break inside a loop over blocks: Dynamo compiles the block's forward once and runs that graph for
+    every block. The capture names each run for its block, as the backend does, so every block is rewritten."""
+    from test_calibrate import Loop
+
+    m = Loop()
+    x = torch.randn(3, 6)
+    ref = m(x)
+    lrcompile.rewrite(m, {"defaults": {"min_features": 0, "guard": "off"},
+                          "rules": [{"match": "blocks.*", "method": "lowrank", "rank": 6}]}, (x,), progress=False)
+    rows = {r.fqn: r.status for r in m.lrcompile_report.sites()}
+    assert rows == {f"blocks.{i}.{n}": "rewritten" for i in range(3) for n in "ab"}
+    assert all(type(getattr(blk, n)).__name__ == "LowRank" for blk in m.blocks for n in "ab")
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)  # full rank: the same function
