@@ -8,10 +8,11 @@ from .api import rewrite
 from .calibrate import CalibrationStats, calibrate
 from .heal import heal
 from .persist import load, save
+from .refresh import refresh
 from .adapters import adapter_state_dict, load_adapter_state_dict, merge
 from .param_groups import param_groups
 from .errors import LrcompileError, PlanError, PolicyError, SiteError
 from .policy import Policy, load_policy
 
 __version__ = "0.1.0"
-__all__ = ["rewrite", "calibrate", "CalibrationStats", "heal", "save", "load", "merge", "adapter_state_dict", "load_adapter_state_dict", "param_groups", "LrcompileError", "PlanError", "PolicyError", "SiteError", "Policy", "load_policy"]
+__all__ = ["rewrite", "calibrate", "CalibrationStats", "heal", "save", "load", "merge", "adapter_state_dict", "load_adapter_state_dict", "param_groups", "refresh", "LrcompileError", "PlanError", "PolicyError", "SiteError", "Policy", "load_policy"]

@@ -591,3 +591,14 @@ def test_a_router_softmax_is_not_reported_as_an_attention():
         warnings.simplefilter("error")
         torch.compile(Router(), backend="lrcompile", options={"policy": ATT("shared_kv", rank=8),
                                                               "inductor": False})(torch.randn(2, 16))
+
+
+def test_refresh_refits_attention_factors_after_a_write_through_data():
+    m = ManualAttn().eval()
+    x = torch.randn(2, 5, 32)
+    c = torch.compile(m, backend="lrcompile", options={"policy": ATT("shared_kv", rank=64), "inductor": False})
+    c(x)
+    m.k.weight.data.mul_(3)
+    assert (c(x) - m(x)).abs().max() > 1e-3  # no stamp sees a write through .data
+    assert lrcompile.refresh(m) == 1
+    torch.testing.assert_close(c(x), m(x), atol=1e-5, rtol=1e-5)

@@ -623,3 +623,16 @@ def test_strict_raises_for_a_shape_the_family_cannot_take(rule):
         compile_eager(nn.Linear(32, 48), pol)(torch.randn(2, 32))
     err = inner(e.value)
     assert isinstance(err, lrcompile.SiteError) and "cannot take 32→48" in str(err) and "\n" not in str(err)
+
+
+def test_refresh_refits_after_an_in_place_write_through_data():
+    """`.data.mul_()` bypasses the version counter and keeps the storage: no stamp sees it; refresh() does."""
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(5, 32)
+    c = compile_eager(m, all_lowrank(32))  # full rank: exact
+    c(x)
+    assert isinstance(m[0].lrcompile, LowRank)
+    m[0].weight.data.mul_(2)
+    assert (c(x) - m(x)).abs().max() > 1e-3  # the documented blind spot
+    assert lrcompile.refresh(m) == 2
+    torch.testing.assert_close(c(x), m(x), atol=1e-5, rtol=1e-5)
