@@ -117,6 +117,7 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
     for row in attn_rows:
         rep.add(row)
     seen: set = set()
+    made_adapter = False
     ranks = _plan_budget(pol, model, stats, captured)
     n_sites = len({c.site.fqn for c in captured if c.site.kind == "linear"})
     bar = tqdm(total=n_sites, desc="lrcompile rewrite", unit="site", disable=not progress)
@@ -135,6 +136,7 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
         if struct is None:
             continue
         _install(model, c, struct, row)
+        made_adapter = made_adapter or store.freezes_others(struct)
         struct.policy_digest = pol.digest
         if struct.weight is not None:  # an adapter's base (for Conv1D a transposed copy) is a pre-existing weight
             before[id(struct.weight)] = struct.weight
@@ -145,8 +147,8 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
     for rule in pol.rules:
         if rule.kind == "linear" and not any(rule.matches(f) for f in seen):
             warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
-    if pol.has_adapters:  # PEFT-style: only the new branches train
-        _freeze(model, before)
+    if made_adapter:  # PEFT-style: only the new branches train (a rule that matched nothing freezes nothing)
+        store.freeze_for_adapters(model, before)
     for m in model.modules():  # an attention rule's factors, made by install_attention above
         if isinstance(m, AttnFactors) and getattr(m, "policy_digest", None) is None:
             m.policy_digest = pol.digest
@@ -159,15 +161,6 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
     if verbose:
         print(rep.table())
     return model
-
-
-def _freeze(model: nn.Module, before) -> None:
-    """Freeze every parameter the model had before this rewrite except the base weights of adapters that train
-    theirs (`Structure.trains_base`: NOBLE) — those of this rewrite and of earlier ones."""
-    keep = {id(w) for _, s, w in store.installed(model) if s.trains_base and w is not None}
-    for p in model.parameters():
-        if before.get(id(p)) is p and id(p) not in keep:
-            p.requires_grad_(False)
 
 
 def _install(model: nn.Module, c: CapturedSite, struct: Structure, row) -> None:

@@ -55,6 +55,21 @@ def installed(model: nn.Module) -> Iterator[tuple[str, Structure, Optional[torch
             yield path, mod, mod.weight
 
 
+def freezes_others(struct: Structure) -> bool:
+    """An adapter whose base stays frozen (LoRA, DoRA, VeRA): installing one makes the model PEFT-style."""
+    return not struct.compressing and not struct.trains_base
+
+
+def freeze_for_adapters(model: nn.Module, before) -> None:
+    """The one freezing rule of both paths: every parameter the model had before adapters were installed is
+    frozen, except the base weights of adapters that train theirs (`Structure.trains_base`: NOBLE). `before`:
+    id -> parameter of those parameters."""
+    keep = {id(w) for _, s, w in installed(model) if s.trains_base and w is not None}
+    for p in model.parameters():
+        if before.get(id(p)) is p and id(p) not in keep:
+            p.requires_grad_(False)
+
+
 def attached(module: nn.Module, weight: torch.Tensor) -> Optional[Structure]:
     child = getattr(module, child_name(module, weight), None)
     return child if isinstance(child, Structure) else None

@@ -59,6 +59,8 @@ def plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool =
             if struct is not None:
                 struct.to(device=site.weight.device)
                 keep_factors(site, struct, module, session, row)
+                if store.freezes_others(struct) and root is not None and not session.frozen:
+                    _freeze_once(root, session)
                 if struct.compressing and tie_broken(site, root):
                     row.notes.append(TIE_NOTE)
         if tuned is not None and struct is not None:
@@ -71,6 +73,14 @@ def plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool =
                                                owner=module)
     bar.close()
     return chosen, feeds
+
+
+def _freeze_once(model, session: Session) -> None:
+    """The backend path follows `rewrite`'s rule: adapters make the model PEFT-style, frozen but for them."""
+    from .structures import is_owned
+
+    session.frozen = True
+    store.freeze_for_adapters(model, {id(p): p for p in model.parameters() if not is_owned(p)})
 
 
 def _superseded(site: Site, prev: Structure, decision: Decision, session: Session, module) -> bool:

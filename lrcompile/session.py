@@ -33,6 +33,7 @@ class Session:
         self.loose: dict = {}  # linear factors of such sites: id(weight) -> (weakref to the weight, structure)
         self.ranks: Optional[dict] = None  # the policy budget's allocation, planned once over the whole model
         self.warned: set = set()  # what this session has warned about (once each)
+        self.frozen = False  # adapters installed: the model was frozen PEFT-style once (attach.freeze_for_adapters)
 
     def orphan(self, weight: torch.Tensor) -> Optional[Structure]:
         ref, struct = self.loose.get(id(weight), (None, None))

@@ -892,3 +892,23 @@ def test_merge_of_a_square_matmul_site_after_a_copy(tmp_path, via):
         m2 = lrcompile.load(SquareMatmul(), str(tmp_path / "ck"))
     lrcompile.merge(m2)
     torch.testing.assert_close(m2(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_both_paths_freeze_by_one_rule():
+    """rewrite and the backend path alike: adapters make the model PEFT-style (only their branches train); a rule
+    that matches nothing freezes nothing."""
+    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "0", "method": "lora", "rank": 4}]}
+    x = torch.randn(4, 16)
+    for path in ("rewrite", "backend"):
+        m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+        if path == "rewrite":
+            lrcompile.rewrite(m, pol, (x,))
+        else:
+            compile_eager(m, pol)(x)
+        trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable), (path, trainable)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    nothing = {"defaults": {"min_features": 0}, "rules": [{"match": "nope", "method": "lora", "rank": 4}]}
+    with pytest.warns(UserWarning, match="matches no site"):
+        lrcompile.rewrite(m, nothing, (x,))
+    assert all(p.requires_grad for p in m.parameters())
