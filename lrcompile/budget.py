@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 
 from . import whiten
-from .errors import PlanError
+from .errors import PlanError, SiteError
 
 ErrorCurve = Union[Callable[[int], float], Mapping[int, float]]
 
@@ -255,6 +255,15 @@ def budget_cost(ranks: dict, candidates: list[Candidate], kind: str = "params") 
     return spent, dense_total
 
 
+def _cannot_take(policy, rule, fqn: str, in_f: int, out_f: int, e: Exception) -> None:
+    """A shape the rule's family cannot take: the site stays out of the budget and dense (the planner's `decide`
+    reports it failed); under `strict` it is an error, as every failed site is."""
+    msg = f"{policy.where(rule)}: {fqn}: {rule.method} cannot take {in_f}→{out_f} ({str(e).splitlines()[0]})"
+    if policy.defaults.strict:
+        raise SiteError(msg)
+    warnings.warn(f"lrcompile: {msg}; left out of the budget, kept dense", stacklevel=3)
+
+
 def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int]]:
     """Knob values (ranks) for every site of a whole model whose family a budget sizes, under `policy.budget`.
 
@@ -289,17 +298,18 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
                 cap = getattr(rule.config.resolve(in_f, out_f), knob) if given else None
                 cand = Candidate(fqn, w, nb, 1, cap, rule.method, rule.config)
                 cand.full()
-            except Exception as e:
-                raise PlanError(f"{policy.where(rule)}: {fqn}: cannot size {rule.method} for the budget "
-                                f"({type(e).__name__}: {e})") from None
+                _costs(cand, kind)[0](1)  # the smallest size priced: a shape the family cannot take fails here
+            except (ValueError, TypeError, ZeroDivisionError) as e:
+                _cannot_take(policy, rule, fqn, in_f, out_f, e)
+                continue
             (cands if cls.budget_error is not None else uniform).append(cand)
             continue
-        cfg = rule.config.resolve(in_f, out_f) if hasattr(rule.config, "resolve") else rule.config
         try:
+            cfg = rule.config.resolve(in_f, out_f) if hasattr(rule.config, "resolve") else rule.config
             fixed = (cls.param_count(in_f, out_f, cfg) + nb) if kind == "params" else cls.flops_per_token(in_f, out_f, cfg)
-        except Exception as e:
-            raise PlanError(f"{policy.where(rule)}: {fqn}: cannot count {rule.method} {kind} for the budget "
-                            f"({type(e).__name__}: {e})") from None
+        except (ValueError, TypeError, ZeroDivisionError) as e:
+            _cannot_take(policy, rule, fqn, in_f, out_f, e)
+            continue
         res_dense += (in_f * out_f + nb) if kind == "params" else 2 * in_f * out_f
         res_spent += fixed
     budget = {kind: policy.budget[kind]}

@@ -1,7 +1,11 @@
 """lrcompile.budget: non-uniform rank allocation under a global parameter / FLOP budget."""
+import json
+
 import pytest
 import torch
+from torch import nn
 
+from conftest import compile_eager
 from lrcompile import budget as B
 from lrcompile.calibrate import CalibrationStats, SiteStats
 from lrcompile.policy import load_policy
@@ -296,3 +300,20 @@ def test_functional_sites_are_budgeted_by_the_backend(tmp_path):
             torch.testing.assert_close(out, h @ m.lrcompile_P.to_dense().T, rtol=1e-4, atol=1e-5)
         for mod, name in ((m.inner, "lrcompile_w"), (m, "lrcompile_P")):
             delattr(mod, name)
+
+
+@pytest.mark.parametrize("rule", [{"method": "blast", "blocks": 2}, {"method": "btt", "rank": 2}, {"method": "btt"}])
+def test_a_budget_site_the_family_cannot_take_stays_dense_with_a_warning(rule, tmp_path):
+    """97 is prime (BTT needs a factorisation) and BLAST's 2x2 blocks do not divide it: no bare ValueError."""
+    m = nn.Sequential(nn.Linear(97, 96), nn.ReLU(), nn.Linear(96, 97))
+    x = torch.randn(2, 97)
+    pol = {"defaults": {"min_features": 0}, "budget": {"params": 0.5}, "rules": [{"match": "*", **rule}]}
+    rep = tmp_path / "r.json"
+    with pytest.warns(UserWarning, match=f"{rule['method']} cannot take"):
+        out = compile_eager(m, pol, report=str(rep))(x)
+    torch.testing.assert_close(out, m(x))
+    assert {r["status"] for r in json.loads(rep.read_text())["sites"]} <= {"skipped", "failed"}
+    pol["defaults"]["strict"] = True
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="cannot take"):
+        compile_eager(m, pol)(x)
