@@ -44,7 +44,8 @@ from bench.data.generated import calibration_corpus, healing_corpus  # noqa: E40
 from bench.data.text import HELD_OUT  # noqa: E402
 from lrcompile import budget as B  # noqa: E402
 from lrcompile import whiten  # noqa: E402
-from lrcompile.calibrate import CalibrationStats, factorised  # noqa: E402
+from lrcompile.calibrate import CalibrationStats  # noqa: E402
+from lrcompile.sensitivity import factorised  # noqa: E402
 
 BUDGETS = (0.9, 0.75, 0.5)
 GOALS = {0.75: 0.97, 0.5: 0.90}

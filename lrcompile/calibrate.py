@@ -19,10 +19,6 @@ planned from them (`budget.plan_model`) counts the same sites without another tr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
-import os
 import warnings
 from typing import Iterable, Optional
 
@@ -31,155 +27,7 @@ from torch import nn
 
 from .capture import Recorder, call_model, model_sites, recording
 
-FORMAT = "lrcompile-calibration-v1"
-
-
-@dataclasses.dataclass
-class SiteStats:
-    xtx: torch.Tensor  # (in, in) float64, Σ over tokens of xᵀx
-    abs_sum: torch.Tensor  # (in,) float64, Σ over tokens of |x|
-    tokens: int
-    cross: Optional[torch.Tensor] = None  # (in, in) float64, Σ xᵀ x̃ (reference input x, this model's x̃)
-    fqn: Optional[str] = dataclasses.field(default=None, compare=False)  # set by CalibrationStats.get: warnings name it
-
-    @property
-    def in_features(self) -> int:
-        return self.xtx.shape[0]
-
-    @property
-    def abs_mean(self) -> torch.Tensor:
-        return self.abs_sum / max(self.tokens, 1)
-
-    @property
-    def cov(self) -> torch.Tensor:
-        """Mean second moment E[xᵀx] (scale-free across token counts)."""
-        return self.xtx / max(self.tokens, 1)
-
-    @property
-    def cross_mean(self) -> Optional[torch.Tensor]:
-        return None if self.cross is None else self.cross / max(self.tokens, 1)
-
-    @classmethod
-    def empty(cls, in_features: int, device=None, cross: bool = False) -> "SiteStats":
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(z(in_features, in_features), z(in_features), 0, z(in_features, in_features) if cross else None)
-
-    def add(self, x: torch.Tensor, ref: Optional[torch.Tensor] = None, moments: Optional[tuple] = None) -> None:
-        """Accumulate rows x (…, in); `ref`: the reference model's rows at the same tokens (for `cross`);
-        `moments`: (xᵀx, Σ|x|) of these rows already computed (sites that share an input)."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        if moments is None:
-            self.xtx.addmm_(x.T, x)
-            self.abs_sum.add_(x.abs().sum(0))
-        else:
-            self.xtx.add_(moments[0])
-            self.abs_sum.add_(moments[1])
-        self.tokens += x.shape[0]
-        if ref is not None:
-            r = ref.detach().reshape(-1, ref.shape[-1]).to(torch.float64)
-            if self.cross is None:
-                self.cross = torch.zeros_like(self.xtx)
-            self.cross.addmm_(r.T, x)
-
-
-class CalibrationStats:
-    """Statistics keyed by site FQN; `get(fqn)` gives a SiteStats or None."""
-
-    def __init__(self, sites: Optional[dict] = None, sensitivity: Optional[dict] = None, index: Optional[dict] = None):
-        self.sites: dict[str, SiteStats] = dict(sites or {})
-        # measured end-to-end error curves {fqn: {rank: loss}} (`measure_sensitivity`); budgets can allocate by them
-        self.sensitivity: dict[str, dict[int, float]] = dict(sensitivity or {})
-        # every linear site of the calibrated model, as the backend enumerates it (not only those with statistics):
-        # {fqn: {"weight": path, "transposed": bool, "bias": path or None}}
-        self.index: dict[str, dict] = dict(index or {})
-
-    def get(self, fqn: str) -> Optional[SiteStats]:
-        s = self.sites.get(fqn)
-        if s is not None and s.fqn is None:
-            s.fqn = fqn
-        return s
-
-    def __contains__(self, fqn) -> bool:
-        return fqn in self.sites
-
-    def __len__(self) -> int:
-        return len(self.sites)
-
-    def keys(self):
-        return self.sites.keys()
-
-    def digest(self) -> str:
-        """Hash of every statistic (factor-cache keys include it)."""
-        h = hashlib.sha256()
-        for fqn in sorted(self.sites):
-            s = self.sites[fqn]
-            h.update(fqn.encode())
-            h.update(s.xtx.contiguous().numpy().tobytes())
-            h.update(s.abs_sum.contiguous().numpy().tobytes())
-            h.update(str(s.tokens).encode())
-            if s.cross is not None:
-                h.update(s.cross.contiguous().numpy().tobytes())
-        if self.sensitivity:
-            h.update(json.dumps(self._curves(), sort_keys=True).encode())
-        return h.hexdigest()[:16]
-
-    def _curves(self) -> dict:
-        return {f: {str(r): float(e) for r, e in c.items()} for f, c in self.sensitivity.items()}
-
-    def save(self, path) -> None:
-        """safetensors: exact float64 tensors; the token counts travel in the metadata."""
-        from safetensors.torch import save_file
-
-        tensors, tokens = {}, {}
-        for i, (fqn, s) in enumerate(self.sites.items()):
-            tensors[f"{i}.xtx"] = s.xtx.detach().cpu().contiguous()
-            tensors[f"{i}.abs_sum"] = s.abs_sum.detach().cpu().contiguous()
-            if s.cross is not None:
-                tensors[f"{i}.cross"] = s.cross.detach().cpu().contiguous()
-            tokens[str(i)] = [fqn, s.tokens]
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        save_file(tensors, str(path), metadata={"format": FORMAT, "sites": json.dumps(tokens),
-                                                "sensitivity": json.dumps(self._curves()),
-                                                "index": json.dumps(self.index)})
-
-    @classmethod
-    def load(cls, path) -> "CalibrationStats":
-        # safetensors, not torch.load: inside a Dynamo backend call torch.load materialises meta tensors
-        from safetensors import safe_open
-
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"lrcompile: calibration file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise ValueError
-                sites, names = {}, set(f.keys())
-                for i, (fqn, tokens) in json.loads(meta["sites"]).items():
-                    cross = f.get_tensor(f"{i}.cross") if f"{i}.cross" in names else None
-                    sites[fqn] = SiteStats(f.get_tensor(f"{i}.xtx"), f.get_tensor(f"{i}.abs_sum"), int(tokens), cross)
-                curves = {fqn: {int(r): float(e) for r, e in c.items()}
-                          for fqn, c in json.loads(meta.get("sensitivity", "{}")).items()}
-                index = json.loads(meta.get("index", "{}"))  # absent in files written before it existed
-        except Exception:
-            raise ValueError(f"lrcompile: {path} is not an lrcompile calibration file (expected {FORMAT} safetensors)") from None
-        return cls(sites, curves, index)
-
-    def site_list(self, model: nn.Module) -> Optional[list]:
-        """(fqn, dense weight (out, in), bias) of every indexed site, resolved on `model`; None without an index
-        or where `model` lacks one of its parameters (statistics of another model)."""
-        if not self.index:
-            return None
-        out = []
-        try:
-            for fqn, e in self.index.items():
-                w = model.get_parameter(e["weight"])
-                b = model.get_parameter(e["bias"]) if e.get("bias") else None
-                out.append((fqn, w.T if e.get("transposed") else w, b))
-        except (AttributeError, KeyError, TypeError):
-            return None
-        return out
+from .calibration_stats import FORMAT, CalibrationStats, SiteStats  # noqa: F401  (the statistics it makes)
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -262,6 +110,8 @@ def calibrate(model: nn.Module, batches: Iterable, policy=None, *, reference: Op
     stats = _collect(model, batches, pol, reference, progress)
     budget = pol.budget if pol is not None else None
     if budget and budget.get("allocate") == "sensitivity" and reference is None:
+        from .sensitivity import measure_sensitivity
+
         stats.sensitivity = measure_sensitivity(model, list(batches)[:max(1, sensitivity_batches)], stats, pol,
                                                 progress=progress)
     return stats
@@ -404,85 +254,3 @@ def _index(model: nn.Module, sites: dict) -> dict:
         out[fqn] = {"weight": w, "transposed": bool(s.transposed),
                     "bias": paths.get(id(s.bias)) if s.bias is not None else None}
     return out
-
-
-SENSITIVITY_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9)
-
-
-def _site_init(pol, fqn: str):
-    """(init, damping, alpha) the policy's low-rank rule will factorise this site with."""
-    rule = pol.match(fqn, "linear") if pol is not None else None
-    cfg = getattr(rule, "config", None)
-    return (getattr(cfg, "init", "whitened_svd") or "whitened_svd", getattr(cfg, "damping", 0.01),
-            getattr(cfg, "asvd_alpha", 0.5))
-
-
-def factorised(W: torch.Tensor, s: Optional[SiteStats], init: str = "whitened_svd", damping: float = 0.01,
-               alpha: float = 0.5):
-    """rank -> Ŵ (float64) for one site: one SVD, sliced per rank (the same math as the low-rank inits)."""
-    from . import whiten
-
-    if init == "whitened_svd" and s is not None:
-        T, wh = whiten.whitened_target(W, s, damping)
-        post = wh.unright
-    elif init == "asvd" and s is not None:
-        sc = whiten.asvd_scale(s.abs_mean, alpha)
-        T, post = W.detach().double() * sc, (lambda V: V / sc)
-    else:
-        T, post = W.detach().double(), (lambda V: V)
-    P, S, Qh = torch.linalg.svd(T, full_matrices=False)
-    return lambda r: (P[:, :r] * S[:r]) @ post(Qh[:r])
-
-
-def measure_sensitivity(model: nn.Module, batches, stats: CalibrationStats, policy=None, *,
-                        fractions=SENSITIVITY_FRACTIONS, progress: bool = True) -> dict[str, dict[int, float]]:
-    """Each site compressed alone at ranks fractions × break-even, the rest dense: {fqn: {rank: loss}} with loss
-    = 1 − cosine of the mask-weighted mean-pooled outputs against the dense model's (lrcompile.heal's loss, no
-    token term), averaged over `batches`. The budget allocator reads these as measured error curves: unlike a
-    site's spectrum they see how much its error matters at the model's output."""
-    from tqdm.auto import tqdm
-
-    from .heal import _hidden, loss_of
-    from .policy import load_policy
-
-    pol = load_policy(policy)
-    batches = list(batches)
-    params = _site_weights(model, stats, batches[0])
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    curves = {}
-    try:
-        with torch.no_grad():
-            refs = [_hidden(call_model(model, b)) for b in batches]
-            for fqn, (weight, conv) in tqdm(params.items(), desc="lrcompile sensitivity", disable=not progress):
-                W = (weight.T if conv else weight).detach()
-                out_f, in_f = W.shape
-                approx = factorised(W, stats.get(fqn), *_site_init(pol, fqn))
-                saved = weight.detach().clone()
-                curve = {}
-                try:
-                    for f in fractions:
-                        r = max(1, int(f * in_f * out_f / (in_f + out_f)))
-                        Wr = approx(r).to(saved.dtype)
-                        weight.copy_(Wr.T if conv else Wr)
-                        curve[r] = sum(float(loss_of(_hidden(call_model(model, b)), t, b, 0.0))
-                                       for b, t in zip(batches, refs)) / len(batches)
-                finally:
-                    weight.copy_(saved)
-                curves[fqn] = curve
-    finally:
-        for mod, training in modes.items():
-            mod.training = training
-    return curves
-
-
-def _site_weights(model: nn.Module, stats: CalibrationStats, example) -> dict:
-    """{fqn: (stored parameter, stored (in, out))} of the sites with statistics, from the statistics' site list,
-    else from a trace of `model(example)` (statistics saved before they kept one)."""
-    if all(f in stats.index for f in stats.sites):
-        try:
-            return {f: (model.get_parameter(stats.index[f]["weight"]), bool(stats.index[f]["transposed"]))
-                    for f in stats.sites}
-        except AttributeError:
-            pass
-    return {s.fqn: (s.weight, s.transposed) for s in model_sites(model, example) if s.fqn in stats.sites}

@@ -213,7 +213,8 @@ SENS_POLICY = {"defaults": {"min_features": 0}, "budget": {"params": 0.5, "alloc
 
 def test_sensitivity_curves_are_measured_round_trip_and_drive_the_budget(tmp_path):
     from lrcompile import budget as B
-    from lrcompile.calibrate import factorised, module_sites
+    from lrcompile.calibrate import module_sites
+    from lrcompile.sensitivity import factorised
     from lrcompile.heal import loss_of
 
     torch.manual_seed(0)
