@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import dynamo_reset, example_value, frame_locals, mark_new_input
 from .errors import SiteError
 from .passes import fused_qkv as fused_pass
 from .passes import shared_kv as shared_pass
@@ -218,7 +219,7 @@ def operands(site: Site) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
 
 
 def _val(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return example_value(node) if isinstance(node, fx.Node) else None
 
 
 def _split_rows(node: fx.Node) -> Optional[tuple[fx.Node, tuple[int, int]]]:
@@ -565,7 +566,7 @@ def rewrite_attention(gm: fx.GraphModule, plans: list[AttnPlan]) -> tuple[fx.Gra
             for tname in plan.struct.tensor_names:
                 with graph.inserting_after(last):
                     last = graph.placeholder(f"lrc_{_safe(plan.row.fqn)}_{plan.method}_{tname}")
-                last._dynamo_source = None
+                mark_new_input(last)
                 inputs.append(last)
             project = functools.partial(plan.struct.project, inputs=inputs)
             feeds.append(plan.feed)
@@ -593,7 +594,6 @@ def install_attention(model: nn.Module, policy, example_inputs) -> tuple[list[Si
     them, and DDP would otherwise wait for their gradients). Returns the report rows and the claimed linear
     site FQNs (no linear rule may rewrite those)."""
     from .capture import call_model
-    from .dynamo_names import frame_locals
     from .resolve import root_module, site_module
     from .sites import find_sites
 
@@ -619,10 +619,10 @@ def install_attention(model: nn.Module, policy, example_inputs) -> tuple[list[Si
                     s.weight.requires_grad_(False)
         return gm.forward
 
-    torch._dynamo.reset()
+    dynamo_reset()
     try:
         with torch.no_grad():
             call_model(torch.compile(model, backend=record, dynamic=False), example_inputs)
     finally:
-        torch._dynamo.reset()
+        dynamo_reset()
     return rows, claimed

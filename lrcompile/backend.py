@@ -20,13 +20,15 @@ from torch import nn
 
 from . import attach as store
 from . import attention
+from . import compat
+from .compat import frame_locals
 from .distributed import check_new_factors
 from .options import Options
 from .passes.rewrite import rewrite_graph
 from .plan import TIE_NOTE, Decision, build, decide, rel_error, site_row, tie_broken
 from .policy import KEEP, Policy, load_policy
 from .report import Report, SiteRow
-from .dynamo_names import frame_locals, strip_root
+from .dynamo_names import strip_root
 from .resolve import root_module, site_module
 from .sites import Site, find_sites
 from .structures import FAMILIES, Structure
@@ -148,12 +150,9 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
                         list(dense_sites.values()), options, opts) if feeds else None
     if not opts.inductor:
         return _Runner(gm, feeds, others)
-    from torch._inductor.compile_fx import compile_fx
-
     inputs = list(example_inputs) + _fakes(example_inputs, feeds)
     # torch.compile(mode=...) means Inductor's mode options, as it does with backend="inductor"
-    patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
-    compiled = compile_fx(gm, inputs, config_patches=patches)
+    compiled = compat.compile_fx(gm, inputs, mode)
     # compile_fx's callable is called unboxed, whatever its `_boxed_call` says (aot_module_simplified's forward)
     return _Runner(compiled, feeds, others)
 
@@ -182,15 +181,11 @@ def _enclosing(root: Optional[nn.Module]) -> tuple[Optional[nn.Module], str]:
     Python stack that contains `root`; none: root itself."""
     if root is None:
         return None, ""
-    from torch._dynamo.eval_frame import OptimizedModule
-
     found, f = None, sys._getframe(1)
     while f is not None:
         code = f.f_code
         if code.co_argcount and code.co_varnames[0] == "self":
-            obj = f.f_locals.get("self")
-            cand = obj._orig_mod if isinstance(obj, OptimizedModule) else (
-                obj if isinstance(obj, nn.Module) and getattr(obj, "_compiled_call_impl", None) is not None else None)
+            cand = compat.compiled_original(f.f_locals.get("self"))
             while isinstance(cand, _WRAPPERS):  # names are the user's model's, not `module.…`
                 cand = cand.module
             if isinstance(cand, nn.Module) and (cand is root or any(m is root for m in cand.modules())):
@@ -327,13 +322,11 @@ def _report_installed(site: Site, session: Session, root, f_locals, module=None)
 
 def _fakes(example_inputs, feeds) -> list:
     """Fake tensors for the factor inputs, made in the graph's own fake mode (static shapes)."""
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode(example_inputs)
+    mode = compat.fake_mode_of(example_inputs)
     out = []
     for f in feeds:
         for t in f.struct.tensors():
-            out.append(mode.from_tensor(t, static_shapes=True) if mode is not None else t)
+            out.append(compat.to_fake(mode, t) if mode is not None else t)
     return out
 
 
@@ -377,11 +370,9 @@ class _Instances:
         self.session, self.prefix, self.gm, self.options, self.opts = session, prefix, gm, options, opts
         self.model = weakref.ref(model) if model is not None else None
         self.root_type = type(root) if root is not None else None
-        from torch._subclasses.fake_tensor import FakeTensor
-
         # real parameters only: DDPOptimizer's split graphs get fake ones, which no call passes again
         self.params = [i for i, t in enumerate(example_inputs)
-                       if isinstance(t, nn.Parameter) and not isinstance(t, FakeTensor)]
+                       if isinstance(t, nn.Parameter) and not compat.is_fake(t)]
         self.seen = [weakref.ref(example_inputs[i]) for i in self.params]  # weak: the runner outlives models
         self.feeds = feeds
         self.slots = []  # per feed: (weight index, bias index, site, relative names); None: not rebindable

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dynamo_names import frame_locals
+from .compat import dynamo_reset, frame_locals
 from .resolve import root_module, site_module
 from .sites import Site, find_sites
 
@@ -45,12 +45,12 @@ def capture_sites(model: nn.Module, example_inputs) -> list[CapturedSite]:
 
     # Capture graphs hold the model's tensors; a reset drops them so rewritten weights can be freed, and
     # keeps these throwaway graphs out of the user's later compiles.
-    torch._dynamo.reset()
+    dynamo_reset()
     try:
         with torch.no_grad():
             call_model(torch.compile(model, backend=record, dynamic=False), example_inputs)
     finally:
-        torch._dynamo.reset()
+        dynamo_reset()
     for c in found:  # drop graph references (nodes hold fake tensors and the graph alive)
         c.site.node = c.site.input_node = c.site.weight_node = c.site.bias_node = None
     return found

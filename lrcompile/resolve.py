@@ -10,6 +10,7 @@ from typing import Optional
 
 from torch import nn
 
+from .compat import placeholder_source
 from .dynamo_names import eval_root, strip_root
 from .sites import Site
 
@@ -31,10 +32,7 @@ def root_module(sites: list[Site], f_locals: Optional[dict]) -> Optional[nn.Modu
 
 
 def _weight_source_name(site: Site) -> Optional[str]:
-    ga = site.weight_node.meta.get("grapharg")
-    if ga is None:
-        return None
-    return ga.source.name if isinstance(ga.source.name, str) else ga.source.name()
+    return placeholder_source(site.weight_node)
 
 
 def site_module(site: Site, root: nn.Module, f_locals: Optional[dict]) -> Optional[nn.Module]:

@@ -188,9 +188,9 @@ def site_tokens(example) -> Optional[int]:
     shape = getattr(example, "shape", None)
     if shape is None:
         return None
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
+    from ..compat import size_hint
 
     n = 1
     for s in list(shape)[:-1]:
-        n *= optimization_hint(s, fallback=1)
+        n *= size_hint(s, fallback=1)
     return int(n)
