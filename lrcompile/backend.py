@@ -177,7 +177,7 @@ def _enclosing(root: Optional[nn.Module]) -> tuple[Optional[nn.Module], str]:
     in, and root's path in it with a trailing dot. Dynamo compiles a submodule's forward as a frame of its own
     when it cannot trace through the caller (a graph break inside a loop over blocks skips the caller's frame):
     such sites are named from the compiled model (`blocks.0.a`, not `a`) and share its session and report. The
-    compiled model is the outermost `torch.compile`d module (an OptimizedModule, or `module.compile()`) on the
+    compiled model is the outermost `torch.compile`d module (`torch.compile(module)` or `module.compile()`) on the
     Python stack that contains `root`; none: root itself."""
     if root is None:
         return None, ""

@@ -77,7 +77,7 @@ def innermost_module(node: fx.Node) -> tuple[Optional[str], Optional[type]]:
 
 
 def _placeholder_tensor(node, real: dict) -> Optional[torch.Tensor]:
-    """The tensor a placeholder stands for: the backend's example input, unless that is a FakeTensor and the
+    """The tensor a placeholder stands for: the backend's example input, unless that is a fake tensor and the
     grapharg still holds the real one (DDPOptimizer compiles its split subgraphs with fake inputs; a
     parameter's identity is what finds its attached factors)."""
     if node is None or not isinstance(node, fx.Node) or node.op != "placeholder":
