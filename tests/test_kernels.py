@@ -320,6 +320,24 @@ def test_triton_imported_before_the_interpreter_flag_falls_back_with_a_warning(m
         assert not runtime.interpreting()
 
 
+def test_old_triton_interpreter_with_numpy_2_4_is_one_clear_error(monkeypatch):
+    """triton < 3.7's interpreter fails deep inside under numpy 2.4: the launch says what to install instead."""
+    import numpy
+    import triton
+
+    from lrcompile.errors import LrcompileError
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    with pytest.raises(LrcompileError, match=r"numpy<2\.4"):
+        gemm(torch.randn(5, 17), torch.randn(3, 17), steps=("relu",))
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    runtime.check_interpreter_numpy()
+    monkeypatch.setattr(triton, "__version__", "3.7.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    runtime.check_interpreter_numpy()
+
+
 def test_kernel_source_cached_by_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("LRCOMPILE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(runtime, "_modules", {})  # earlier tests loaded these sources in this process
