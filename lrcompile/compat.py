@@ -212,6 +212,18 @@ def compile_fx(gm: torch.fx.GraphModule, inputs: list, mode: Optional[str] = Non
 
 # --- autograd / functorch / distributed ---------------------------------------------------------------------------
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
+def autocast_available(device_type: str) -> bool:
+    """Whether a device type has autocast at all (meta has not). Dynamo constant-folds the builtin behind
+    torch.amp.is_autocast_available from 2.13 on; 2.11 cannot trace it (a graph break in every adapter's forward),
+    so the call is marked constant: it depends only on the device type, which the tensor's guards fix."""
+    return _autocast_available(device_type)
+
+
 def is_functorch_wrapped(t: torch.Tensor) -> bool:
     """Whether t is wrapped by a torch.func transform (vmap, grad, jvp). Private:
     torch._C._functorch.is_functorch_wrapped_tensor (2.11-2.14); without it, never (with a warning)."""
