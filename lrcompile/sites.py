@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 from torch import nn
+
 from .compat import LINEAR_OPS, SDPA_OPS, frame_locals, is_fake, placeholder_example, placeholder_source
 from .dynamo_names import eval_root, source_path, strip_root
 from .structures import Structure, is_owned
