@@ -210,7 +210,8 @@ def test_missing_private_api_is_one_line_error(monkeypatch):
 PACKAGE = pathlib.Path(compat.__file__).parent
 # torch._<x> (not torch.__version__, not the public torch._foreach_* ops), and private names that are reached
 # without the torch._ prefix: attributes Dynamo sets, its meta keys, symbolic-shape internals.
-PRIVATE = re.compile(r"torch\._(?!_|foreach_)|from\s+torch\s+import\s+_|\b_dynamo_source\b|\b_param_name_to_source\b|"
+PRIVATE = re.compile(r"\btorch(?:\.[A-Za-z]\w*)*\._(?!_|foreach_)|\bfrom\s+torch(?:\.\w+)*\s+import\s+\(?\s*_|"
+                     r"\b_dynamo_source\b|\b_param_name_to_source\b|"
                      r"\bcurrent_tx\b|\b_get_active_ddp_module\b|\boptimization_hint\b|[\"']grapharg[\"']|"
                      r"[\"']example_value[\"']|\b_orig_mod\b|\b_compiled_call_impl\b|is_functorch_wrapped_tensor|"
                      r"\bsymbolic_shapes\b|\bOptimizedModule\b|\bdetect_fake_mode\b|\bFakeTensor(Mode)?\b|"
@@ -239,7 +240,8 @@ def test_only_compat_names_private_torch_api():
 
 def test_the_private_name_pattern_catches_what_it_should():
     for bad in ("torch._dynamo.reset()", "from torch._guards import detect_fake_mode", "gm._param_name_to_source",
-                "node.meta['grapharg']", "torch._C._nn.linear", "from torch import _dynamo", "x._dynamo_source = None"):
+                "node.meta['grapharg']", "torch._C._nn.linear", "from torch import _dynamo", "x._dynamo_source = None",
+                "torch.utils._pytree.tree_leaves(x)", "from torch.utils import _pytree"):
         assert PRIVATE.search(bad), bad
     for ok in ("torch.__version__", "torch._foreach_add_(xs, ys)", "torch.compile(m)", "compat.size_hint(s)"):
         assert not PRIVATE.search(ok), ok
