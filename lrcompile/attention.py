@@ -25,6 +25,7 @@ from torch import nn
 
 from .attention_dataflow import projections
 from .attention_factors import AttnFactors, AttnFeed, SharedBasis, StackedStructure, stacked_weight
+from .compat import dynamo_reset, frame_locals, mark_new_input
 from .errors import SiteError
 from .passes import fused_qkv as fused_pass
 from .passes import shared_kv as shared_pass
@@ -316,7 +317,7 @@ def rewrite_attention(gm: fx.GraphModule, plans: list[AttnPlan]) -> tuple[fx.Gra
             for tname in plan.struct.tensor_names:
                 with graph.inserting_after(last):
                     last = graph.placeholder(f"lrc_{_safe(plan.row.fqn)}_{plan.method}_{tname}")
-                last._dynamo_source = None
+                mark_new_input(last)
                 inputs.append(last)
             project = functools.partial(plan.struct.project, inputs=inputs)
             feeds.append(plan.feed)
@@ -342,7 +343,6 @@ def install_attention(model: nn.Module, policy, example_inputs) -> tuple[list[Si
     them, and DDP would otherwise wait for their gradients). Returns the report rows and the claimed linear
     site FQNs (no linear rule may rewrite those)."""
     from .capture import call_model
-    from .dynamo_names import frame_locals
     from .resolve import root_module, site_module
     from .sites import find_sites
 
@@ -368,10 +368,10 @@ def install_attention(model: nn.Module, policy, example_inputs) -> tuple[list[Si
                     s.weight.requires_grad_(False)
         return gm.forward
 
-    torch._dynamo.reset()
+    dynamo_reset()
     try:
         with torch.no_grad():
             call_model(torch.compile(model, backend=record, dynamic=False), example_inputs)
     finally:
-        torch._dynamo.reset()
+        dynamo_reset()
     return rows, claimed

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from .compat import example_value
 from .passes.projection import Part
 from .sites import SDPA_TARGETS, Site, _through
 
@@ -36,7 +37,7 @@ def operands(site: Site) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
 
 
 def _val(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return example_value(node) if isinstance(node, fx.Node) else None
 
 
 def _split_rows(node: fx.Node) -> Optional[tuple[fx.Node, tuple[int, int]]]:

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.fx as fx
 
-from . import attention, coverage
+from . import attention, compat, coverage
 from .distributed import check_new_factors
 from .graph_plan import plan_graph
 from .instances import Instances, Runner
 from .options import Options
 from .passes.rewrite import rewrite_graph
 from .resolve import enclosing_model, prefixed, relative_names, remapped, root_module, site_module
-from .dynamo_names import frame_locals
+from .compat import frame_locals
 from .session import plan_budget, session_for
 from .sites import find_sites
 
@@ -78,23 +77,18 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
                         list(dense_sites.values()), options, opts) if feeds else None
     if not opts.inductor:
         return Runner(gm, feeds, others)
-    from torch._inductor.compile_fx import compile_fx
-
     inputs = list(example_inputs) + _fakes(example_inputs, feeds)
     # torch.compile(mode=...) means Inductor's mode options, as it does with backend="inductor"
-    patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
-    compiled = compile_fx(gm, inputs, config_patches=patches)
+    compiled = compat.compile_fx(gm, inputs, mode)
     # compile_fx's callable is called unboxed, whatever its `_boxed_call` says (aot_module_simplified's forward)
     return Runner(compiled, feeds, others)
 
 
 def _fakes(example_inputs, feeds) -> list:
     """Fake tensors for the factor inputs, made in the graph's own fake mode (static shapes)."""
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode(example_inputs)
+    mode = compat.fake_mode_of(example_inputs)
     out = []
     for f in feeds:
         for t in f.struct.tensors():
-            out.append(mode.from_tensor(t, static_shapes=True) if mode is not None else t)
+            out.append(compat.to_fake(mode, t) if mode is not None else t)
     return out

@@ -25,6 +25,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from . import compat
 from .capture import Recorder, call_model, model_sites, recording
 
 from .calibration_stats import FORMAT, CalibrationStats, SiteStats  # noqa: F401  (the statistics it makes)
@@ -202,7 +203,7 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
         with recording(model, rec, dynamic=dynamic) as compiled, \
                 (recording(reference, ref_rec, dynamic=dynamic, nested=True) if reference is not None
                  else contextlib.nullcontext()) as ref_compiled, \
-                torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), torch.no_grad():
+                compat.fail_on_recompile_limit(), torch.no_grad():
             total = len(batches) if hasattr(batches, "__len__") else None
             for batch in tqdm(batches, total=total, desc="lrcompile calibrate", disable=not progress):
                 rows.mask = _mask_of(batch)
@@ -218,7 +219,7 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
                 if rec.observed == before and stats.sites:
                     raise RuntimeError("lrcompile.calibrate: a batch ran without the instrumented graphs (Dynamo "
                                        "ran the model uncompiled): its statistics would be missing")
-    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+    except compat.recompile_limit_error() as e:
         raise RuntimeError(f"lrcompile.calibrate: Dynamo reached its recompile limit on these batches; past it the "
                            f"model would run uncompiled and its statistics be skipped ({e})") from None
     finally:

@@ -23,7 +23,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .dynamo_names import eval_root, frame_locals, strip_root
+from . import compat
+from .compat import frame_locals
+from .dynamo_names import eval_root, strip_root
 from .resolve import root_module, site_module
 from .sites import Site, find_sites
 
@@ -73,7 +75,7 @@ def _named(prefix: str, rel: str) -> str:
 
 
 def _example_value(node):
-    return node.meta.get("example_value", node.meta.get("val"))
+    return compat.example_value(node)
 
 
 @dataclasses.dataclass
@@ -272,8 +274,7 @@ def _runner(fn, ref, gi: int):
 def _is_param_input(node: fx.Node) -> bool:
     if node.op != "placeholder":
         return False
-    ga = node.meta.get("grapharg")
-    return isinstance(getattr(ga, "example", None), nn.Parameter)
+    return isinstance(compat.placeholder_example(node), nn.Parameter)
 
 
 @contextlib.contextmanager
@@ -282,13 +283,13 @@ def recording(model: nn.Module, recorder: Recorder, *, dynamic: Optional[bool] =
     (capture graphs hold the model's tensors, and these throwaway graphs stay out of the user's later compiles),
     except `nested`: inside a compile, whose state a reset would break."""
     if not nested:
-        torch._dynamo.reset()
+        compat.dynamo_reset()
     try:
         yield torch.compile(model, backend=recorder, dynamic=dynamic)
     finally:
         recorder.close()
         if not nested:
-            torch._dynamo.reset()
+            compat.dynamo_reset()
 
 
 def capture_sites(model: nn.Module, example_inputs) -> list[CapturedSite]:
@@ -330,21 +331,14 @@ def call_inputs(model: nn.Module) -> Optional[Call]:
     """The arguments the compiled `model` is being called with, from the Python stack (during a backend call):
     the outermost frame of a compiled module (`torch.compile(model)` or `model.compile()`, DDP wrappers seen
     through) whose module is `model`. None where `model` was not compiled itself (`torch.compile(fn)`)."""
-    import sys
-
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    found, f = None, sys._getframe(1)
-    while f is not None:
+    found = None
+    for f in compat.caller_frames():
         code = f.f_code
         if code.co_argcount and code.co_varnames[0] == "self":
             loc = f.f_locals
-            obj = loc.get("self")
-            cand = obj._orig_mod if isinstance(obj, OptimizedModule) else (
-                obj if isinstance(obj, nn.Module) and getattr(obj, "_compiled_call_impl", None) is not None else None)
+            cand = compat.compiled_original(loc.get("self"))
             while isinstance(cand, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
                 cand = cand.module
             if cand is model and isinstance(loc.get("args"), tuple) and isinstance(loc.get("kwargs"), dict):
                 found = Call(loc["args"], loc["kwargs"])
-        f = f.f_back
     return found

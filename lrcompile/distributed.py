@@ -12,6 +12,7 @@ from typing import Optional
 
 from torch import nn
 
+from .compat import active_ddp_module
 from .errors import LrcompileError
 
 ADVICE = ("call lrcompile.rewrite(model, policy, example_inputs) before wrapping the model in "
@@ -20,13 +21,8 @@ ADVICE = ("call lrcompile.rewrite(model, policy, example_inputs) before wrapping
 
 def active_wrapper(root: Optional[nn.Module]) -> Optional[str]:
     """'DistributedDataParallel' or 'fully_shard' when the graph being compiled runs under one, else None."""
-    try:
-        from torch.nn.parallel import DistributedDataParallel
-
-        if DistributedDataParallel._get_active_ddp_module() is not None:
-            return "DistributedDataParallel"
-    except (ImportError, AttributeError):
-        pass
+    if active_ddp_module() is not None:  # warns once where torch has no way to tell
+        return "DistributedDataParallel"
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:

@@ -2,12 +2,14 @@
 
 Dynamo names modules and parameters by expressions over the compiled frame's locals (`L['self'].encoder.layer.0`,
 `L['s']._modules['blk']._parameters['w']`). These helpers turn such an expression into a module path and, while a
-backend call runs (the frame's translator is still current), evaluate its root against the frame's locals.
+backend call runs (the frame's translator is still current), evaluate its root against the frame's locals
+(compat.frame_locals).
 """
 from __future__ import annotations
 
 import re
-from typing import Optional
+
+from .compat import source_name
 
 _ROOT = re.compile(r"^([A-Za-z_]+(?:\[[^\]]*\])+)")
 
@@ -24,9 +26,10 @@ _CONTAINERS = {"_modules", "_parameters", "_buffers", "__dict__"}
 
 
 def source_path(source) -> str:
-    """Module path of a parameter from its Dynamo source: `L['s']._modules['blk']._parameters['w']` -> `blk.w`;
+    """Module path of a parameter from its Dynamo source (or the source's expression):
+    `L['s']._modules['blk']._parameters['w']` -> `blk.w`;
     `L['self'].__dict__['_modules']['layers'][0]` (Swin's form) -> `layers.0`."""
-    name = source.name if isinstance(source.name, str) else source.name()
+    name = source_name(source)
     parts = []
     for attr, key1, key2, index in _TOKEN.findall(_ROOT.sub("", name, count=1)):
         part = attr or key1 or key2 or index
@@ -34,17 +37,6 @@ def source_path(source) -> str:
             continue
         parts.append(part)
     return ".".join(parts)
-
-
-def frame_locals() -> Optional[dict]:
-    """The locals of the frame Dynamo is compiling, while a backend call runs; None outside one."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except Exception:
-        return None
-    return getattr(tx, "f_locals", None) if tx is not None else None
 
 
 def eval_root(expr: str, f_locals: dict):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import attach as store
+from . import compat
 from .attach import arg_index
 from .distributed import check_new_factors
 from .graph_plan import keep_factors, report_installed, reused_row, stats_for
@@ -58,11 +59,9 @@ class Instances:
         self.session, self.prefix, self.gm, self.options, self.opts = session, prefix, gm, options, opts
         self.model = weakref.ref(model) if model is not None else None
         self.root_type = type(root) if root is not None else None
-        from torch._subclasses.fake_tensor import FakeTensor
-
         # real parameters only: DDPOptimizer's split graphs get fake ones, which no call passes again
         self.params = [i for i, t in enumerate(example_inputs)
-                       if isinstance(t, nn.Parameter) and not isinstance(t, FakeTensor)]
+                       if isinstance(t, nn.Parameter) and not compat.is_fake(t)]
         self.seen = [weakref.ref(example_inputs[i]) for i in self.params]  # weak: the runner outlives models
         # the frame module's own parameter names: a call for that same module whose parameters were replaced
         # (load_state_dict(assign=True)) is no other instance; its feeds read the new weights from the call

@@ -7,11 +7,12 @@ current, so its locals resolve those expressions to the real objects.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Optional
 
 from torch import nn
 
+from .compat import placeholder_source
+from . import compat
 from .dynamo_names import eval_root, strip_root
 from .sites import Site
 
@@ -33,10 +34,7 @@ def root_module(sites: list[Site], f_locals: Optional[dict]) -> Optional[nn.Modu
 
 
 def _weight_source_name(site: Site) -> Optional[str]:
-    ga = site.weight_node.meta.get("grapharg")
-    if ga is None:
-        return None
-    return ga.source.name if isinstance(ga.source.name, str) else ga.source.name()
+    return placeholder_source(site.weight_node)
 
 
 def site_module(site: Site, root: nn.Module, f_locals: Optional[dict]) -> Optional[nn.Module]:
@@ -66,24 +64,19 @@ def enclosing_model(root: Optional[nn.Module]) -> tuple[Optional[nn.Module], str
     in, and root's path in it with a trailing dot. Dynamo compiles a submodule's forward as a frame of its own
     when it cannot trace through the caller (a graph break inside a loop over blocks skips the caller's frame):
     such sites are named from the compiled model (`blocks.0.a`, not `a`) and share its session and report. The
-    compiled model is the outermost `torch.compile`d module (an OptimizedModule, or `module.compile()`) on the
+    compiled model is the outermost `torch.compile`d module (`torch.compile(module)` or `module.compile()`) on the
     Python stack that contains `root`; none: root itself."""
     if root is None:
         return None, ""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    found, f = None, sys._getframe(1)
-    while f is not None:
+    found = None
+    for f in compat.caller_frames():
         code = f.f_code
         if code.co_argcount and code.co_varnames[0] == "self":
-            obj = f.f_locals.get("self")
-            cand = obj._orig_mod if isinstance(obj, OptimizedModule) else (
-                obj if isinstance(obj, nn.Module) and getattr(obj, "_compiled_call_impl", None) is not None else None)
+            cand = compat.compiled_original(f.f_locals.get("self"))
             while isinstance(cand, _WRAPPERS):  # names are the user's model's, not `module.…`
                 cand = cand.module
             if isinstance(cand, nn.Module) and (cand is root or any(m is root for m in cand.modules())):
                 found = cand
-        f = f.f_back
     if found is None or found is root:
         return root, ""
     return found, path_in(found, root) + "."
@@ -109,7 +102,5 @@ def remapped(site: Site, vm: dict) -> Site:
 def caller_locals(skip: int = 1):
     """The values of every caller's locals, innermost first (the Python stack has no other route to a module
     that runs a graph compiled for another instance)."""
-    f = sys._getframe(skip)
-    while f is not None:
+    for f in compat.caller_frames(skip):
         yield from f.f_locals.values()
-        f = f.f_back

@@ -15,15 +15,15 @@ from typing import Optional
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
-from .dynamo_names import eval_root, frame_locals, source_path, strip_root
+from .compat import LINEAR_OPS, SDPA_OPS, frame_locals, is_fake, placeholder_example, placeholder_source
+from .dynamo_names import eval_root, source_path, strip_root
 from .structures import Structure, is_owned
 
-LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
+LINEAR_TARGETS = set(LINEAR_OPS)
 ADDMM_TARGETS = {torch.addmm, torch.ops.aten.addmm.default}
 MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.mm, torch.ops.aten.mm.default}
-SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+SDPA_TARGETS = set(SDPA_OPS)
 SOFTMAX_TARGETS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
 # Ops that may sit between QKᵀ and softmax, or between softmax and the V matmul, in hand-written attention.
 PASSTHROUGH = {operator.truediv, operator.mul, operator.add, torch.div, torch.mul, torch.add, torch.where,
@@ -78,31 +78,28 @@ def innermost_module(node: fx.Node) -> tuple[Optional[str], Optional[type]]:
 
 
 def _placeholder_tensor(node, real: dict) -> Optional[torch.Tensor]:
-    """The tensor a placeholder stands for: the backend's example input, unless that is a FakeTensor and the
+    """The tensor a placeholder stands for: the backend's example input, unless that is a fake tensor and the
     grapharg still holds the real one (DDPOptimizer compiles its split subgraphs with fake inputs; a
     parameter's identity is what finds its attached factors)."""
     if node is None or not isinstance(node, fx.Node) or node.op != "placeholder":
         return None
-    ga = node.meta.get("grapharg")
-    example = getattr(ga, "example", None) if ga is not None else None
+    example = placeholder_example(node)
     t = real.get(node)
-    if t is None or (isinstance(t, FakeTensor) and isinstance(example, torch.Tensor)
-                     and not isinstance(example, FakeTensor)):
+    if t is None or (is_fake(t) and isinstance(example, torch.Tensor) and not is_fake(example)):
         return example
     return t
 
 
-def _owned_by_record(ga) -> bool:
+def _owned_by_record(name: Optional[str]) -> bool:
     """The parameter is lrcompile's by its module (a structures.base.Owner listing it): FSDP2 hands Dynamo
     unsharded parameters without lrcompile's mark. The owner module is found from the parameter's source
-    against the frame being compiled."""
-    if ga is None or getattr(ga, "source", None) is None:
+    expression `name` against the frame being compiled."""
+    if name is None:
         return False
     f_locals = frame_locals()
     if f_locals is None:
         return False
-    name = ga.source.name if isinstance(ga.source.name, str) else ga.source.name()
-    owner_path, _, leaf = source_path(ga.source).rpartition(".")
+    owner_path, _, leaf = source_path(name).rpartition(".")
     root = eval_root(name, f_locals)
     try:
         owner = root.get_submodule(owner_path) if owner_path else root
@@ -200,12 +197,12 @@ def _linear_site(node: fx.Node, real: dict) -> Optional[Site]:
     bias = _placeholder_tensor(b_node, real) if isinstance(b_node, fx.Node) else None
     if isinstance(b_node, fx.Node) and (bias is None or bias.dim() != 1):
         return None  # bias computed in-graph: not a plain linear
-    ga = w_src.meta.get("grapharg")
-    wpath = source_path(ga.source) if ga is not None else w_src.name
+    src = placeholder_source(w_src)
+    wpath = source_path(src) if src is not None else w_src.name
     expr, mtype = innermost_module(node)
     fqn = strip_root(expr) if expr is not None else _strip_weight(wpath)
     installed = (bool(mtype is not None and issubclass(mtype, Structure)) or is_owned(weight)
-                 or _owned_by_record(ga))
+                 or _owned_by_record(src))
     return Site(
         fqn=fqn, kind="linear", node=node, form=form, module_expr=expr, module_type=mtype, input_node=x,
         weight_node=w_src, bias_node=b_node if isinstance(b_node, fx.Node) else None, weight=weight, bias=bias,

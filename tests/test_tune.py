@@ -248,6 +248,22 @@ def test_every_lossless_candidate_passes_the_gate(family, cfg):
     assert set(entry["ms"]) == {x.name for x in candidates_for(family, len(spec.tensor_shapes), "cpu", False)}
 
 
+@pytest.mark.parametrize("family", ["monarch", "lowrank"])
+def test_measurement_ignores_the_callers_autocast(family):
+    """A compile under torch.autocast tunes inside the backend call (torch 2.11 leaves autocast in effect there):
+    the spec's dtype is timed, and no candidate fails on autocast's mixed dtypes."""
+    from lrcompile.structures import FAMILIES
+
+    c = FAMILIES[family].Config(**({"rank": 6} if family == "lowrank" else {}))
+    c = c.resolve(32, 48) if hasattr(c, "resolve") else c
+    spec = spec_for(family, c, 32, 48, True, 24, torch.float32, "cpu", True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        entry = measure(spec, budget_s=0.01)
+        assert torch.is_autocast_enabled("cpu")  # the caller's state is back
+    assert entry["discarded"] == {}
+    assert set(entry["ms"]) == {x.name for x in candidates_for(family, len(spec.tensor_shapes), "cpu", True)}
+
+
 def test_a_wrong_candidate_is_discarded(monkeypatch):
     def wrong(x, weight, bias, U, V):
         return torch.zeros(*x.shape[:-1], U.shape[0])  # fastest of all, and wrong

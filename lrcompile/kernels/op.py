@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch.utils import _pytree
 
 from . import epilogue as epi
 from . import runtime
@@ -116,7 +115,7 @@ def define(name: str, core: Callable, launch: Callable, out_features: Callable, 
         x, tensors, operands = saved[0], list(saved[1:1 + nt]), list(saved[1 + nt:])
         epilogue, alpha, out_dtype = ctx.meta
         # flat whatever the nesting torch gives it: x, each tensor, each operand, then the non-tensor arguments
-        needs = _pytree.tree_leaves(ctx.needs_input_grad)
+        needs = _leaves(ctx.needs_input_grad)
         need_x, need_t, need_o = needs[0], needs[1:1 + nt], needs[1 + nt:1 + nt + len(operands)]
         steps = epi.parse(epilogue)
         cd = tensors[0].dtype
@@ -141,6 +140,13 @@ def define(name: str, core: Callable, launch: Callable, out_features: Callable, 
     op.register_autograd(backward, setup_context=setup_context)
     OPS[name] = op
     return op
+
+
+def _leaves(xs) -> list:
+    """The flags of needs_input_grad in order, however torch nests them (a list per list argument)."""
+    if isinstance(xs, (tuple, list)):
+        return [leaf for x in xs for leaf in _leaves(x)]
+    return [xs]
 
 
 def flat(x: torch.Tensor) -> torch.Tensor:

@@ -122,6 +122,24 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
 '''
 
 
+def _version(v: str) -> tuple:
+    return tuple(int(p) for p in v.split("+")[0].split(".")[:2])
+
+
+def check_interpreter_numpy() -> None:
+    """triton < 3.7's interpreter turns one-element arrays into Python ints (a runtime loop bound), which numpy
+    2.4 refuses ("only 0-dimensional arrays can be converted"): fail with what to install instead."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        from ..errors import LrcompileError
+
+        raise LrcompileError(f"lrcompile: the Triton interpreter of triton {triton.__version__} does not run with "
+                             f"numpy {numpy.__version__}; install numpy<2.4 (pip install 'lrcompile[triton36]') "
+                             "or triton>=3.7")
+
+
 def pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, (int(n) - 1).bit_length()))
 
@@ -133,6 +151,7 @@ def launch(mod, name: str, grid, args: tuple, consts: dict, configs: list, key: 
 
     fn = getattr(mod, name)
     if interpreting():
+        check_interpreter_numpy()
         meta = {**consts, **small}
         fn[grid(meta)](*args, **meta)
         return

@@ -25,6 +25,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..compat import (GELU_OPS, example_value, fake_in, fake_mode_of, new_fake_mode, statically_known_true,
+                      to_fake)
 from ..structures import FAMILIES, FamilyView
 
 ADD = {operator.add, torch.add}
@@ -32,7 +34,7 @@ MUL = {operator.mul, torch.mul}
 DIV = {operator.truediv, torch.div}
 ACT_FUNCS = {torch.nn.functional.silu: "silu", torch.nn.functional.relu: "relu", torch.relu: "relu",
              torch.tanh: "tanh", torch.nn.functional.tanh: "tanh"}
-GELU = {torch.nn.functional.gelu, torch._C._nn.gelu}
+GELU = set(GELU_OPS)
 ACT_METHODS = {"relu": "relu", "tanh": "tanh"}
 CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
 VIEW_METHODS = {"view", "reshape", "contiguous"}
@@ -68,8 +70,6 @@ def _val(node) -> Optional[torch.Tensor]:
 
 
 def _same(a, b) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
     if len(a) != len(b):
         return False
     return all(statically_known_true(x == y) if not (isinstance(x, int) and isinstance(y, int)) else x == y
@@ -78,21 +78,19 @@ def _same(a, b) -> bool:
 
 def propagate(gm: fx.GraphModule, inputs) -> bool:
     """Fill node.meta['val'] by fake-tensor propagation; False (and a warning) if that fails."""
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    mode = detect_fake_mode(inputs) or FakeTensorMode()
+    mode = fake_mode_of(inputs) or new_fake_mode()
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     args = []
     for ph, inp in zip(phs, inputs):
-        ev = ph.meta.get("example_value")
-        if isinstance(ev, FakeTensor) and ev.fake_mode is mode:
+        ev = example_value(ph)
+        if fake_in(mode, ev):
             args.append(ev)
-        elif isinstance(inp, FakeTensor) and inp.fake_mode is mode:
+        elif fake_in(mode, inp):
             args.append(inp)
         elif isinstance(inp, torch.Tensor):
-            args.append(mode.from_tensor(inp, static_shapes=True))
+            args.append(to_fake(mode, inp))
         else:
             args.append(inp)
     try:

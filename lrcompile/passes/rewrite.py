@@ -10,6 +10,7 @@ import re
 import torch
 import torch.fx as fx
 
+from ..compat import copy_dynamo_metadata, mark_new_input
 from ..structures import Structure
 
 
@@ -20,11 +21,7 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
     graph.output(out)
     new = fx.GraphModule(gm, graph)
     new.meta = dict(getattr(gm, "meta", {}))
-    if hasattr(gm, "_param_name_to_source"):
-        new._param_name_to_source = dict(gm._param_name_to_source)
-    for old, nn_ in val_map.items():
-        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
-            nn_._dynamo_source = old._dynamo_source
+    copy_dynamo_metadata(gm, new, val_map)
     return new, val_map
 
 
@@ -57,7 +54,7 @@ def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple], bias_epilogue: bool =
             with graph.inserting_after(last_ph):
                 for tname in reversed(struct.tensor_names):
                     ph = graph.placeholder(f"lrc_{_safe(site.fqn)}_{tname}")
-                    ph._dynamo_source = None
+                    mark_new_input(ph)
                     phs.insert(0, ph)
             last_ph = phs[-1]
             inputs[id(struct)] = phs

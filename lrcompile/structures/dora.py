@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import is_functorch_wrapped
 from .base import Candidate, mark_owned, register
 from .lora import (Adapter, LoRAConfig, add_branch, autocast_on, branch_input, flat, lora_init, pissa_factors,
                    unflat)
@@ -66,7 +67,7 @@ class FrozenBaseDoRA(torch.autograd.Function):
         if weight.requires_grad or getattr(scaling, "requires_grad", False) or autocast_on(x):
             return False
         ts = [t for t in (x, weight, bias, lora_A, lora_B, magnitude, scaling) if t is not None]
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):
+        if any(is_functorch_wrapped(t) for t in ts):
             return False  # inside torch.func transforms (vmap, jvp, grad): the formula composes with them
         return len({t.dtype for t in ts if t is not scaling}) == 1
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import autocast_available
 from .base import Candidate, MethodConfig, Structure, mark_owned, register
 
 
@@ -52,7 +53,7 @@ def flat(x: torch.Tensor) -> torch.Tensor:
 def autocast_on(t: torch.Tensor) -> bool:
     """Whether autocast is active for t's device (devices without autocast, such as meta, never)."""
     dev = t.device.type
-    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    return autocast_available(dev) and torch.is_autocast_enabled(dev)
 
 
 def add_branch(y: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ the next power of two, so dynamic batch/sequence sizes share entries.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -17,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..compat import autocast_available
 from ..structures import FAMILIES
 from . import cache, timing
 from .candidates import DENSE, REFERENCE, candidates_for, source_hash
@@ -114,7 +116,15 @@ def _inputs(spec: Spec, dtype: torch.dtype, device: torch.device) -> tuple:
 
 
 def measure(spec: Spec, budget_s: float = TIME_BUDGET_S) -> dict:
-    """Time every candidate that passes the correctness gate; returns a cache entry."""
+    """Time every candidate that passes the correctness gate; returns a cache entry. Autocast is off while it
+    runs: the spec's dtype is what is timed. A compile under torch.autocast tunes inside the backend call, where
+    torch 2.11 leaves autocast in effect (candidates with out= GEMMs then fail on mixed dtypes)."""
+    device = torch.device(spec.device)
+    with torch.autocast(device.type, enabled=False) if autocast_available(device.type) else contextlib.nullcontext():
+        return _measure(spec, budget_s)
+
+
+def _measure(spec: Spec, budget_s: float) -> dict:
     dtype, device = getattr(torch, spec.dtype), torch.device(spec.device)
     t0 = time.perf_counter()
     args = _inputs(spec, dtype, device)
@@ -200,9 +210,9 @@ def site_tokens(example) -> Optional[int]:
     shape = getattr(example, "shape", None)
     if shape is None:
         return None
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
+    from ..compat import size_hint
 
     n = 1
     for s in list(shape)[:-1]:
-        n *= optimization_hint(s, fallback=1)
+        n *= size_hint(s, fallback=1)
     return int(n)

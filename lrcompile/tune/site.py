@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..compat import example_value
 from ..structures import FAMILIES
 from . import shapelog
 from .candidates import DENSE, REFERENCE, candidates_for, implementation
@@ -47,7 +48,7 @@ def tune_site(site, decision, dense_why: Optional[str], enabled: bool) -> Option
     `dense_why`: why the original layer may be chosen where it measures faster (None: it may not). None when the
     site cannot be described (no input shape) or tuning is off. Never raises: a failure keeps the family's own
     functional, with a warning."""
-    tokens = site_tokens(site.input_node.meta.get("example_value")) if site.input_node is not None else None
+    tokens = site_tokens(example_value(site.input_node)) if site.input_node is not None else None
     if tokens is None or not decision.rewrites:
         return None
     try:

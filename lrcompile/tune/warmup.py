@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..compat import dynamo_reset
 from ..structures import FAMILIES
 from . import shapelog
 from .select import TIME_BUDGET_S, Spec, has_choice, lookup_or_measure
@@ -20,13 +21,13 @@ from .select import TIME_BUDGET_S, Spec, has_choice, lookup_or_measure
 def model_specs(model, example_inputs, policy) -> list[Spec]:
     from ..capture import call_model
 
-    torch._dynamo.reset()  # a fresh trace: the model may have been compiled with other options in this process
+    dynamo_reset()  # a fresh trace: the model may have been compiled with other options in this process
     try:
         with shapelog.collect() as got, torch.no_grad():
             call_model(torch.compile(model, backend="lrcompile",
                                      options={"policy": policy, "inductor": False, "tune": False}), example_inputs)
     finally:
-        torch._dynamo.reset()
+        dynamo_reset()
     return [Spec.from_dict(d) for d in got]
 
 
