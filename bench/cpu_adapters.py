@@ -24,9 +24,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_malloc_flag, apply_malloc, interleaved, write_result  # noqa: E402
 
-from lrcompile.structures.dora import DoRA  # noqa: E402
-from lrcompile.structures.lora import LoRA, LoRAConfig  # noqa: E402
-from lrcompile.structures.noble import NOBLE, NOBLEConfig  # noqa: E402
+from lrcompile.families.adapters.dora import DoRA  # noqa: E402
+from lrcompile.families.adapters.lora import LoRA, LoRAConfig  # noqa: E402
+from lrcompile.families.adapters.noble import NOBLE, NOBLEConfig  # noqa: E402
 
 TOKENS = 1024
 SHAPES = [(768, 768), (1024, 1024), (768, 3072)]

@@ -29,7 +29,7 @@ backend = {backend!r}
 opts = {{"policy": POLICY, "report": {report!r}}} if backend == "lrcompile" else None
 made = [0]
 if backend == "lrcompile":
-    from lrcompile.structures import FAMILIES
+    from lrcompile.families import FAMILIES
     from lrcompile.tune import timing
 
     def counted(fn):

@@ -19,7 +19,7 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_malloc_flag, apply_malloc, interleaved, write_result  # noqa: E402
 
-from lrcompile.structures import FAMILIES  # noqa: E402
+from lrcompile.families import FAMILIES  # noqa: E402
 
 SHAPES = [(768, 3072), (3072, 768), (768, 768)]
 CONFIGS = [("monarch", "Monarch-4", {"blocks": 4}), ("btt", "BTT r=4", {"rank": 4}),

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_result  # noqa: E402
 
 from lrcompile.kernels import OPS, twocore  # noqa: E402
-from lrcompile.structures import FAMILIES  # noqa: E402
+from lrcompile.families import FAMILIES  # noqa: E402
 
 DT = torch.bfloat16
 

@@ -42,10 +42,10 @@ import lrcompile  # noqa: E402
 from bench.common import write_result  # noqa: E402
 from bench.data.generated import calibration_corpus, healing_corpus  # noqa: E402
 from bench.data.text import HELD_OUT  # noqa: E402
-from lrcompile import budget as B  # noqa: E402
-from lrcompile import whiten  # noqa: E402
-from lrcompile.calibrate import CalibrationStats  # noqa: E402
-from lrcompile.sensitivity import factorised  # noqa: E402
+from lrcompile.policy import budget as B  # noqa: E402
+from lrcompile.factorize import whiten  # noqa: E402
+from lrcompile.factorize.calibrate import CalibrationStats  # noqa: E402
+from lrcompile.factorize.sensitivity import factorised  # noqa: E402
 
 BUDGETS = (0.9, 0.75, 0.5)
 GOALS = {0.75: 0.97, 0.5: 0.90}

@@ -10,16 +10,18 @@ from typing import Optional
 
 import torch.fx as fx
 
-from . import attention, compat, coverage
-from .distributed import check_new_factors
-from .graph_plan import plan_graph
-from .instances import Instances, Runner
+from .attention import plan as attention
+from . import compat
+from .plan import coverage
+from .lifecycle.distributed import check_new_factors
+from .plan.graph import plan_graph
+from .runtime.instances import Instances, Runner
 from .options import Options
 from .passes.rewrite import rewrite_graph
-from .resolve import enclosing_model, prefixed, relative_names, remapped, root_module, site_module
+from .capture.resolve import enclosing_model, prefixed, relative_names, remapped, root_module, site_module
 from .compat import frame_locals
-from .session import plan_budget, session_for
-from .sites import find_sites
+from .runtime.session import plan_budget, session_for
+from .capture.sites import find_sites
 
 
 def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):

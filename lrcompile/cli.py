@@ -36,7 +36,7 @@ def _factory(spec: str):
     mod, _, name = spec.rpartition(":") if spec.count(":") else (spec, "", "")
     if not name or not mod:
         raise LrcompileError(f"--model {spec!r}: expected module:factory or file.py:factory, e.g. "
-                             "lrcompile.models.tiny:demo_model")
+                             "lrcompile.demo.tiny:demo_model")
     try:
         module = _module(mod, spec)
     except LrcompileError:
@@ -59,9 +59,9 @@ def _factory(spec: str):
 
 
 def cmd_check(args) -> int:
-    from .capture import capture_sites
-    from .plan import decide
-    from .policy import load_policy
+    from .capture.trace import capture_sites
+    from .plan.build import decide
+    from .policy.rules import load_policy
 
     policy = load_policy(args.policy)
     print(f"{args.policy}: valid ({len(policy.rules)} rules"
@@ -96,7 +96,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import format_table
+    from .plan.report import format_table
 
     try:
         with open(args.report) as f:
@@ -112,7 +112,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(d=args.d, layers=args.layers, batch=args.batch, seq=args.seq, reps=args.reps, report=args.report)
     return 0
@@ -135,7 +135,7 @@ def _token_counts(text: str) -> list[int]:
 
 
 def cmd_warmup(args) -> int:
-    from .policy import load_policy
+    from .policy.rules import load_policy
     from .tune import warmup
 
     tokens = _token_counts(args.shapes) if args.shapes else None

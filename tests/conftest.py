@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 NOOP = os.environ.get("LRCOMPILE_NOOP", "")
 if NOOP:
     import lrcompile
-    import lrcompile.api
+    import lrcompile.plan.rewrite
     import lrcompile.backend
 
     if NOOP == "backend":

@@ -8,11 +8,11 @@ from torch import nn
 
 import lrcompile
 from conftest import compile_eager, rel_err
-from lrcompile.structures import Structure
-from lrcompile.structures.dora import DoRA, dora_row_norm
-from lrcompile.structures.lora import LoRA
-from lrcompile.structures.noble import NOBLE
-from lrcompile.structures.vera import VeRA
+from lrcompile.families import Structure
+from lrcompile.families.adapters.dora import DoRA, dora_row_norm
+from lrcompile.families.adapters.lora import LoRA
+from lrcompile.families.adapters.noble import NOBLE
+from lrcompile.families.adapters.vera import VeRA
 
 peft = pytest.importorskip("peft")
 

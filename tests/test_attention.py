@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrcompile
-from lrcompile.attention_factors import SharedBasis, StackedStructure
+from lrcompile.attention.factors import SharedBasis, StackedStructure
 from lrcompile.backend import lrcompile_backend
-from lrcompile.policy import load_policy
-from lrcompile.structures import FAMILIES
+from lrcompile.policy.rules import load_policy
+from lrcompile.families import FAMILIES
 
 transformers = pytest.importorskip("transformers")
 
@@ -286,7 +286,7 @@ def test_fused_qkv_structure_at_full_rank_reproduces_and_trains(structure, tmp_p
 
 
 def test_fused_qkv_monarch_is_the_familys_own_fit(tmp_path):
-    from lrcompile.structures.monarch import Monarch
+    from lrcompile.families.monarch import Monarch
 
     m = ManualAttn().eval()
     x = torch.randn(3, 7, 32)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from conftest import compile_eager, rel_err
-from lrcompile.structures import FAMILIES
-from lrcompile.structures.base import owned_parameters
+from lrcompile.families import FAMILIES
+from lrcompile.families.base import owned_parameters
 
 OPTS = {"lowrank": {"rank": 8}, "monarch": {"blocks": 4}, "btt": {"rank": 2}, "blast": {"blocks": 2, "rank": 8},
         "lora": {"rank": 4}, "dora": {"rank": 4}, "vera": {"rank": 4}, "noble": {"rank": 4}}
@@ -98,7 +98,7 @@ def test_noble_cosine_branch_stays_fp32_under_autocast():
     guard removed); NOBLE runs its branch in fp32 under autocast, so only the bf16 output rounding is left."""
     import torch.nn.functional as F
 
-    from lrcompile.structures.noble import NOBLE, NOBLEConfig
+    from lrcompile.families.adapters.noble import NOBLE, NOBLEConfig
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 40).requires_grad_(False)

@@ -10,7 +10,7 @@ from torch import nn
 
 import lrcompile
 from conftest import all_lowrank, compile_eager
-from lrcompile.structures.lowrank import LowRank
+from lrcompile.families.lowrank import LowRank
 
 
 def test_full_rank_reproduces(toy):
@@ -155,7 +155,7 @@ def test_strict_raises_one_line(toy):
 
 
 def multi_line_failure(monkeypatch):
-    from lrcompile.structures import lowrank
+    from lrcompile.families import lowrank
 
     def boom(*a, **k):
         raise RuntimeError("svd did not converge\n  at line 2 of a long torch message\n  and line 3")
@@ -321,7 +321,7 @@ def test_random_init_end_to_end(tmp_path):
 def test_failed_factorisation_stays_dense(toy, monkeypatch, tmp_path):
     m, ids = toy
     ref = m(ids)
-    from lrcompile.structures import lowrank
+    from lrcompile.families import lowrank
 
     def boom(*a, **k):
         raise RuntimeError("svd did not converge")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from lrcompile.structures import blockmm
-from lrcompile.structures.blockmm import column_blocks, swap_block_axes
+from lrcompile.families import blockmm
+from lrcompile.families.blockmm import column_blocks, swap_block_axes
 
 
 def reference(a, b, bias):

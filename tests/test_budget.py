@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from conftest import compile_eager
-from lrcompile import budget as B
-from lrcompile.calibrate import CalibrationStats, SiteStats
-from lrcompile.policy import load_policy
+from lrcompile.policy import budget as B
+from lrcompile.factorize.calibrate import CalibrationStats, SiteStats
+from lrcompile.policy.rules import load_policy
 
 
 def weight(out_f, in_f, decay, seed):
@@ -165,7 +165,7 @@ def test_btt_is_allocated_by_its_blockwise_spectra_and_blast_gets_the_fraction()
     """BTT declares a knob (its rank t) and an error model (the sub-blocks' spectral tails, the exact error of its
     blockwise SVD): it joins the allocation. BLAST declares a knob without an error model: F of each site's own
     cost. A rule's rank caps either."""
-    from lrcompile.structures import FAMILIES
+    from lrcompile.families import FAMILIES
 
     BTT = FAMILIES["btt"]
     # 36 -> 36 with a₁ = a₀ = c₀ = c₁ = 6: every (6 x 6) sub-block of "exact" has rank 2

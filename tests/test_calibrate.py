@@ -8,7 +8,7 @@ from torch import nn
 
 import lrcompile
 from conftest import masked_id_batches
-from lrcompile.calibrate import CalibrationStats
+from lrcompile.factorize.calibrate import CalibrationStats
 
 transformers = pytest.importorskip("transformers")
 
@@ -212,10 +212,10 @@ SENS_POLICY = {"defaults": {"min_features": 0}, "budget": {"params": 0.5, "alloc
 
 
 def test_sensitivity_curves_are_measured_round_trip_and_drive_the_budget(tmp_path):
-    from lrcompile import budget as B
-    from lrcompile.calibrate import module_sites
-    from lrcompile.sensitivity import factorised
-    from lrcompile.heal import loss_of
+    from lrcompile.policy import budget as B
+    from lrcompile.factorize.calibrate import module_sites
+    from lrcompile.factorize.sensitivity import factorised
+    from lrcompile.lifecycle.heal import loss_of
 
     torch.manual_seed(0)
     m = Two()
@@ -238,7 +238,7 @@ def test_sensitivity_curves_are_measured_round_trip_and_drive_the_budget(tmp_pat
     back = CalibrationStats.load(p)
     assert back.sensitivity == st.sensitivity and back.digest() == st.digest()
     # the budget reads them: make "a" look catastrophic at every rank and it stays dense
-    from lrcompile.policy import load_policy
+    from lrcompile.policy.rules import load_policy
 
     pol = load_policy({**SENS_POLICY, "budget": {"params": 0.9, "allocate": "sensitivity"}})
     back.sensitivity = {"a": {1: 9.0, 3: 9.0}, "inner.b": {1: 0.01, 2: 0.0}}

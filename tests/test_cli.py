@@ -25,7 +25,7 @@ def test_backend_entry_point_resolves_without_import():
 def test_check_valid_policy_with_model(capsys):
     assert main(["check", str(ROOT / "examples/policies/compress-50.yaml")]) == 0
     policy = str(ROOT / "lrcompile/policies/demo.yaml")
-    assert main(["check", policy, "--model", "lrcompile.models.tiny:demo_model"]) == 0
+    assert main(["check", policy, "--model", "lrcompile.demo.tiny:demo_model"]) == 0
     out = capsys.readouterr().out
     assert "blocks.0.attn.q_proj" in out and "rewritten" in out and "head" in out
     assert "matched by a rule" in out
@@ -42,7 +42,7 @@ def test_check_invalid_policy_is_one_line(tmp_path, capsys):
 def test_check_warns_about_rules_matching_nothing(tmp_path, capsys):
     p = tmp_path / "p.yaml"
     p.write_text("rules:\n  - match: 'nope.*'\n    method: dense\n")
-    assert main(["check", str(p), "--model", "lrcompile.models.tiny:demo_model"]) == 0
+    assert main(["check", str(p), "--model", "lrcompile.demo.tiny:demo_model"]) == 0
     assert "p.yaml:2: rule 1 (match 'nope.*') matches no site" in capsys.readouterr().out
 
 

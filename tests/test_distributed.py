@@ -17,10 +17,10 @@ from torch import nn
 
 import lrcompile
 from lrcompile.backend import lrcompile_backend
-from lrcompile.distributed import ADVICE
+from lrcompile.lifecycle.distributed import ADVICE
 from lrcompile.errors import LrcompileError
-from lrcompile.structures import is_owned
-from lrcompile.structures.base import owned_parameters
+from lrcompile.families import is_owned
+from lrcompile.families.base import owned_parameters
 from test_attention import ManualAttn
 
 POLICY = {"defaults": {"min_features": 0}, "rules": [
@@ -107,8 +107,8 @@ REFITS = {"n": 0}
 def count_refits() -> None:
     """Count factor refits in this process (a false one would overwrite trained factors with the dense weights'
     SVD). Construction refits too: read the count around training only."""
-    from lrcompile.attention_factors import AttnFactors
-    from lrcompile.structures import Structure
+    from lrcompile.attention.factors import AttnFactors
+    from lrcompile.families import Structure
 
     for cls in (*AttnFactors.__subclasses__(), Structure):
         real = cls.refit

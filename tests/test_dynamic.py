@@ -9,7 +9,7 @@ from torch import nn
 from torch._guards import CompileContext
 
 import lrcompile
-from lrcompile.attention_factors import SharedBasis
+from lrcompile.attention.factors import SharedBasis
 from lrcompile.backend import lrcompile_backend
 from test_attention import ManualAttn
 
@@ -74,7 +74,7 @@ def counting(options, graphs=None):
 
 
 def count_factorisations(monkeypatch):
-    import lrcompile.plan as plan
+    import lrcompile.plan.build as plan
 
     made = []
     real_linear, real_attn = plan.from_dense_cached, SharedBasis.from_stacked.__func__

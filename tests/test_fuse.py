@@ -14,8 +14,8 @@ from lrcompile.kernels import OPS, runtime
 from lrcompile.passes import fuse as fuse_mod
 from lrcompile.passes import lower as lower_mod
 from lrcompile.passes.fuse import contractible, find_groups
-from lrcompile.structures.lora import LoRA
-from lrcompile.structures.lowrank import LowRank
+from lrcompile.families.adapters.lora import LoRA
+from lrcompile.families.lowrank import LowRank
 from lrcompile.tune.candidates import lora_merged
 
 triton = pytest.importorskip("triton")

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import lrcompile
-from lrcompile.heal import _lr_factor, loss_of
+from lrcompile.lifecycle.heal import _lr_factor, loss_of
 from conftest import masked_id_batches
-from lrcompile.structures.base import is_owned
+from lrcompile.families.base import is_owned
 
 
 class Tiny(nn.Module):
@@ -94,7 +94,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 def test_layer_nmse_sees_the_norm():
     """A scaled copy has zero per-token cosine loss but a normalised MSE of (s − 1)²."""
-    from lrcompile.heal import _token_cos, _token_nmse
+    from lrcompile.lifecycle.heal import _token_cos, _token_nmse
 
     t = torch.randn(2, 5, 8, dtype=torch.float64)
     m = torch.ones(2, 5, dtype=torch.float64)
@@ -156,7 +156,7 @@ def test_heal_trains_attention_factors_through_the_compiled_model():
     """Attention's stacked factors (fused_qkv) are lrcompile's too: healing the compiled model — the graph that
     uses them — trains them with the linear sites' factors and lowers the loss."""
     from conftest import tiny_hf
-    from lrcompile.attention_factors import AttnFactors
+    from lrcompile.attention.factors import AttnFactors
 
     torch.manual_seed(0)
     teacher, _ = tiny_hf("bert", width=32, inter=64, layers=1, heads=4, kv_heads=4, vocab=60, tokens=8)

@@ -20,7 +20,7 @@ from lrcompile.kernels import blast, dora, lora, lowrank, noble, twocore  # noqa
 from lrcompile.kernels import epilogue as epi  # noqa: E402
 from lrcompile.kernels.gemm import gemm  # noqa: E402
 from lrcompile.kernels.op import reference  # noqa: E402
-from lrcompile.structures import FAMILIES  # noqa: E402
+from lrcompile.families import FAMILIES  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 CORE = {"lowrank": lowrank.core, "lora": lora.core, "dora": dora.core, "noble": noble.core,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lrcompile.structures.lowrank import LowRank, LowRankConfig, resolve_rank
+from lrcompile.families.lowrank import LowRank, LowRankConfig, resolve_rank
 
 
 def test_rank_semantics():

@@ -8,9 +8,10 @@ from torch import nn
 
 import lrcompile
 from conftest import Toy, all_lowrank, compile_eager, rel_err
-from lrcompile import PlanError, svd
-from lrcompile.policy import load_policy
-from lrcompile.structures import lowrank
+from lrcompile import PlanError
+from lrcompile.factorize import svd
+from lrcompile.policy.rules import load_policy
+from lrcompile.families import lowrank
 
 
 def no_svd(monkeypatch):
@@ -297,7 +298,7 @@ def train_adapters(model):
 def test_vera_pairs_are_shared_on_load_as_at_rewrite(tmp_path):
     """Two VeRA rules are two adapters: two pairs of different sizes. load gives back exactly that sharing, with
     pairs of the loaded model's own (never those of another model in the process)."""
-    from lrcompile.structures.vera import VeRA, VeRAConfig
+    from lrcompile.families.adapters.vera import VeRA, VeRAConfig
 
     x = torch.randn(4, 24)
     m = TwoWidths()
@@ -365,7 +366,7 @@ def test_noble_bases_stay_trainable_through_save_and_load(toy, tmp_path):
 
 
 def test_weight_digest_streams_without_a_full_copy(monkeypatch):
-    from lrcompile import factor_cache as fc
+    from lrcompile.factorize import cache as fc
 
     w = torch.randn(96, 40)
     whole = fc.weight_digest(w.T.contiguous())
@@ -413,8 +414,8 @@ def test_warm_compile_reports_the_same_fields_as_the_cold_one(tmp_path):
 def test_stats_digest_is_the_statistics_value_not_the_site_name():
     """CalibrationStats.get names a site's statistics (for warnings); the factor-cache key must not change with
     it — only with the statistics themselves."""
-    from lrcompile import factor_cache as fc
-    from lrcompile.calibrate import CalibrationStats, SiteStats
+    from lrcompile.factorize import cache as fc
+    from lrcompile.factorize.calibrate import CalibrationStats, SiteStats
 
     x = torch.randn(20, 6, dtype=torch.float64)
     s = SiteStats(torch.zeros(6, 6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64), 0)
@@ -464,7 +465,7 @@ def test_garbled_factor_bytes_with_an_intact_header_are_a_miss(tmp_path):
 def test_entry_with_wrong_shapes_is_evicted_and_rebuilt(monkeypatch):
     import os
 
-    from lrcompile import factor_cache
+    from lrcompile.factorize import cache as factor_cache
 
     m = nn.Linear(32, 32)
     x = torch.randn(2, 32)
@@ -512,7 +513,7 @@ def test_stale_temp_files_of_killed_writers_are_swept(tmp_path):
     import os
     import time
 
-    from lrcompile import factor_cache
+    from lrcompile.factorize import cache as factor_cache
 
     k = "ab" + "0" * 30
     factor_cache.store(k, {"U": torch.ones(2, 2)}, {})
@@ -526,8 +527,8 @@ def test_stale_temp_files_of_killed_writers_are_swept(tmp_path):
 
 def test_factor_cache_key_covers_the_versions(monkeypatch):
     import lrcompile as lc
-    from lrcompile import factor_cache
-    from lrcompile.structures.lowrank import LowRankConfig
+    from lrcompile.factorize import cache as factor_cache
+    from lrcompile.families.lowrank import LowRankConfig
 
     w = torch.randn(8, 8)
     cfg = LowRankConfig(rank=2)

@@ -206,7 +206,7 @@ def test_fuzzed_policies_are_a_policy_or_a_one_line_error():
 
     import yaml
 
-    from lrcompile.policy import Policy
+    from lrcompile.policy.rules import Policy
 
     root = pathlib.Path(__file__).resolve().parents[1]
     seeds = [GOOD] + [p.read_text() for p in sorted((root / "examples" / "policies").glob("*.yaml"))]

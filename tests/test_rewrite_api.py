@@ -9,8 +9,8 @@ from torch import nn
 
 import lrcompile
 from conftest import all_lowrank, compile_eager, rel_err
-from lrcompile.structures.lora import LoRA
-from lrcompile.structures.lowrank import LowRank
+from lrcompile.families.adapters.lora import LoRA
+from lrcompile.families.lowrank import LowRank
 
 
 def test_rewrite_returns_model_and_swaps_modules(toy):

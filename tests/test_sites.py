@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrcompile.dynamo_names import source_path, strip_root
-from lrcompile.sites import find_sites
+from lrcompile.capture.names import source_path, strip_root
+from lrcompile.capture.sites import find_sites
 
 
 def sites_of(model, *args):

@@ -10,11 +10,11 @@ import torch
 import lrcompile
 from conftest import compile_eager
 from lrcompile.errors import PolicyError
-from lrcompile.param_groups import param_groups
-from lrcompile.policy import load_policy
-from lrcompile.structures import FAMILIES
-from lrcompile.structures.blast import CHECK, EXACT, ITERS, fit_blast
-from lrcompile.structures.btt import even_split
+from lrcompile.lifecycle.param_groups import param_groups
+from lrcompile.policy.rules import load_policy
+from lrcompile.families import FAMILIES
+from lrcompile.families.blast import CHECK, EXACT, ITERS, fit_blast
+from lrcompile.families.btt import even_split
 
 D = torch.float64
 CFGS = {"monarch": {"blocks": 3}, "btt": {"rank": 2}, "blast": {"blocks": [3, 2], "rank": 4}}
@@ -188,7 +188,7 @@ def correlated_inputs(in_f, block, n=4000, cross=0.3, seed=0):
 
 
 def stats_of(X):
-    from lrcompile.calibrate import SiteStats
+    from lrcompile.factorize.calibrate import SiteStats
 
     return SiteStats(X.T @ X, X.abs().sum(0), X.shape[0])
 
@@ -222,7 +222,7 @@ def test_whitened_beats_plain_on_the_weighted_objective(name):
 def test_whitened_is_the_block_optimum_for_block_diagonal_statistics(name):
     """With uncorrelated input blocks (C exactly block-diagonal) the block whitener is exact: the weighted
     error tr(Δ C Δᵀ) equals the closed form, the summed tails of the whitened sub-blocks' spectra."""
-    from lrcompile.calibrate import SiteStats
+    from lrcompile.factorize.calibrate import SiteStats
 
     (in_f, out_f), opts = WHITE[name]
     cls = FAMILIES[name]
@@ -540,7 +540,7 @@ def test_gpt2_eager_rewrite(name, tmp_path):
 
 
 def test_whitened_fallback_warning_names_the_site():
-    from lrcompile.structures.base import site_scope
+    from lrcompile.families.base import site_scope
 
     cls = FAMILIES["monarch"]
     cfg = cls.Config(blocks=2, init="whitened_svd").resolve(8, 8)
@@ -552,7 +552,7 @@ def test_whitened_fallback_warning_names_the_site():
 def test_btt_eager_row_tiles_match_one_pass(monkeypatch, in_f, out_f, t):
     """A z wider than the output runs in row tiles in eager inference (btt.TILE_BYTES): same numbers as the
     one-pass forward, on a row count that no tile divides, padded shapes included; with gradients, one pass."""
-    from lrcompile.structures import btt
+    from lrcompile.families import btt
 
     torch.manual_seed(0)
     a1, a0, c0, c1 = 5, 9 + (in_f > 45) * 4, 7, 11 + (out_f < 77) * -7

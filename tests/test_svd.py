@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import all_lowrank, compile_eager
-from lrcompile import svd
-from lrcompile.structures import lowrank
+from lrcompile.factorize import svd
+from lrcompile.families import lowrank
 
 
 def with_spectrum(m, n, kind, seed=0):

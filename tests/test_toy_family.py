@@ -27,9 +27,9 @@ from conftest import compile_eager, rel_err
 from lrcompile.errors import PolicyError
 from lrcompile.kernels import epilogue as epi
 from lrcompile.kernels.op import OPS, define
-from lrcompile.structures import FAMILIES, Candidate, MethodConfig, Structure, register, unregister
-from lrcompile.structures.base import mark_owned
-from lrcompile.structures.lora import Adapter
+from lrcompile.families import FAMILIES, Candidate, MethodConfig, Structure, register, unregister
+from lrcompile.families.base import mark_owned
+from lrcompile.families.adapters.lora import Adapter
 
 NAME = "kron"
 OP = "toy_kron"
@@ -291,7 +291,7 @@ rules:
 def test_the_views_list_the_toy_from_its_declarations():
     from lrcompile.kernels import KERNEL_OF, op_of
     from lrcompile.passes.fuse import LINEAR_IN_X, site_families
-    from lrcompile.policy import ADAPTERS
+    from lrcompile.policy.rules import ADAPTERS
     from lrcompile.tune.candidates import EXTRA, candidates_for
 
     assert KERNEL_OF[NAME] == OP and op_of(NAME) is OPS[OP]

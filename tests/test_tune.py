@@ -92,7 +92,7 @@ def test_chosen_implementation_is_what_the_graph_runs(monkeypatch, tmp_path):
 
 
 def _cfg(lin, rank):
-    from lrcompile.structures.lowrank import LowRankConfig
+    from lrcompile.families.lowrank import LowRankConfig
 
     return LowRankConfig(rank=rank).resolve(lin.in_features, lin.out_features)
 
@@ -194,7 +194,7 @@ def test_pick_honours_the_guard_and_the_noise_margin():
 
 
 def test_rule_level_guard_and_adapters_never_fall_back():
-    from lrcompile.policy import load_policy
+    from lrcompile.policy.rules import load_policy
 
     p = load_policy({"rules": [{"match": "a", "method": "lowrank", "rank": 4, "guard": "dense"},
                                {"match": "*", "method": "lora"}]})
@@ -238,7 +238,7 @@ def test_adapters_tune_merged_in_inference_and_skip_timing_in_training(tmp_path)
 @pytest.mark.parametrize("family,cfg", [("lowrank", {"rank": 6}), ("lora", {"rank": 4}), ("dora", {"rank": 4}),
                                         ("vera", {"rank": 4})])
 def test_every_lossless_candidate_passes_the_gate(family, cfg):
-    from lrcompile.structures import FAMILIES
+    from lrcompile.families import FAMILIES
 
     c = FAMILIES[family].Config(**cfg)
     c = c.resolve(40, 24) if hasattr(c, "resolve") else c
@@ -252,7 +252,7 @@ def test_every_lossless_candidate_passes_the_gate(family, cfg):
 def test_measurement_ignores_the_callers_autocast(family):
     """A compile under torch.autocast tunes inside the backend call (torch 2.11 leaves autocast in effect there):
     the spec's dtype is timed, and no candidate fails on autocast's mixed dtypes."""
-    from lrcompile.structures import FAMILIES
+    from lrcompile.families import FAMILIES
 
     c = FAMILIES[family].Config(**({"rank": 6} if family == "lowrank" else {}))
     c = c.resolve(32, 48) if hasattr(c, "resolve") else c
@@ -268,7 +268,7 @@ def test_a_wrong_candidate_is_discarded(monkeypatch):
     def wrong(x, weight, bias, U, V):
         return torch.zeros(*x.shape[:-1], U.shape[0])  # fastest of all, and wrong
 
-    from lrcompile.structures.lowrank import LowRank, LowRankConfig
+    from lrcompile.families.lowrank import LowRank, LowRankConfig
 
     monkeypatch.setattr(LowRank, "candidates", LowRank.candidates + (Candidate("wrong", wrong),))  # EXTRA follows
     assert "wrong" in [c.name for c in EXTRA["lowrank"]]
@@ -404,7 +404,7 @@ def test_when_the_dense_layer_may_be_chosen(monkeypatch, rank, guard, why):
 
 
 def test_guard_values_are_checked():
-    from lrcompile.policy import PolicyError, load_policy
+    from lrcompile.policy.rules import PolicyError, load_policy
 
     with pytest.raises(PolicyError, match="guard must be one of 'dense', 'off', got 'never'"):
         load_policy({"defaults": {"guard": "never"}, "rules": []})

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from lrcompile import whiten
-from lrcompile.calibrate import SiteStats
-from lrcompile.structures.lowrank import LowRank, LowRankConfig
+from lrcompile.factorize import whiten
+from lrcompile.factorize.calibrate import SiteStats
+from lrcompile.families.lowrank import LowRank, LowRankConfig
 
 
 def stats_of(x: torch.Tensor) -> SiteStats:
@@ -208,7 +208,7 @@ def test_lowrank_passes_the_site_statistics_whole():
 
 @pytest.mark.parametrize("init", ["whitened_svd", "asvd"])
 def test_zero_token_site_is_missing_and_named(init):
-    from lrcompile.calibrate import CalibrationStats
+    from lrcompile.factorize.calibrate import CalibrationStats
 
     W = torch.randn(14, 11, dtype=torch.float64)
     cal = CalibrationStats({"enc.fc": stats_of(torch.zeros(0, 11, dtype=torch.float64))})
@@ -225,7 +225,7 @@ def test_compensate_without_statistics_warns_naming_the_site():
     from torch import nn
 
     import lrcompile
-    from lrcompile.structures.base import site_scope
+    from lrcompile.families.base import site_scope
 
     W = torch.randn(12, 9, dtype=torch.float64)
     with site_scope("blk.proj"), pytest.warns(UserWarning, match=r"site 'blk\.proj'.*compensate.*no calibration"):

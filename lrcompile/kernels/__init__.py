@@ -9,7 +9,7 @@ Importing needs only torch: triton is imported when a kernel first launches (run
 import importlib
 import pkgutil
 
-from ..structures import FAMILIES, FamilyView
+from ..families import FAMILIES, FamilyView
 from .op import OPS  # noqa: F401
 
 for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):  # every op file registers its op

@@ -6,7 +6,7 @@ straight into w_i U_iᵀ with the epilogue — the (b₁, N, r) mixed tensor nev
 """
 from __future__ import annotations
 
-from ..structures.blast import blast_matmul
+from ..families.blast import blast_matmul
 from . import epilogue as epi
 from . import runtime
 from .bgemm import bgemm

@@ -3,7 +3,7 @@ epilogue step, so y = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b is one output pass. g 
 (the detached norm needs W Aᵀ and B A Aᵀ: O(out·in·r), small next to the GEMM)."""
 from __future__ import annotations
 
-from ..structures.dora import DoRA, dora_row_norm
+from ..families.adapters.dora import DoRA, dora_row_norm
 from .lora import fused
 from .op import define, flat
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..structures.lora import LoRA
+from ..families.adapters.lora import LoRA
 from .gemm import gemm
 from .op import define, flat
 

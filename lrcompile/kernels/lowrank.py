@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..structures.lowrank import LowRank
+from ..families.lowrank import LowRank
 from . import epilogue as epi
 from . import runtime
 from .gemm import gemm

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..structures.noble import NOBLE
+from ..families.adapters.noble import NOBLE
 from . import runtime
 from .gemm import gemm
 from .op import define, flat, partial_vjp

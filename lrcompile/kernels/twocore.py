@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..structures.btt import btt_matmul
+from ..families.btt import btt_matmul
 from . import epilogue as epi
 from . import runtime
 from .bgemm import bgemm

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..compat import (GELU_OPS, example_value, fake_in, fake_mode_of, new_fake_mode, statically_known_true,
                       to_fake)
-from ..structures import FAMILIES, FamilyView
+from ..families import FAMILIES, FamilyView
 
 ADD = {operator.add, torch.add}
 MUL = {operator.mul, torch.mul}

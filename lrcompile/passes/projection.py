@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..sites import Site
+from ..capture.sites import Site
 
 Part = tuple[Site, tuple[int, int]]
 

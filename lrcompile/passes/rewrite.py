@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from ..compat import copy_dynamo_metadata, mark_new_input
-from ..structures import Structure
+from ..families import Structure
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:

@@ -16,12 +16,12 @@ from typing import Callable
 
 import torch.nn.functional as F
 
-from ..structures import FAMILIES, Candidate, FamilyView  # noqa: F401  (Candidate: re-exported)
+from ..families import FAMILIES, Candidate, FamilyView  # noqa: F401  (Candidate: re-exported)
 # the families' own alternatives, re-exported under their old names here
-from ..structures.dora import dora_merged  # noqa: F401
-from ..structures.lora import lora_merged  # noqa: F401
-from ..structures.lowrank import lowrank_addmm, lowrank_pretransposed  # noqa: F401
-from ..structures.vera import vera_merged  # noqa: F401
+from ..families.adapters.dora import dora_merged  # noqa: F401
+from ..families.adapters.lora import lora_merged  # noqa: F401
+from ..families.lowrank import lowrank_addmm, lowrank_pretransposed  # noqa: F401
+from ..families.adapters.vera import vera_merged  # noqa: F401
 
 REFERENCE = "functional"  # the family's own implementation: the correctness reference and the default
 DENSE = "dense"

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..compat import autocast_available
-from ..structures import FAMILIES
+from ..families import FAMILIES
 from . import cache, timing
 from .candidates import DENSE, REFERENCE, candidates_for, source_hash
 

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from ..compat import example_value
-from ..structures import FAMILIES
+from ..families import FAMILIES
 from . import shapelog
 from .candidates import DENSE, REFERENCE, candidates_for, implementation
 from .select import has_choice, lookup_or_measure, pick, site_tokens, spec_for

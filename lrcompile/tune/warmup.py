@@ -13,13 +13,13 @@ from typing import Iterable, Optional
 import torch
 
 from ..compat import dynamo_reset
-from ..structures import FAMILIES
+from ..families import FAMILIES
 from . import shapelog
 from .select import TIME_BUDGET_S, Spec, has_choice, lookup_or_measure
 
 
 def model_specs(model, example_inputs, policy) -> list[Spec]:
-    from ..capture import call_model
+    from ..capture.trace import call_model
 
     dynamo_reset()  # a fresh trace: the model may have been compiled with other options in this process
     try:

@@ -1,0 +1,1 @@
+"""Attention sites: their projections, shared factors, and the attention rewrites."""

@@ -1,0 +1,1 @@
+"""Capture: Dynamo's FX graph -> sites (linear and attention), named by module path."""

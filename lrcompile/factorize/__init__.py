@@ -1,0 +1,1 @@
+"""Factorisation: truncated SVD, whitening, calibration statistics, the factor cache."""

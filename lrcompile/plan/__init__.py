@@ -1,0 +1,1 @@
+"""Plan: decide per site (pure) -> build factors (error, max_error) -> install; report rows."""

@@ -1,0 +1,1 @@
+"""Policy: YAML or dict -> validated rules, matching, and the global budget's allocation."""
