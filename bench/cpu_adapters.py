@@ -11,6 +11,7 @@ steps (scaling, DoRA's column scale and its reduction) into neighbouring kernels
 
     python bench/cpu_adapters.py [--reps 20] [--threads N] [--no-compiled] [--malloc keep]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,13 @@ from lrcompile.families.adapters.noble import NOBLE, NOBLEConfig  # noqa: E402
 TOKENS = 1024
 SHAPES = [(768, 768), (1024, 1024), (768, 3072)]
 TARGETS = {"lora": 1.10, "dora": 1.25, "noble": 1.15}
-COLUMNS = {"lora": "LoRA r=16 (vs frozen)", "lora_floor": "LoRA floor: its GEMMs alone (vs frozen)",
-           "dora": "DoRA r=16 (vs frozen)", "noble": "NOBLE r=32 (vs full)",
-           "peft_lora": "PEFT LoRA r=16 eager (vs frozen)"}
+COLUMNS = {
+    "lora": "LoRA r=16 (vs frozen)",
+    "lora_floor": "LoRA floor: its GEMMs alone (vs frozen)",
+    "dora": "DoRA r=16 (vs frozen)",
+    "noble": "NOBLE r=32 (vs full)",
+    "peft_lora": "PEFT LoRA r=16 eager (vs frozen)",
+}
 
 
 class One(nn.Module):
@@ -75,8 +80,14 @@ def lora_floor_fn(dense_step, x: torch.Tensor, dy: torch.Tensor, r: int = 16):
     their fastest measured layouts, outputs preallocated: what no LoRA built on BLAS GEMMs can go below."""
     n, i, o = x.shape[0], x.shape[1], dy.shape[1]
     A, B, xd = torch.randn(r, i), torch.randn(o, r), x.detach()
-    h, g, y, dx, dA, dBt = (torch.empty(n, r), torch.empty(n, r), torch.empty(n, o), torch.empty(n, i),
-                            torch.empty(r, i), torch.empty(r, o))
+    h, g, y, dx, dA, dBt = (
+        torch.empty(n, r),
+        torch.empty(n, r),
+        torch.empty(n, o),
+        torch.empty(n, i),
+        torch.empty(r, i),
+        torch.empty(r, o),
+    )
 
     def step():
         dense_step()
@@ -92,8 +103,11 @@ def lora_floor_fn(dense_step, x: torch.Tensor, dy: torch.Tensor, r: int = 16):
 
 def compiled_fns(base: nn.Linear, x: torch.Tensor, dy: torch.Tensor) -> dict:
     """The same steps through the compilers: dense under Inductor, adapters through the lrcompile backend."""
-    pol = {"lora": {"method": "lora", "rank": 16, "alpha": 32}, "dora": {"method": "dora", "rank": 16, "alpha": 32},
-           "noble": {"method": "noble", "rank": 32}}
+    pol = {
+        "lora": {"method": "lora", "rank": 16, "alpha": 32},
+        "dora": {"method": "dora", "rank": 16, "alpha": 32},
+        "noble": {"method": "noble", "rank": 32},
+    }
     fns = {}
     for name, train_base in (("dense_frozen", False), ("dense_full", True)):
         m = One(copy.deepcopy(base)).requires_grad_(train_base)
@@ -140,8 +154,17 @@ def main():
         dora = install(DoRA, copy.deepcopy(base), LoRAConfig(rank=16, alpha=32), False)
         noble = install(NOBLE, copy.deepcopy(base), NOBLEConfig(rank=32), True)
         pm = peft.get_peft_model(One(copy.deepcopy(base)), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["fc"]))
-        fns = {k: step_fn(m, x, dy) for k, m in
-               {"dense_frozen": frozen, "dense_full": full, "lora": lora, "dora": dora, "noble": noble, "peft_lora": pm}.items()}
+        fns = {
+            k: step_fn(m, x, dy)
+            for k, m in {
+                "dense_frozen": frozen,
+                "dense_full": full,
+                "lora": lora,
+                "dora": dora,
+                "noble": noble,
+                "peft_lora": pm,
+            }.items()
+        }
         fns["lora_floor"] = lora_floor_fn(step_fn(copy.deepcopy(frozen), x, dy), x, dy)
         t = interleaved(fns, reps=args.reps)
         rows.append(row(f"{in_f}→{out_f}", t))
@@ -152,18 +175,22 @@ def main():
             crows.append(row(f"{in_f}→{out_f}", t))
             print(crows[-1], flush=True)
     headers = ["shape", "dense frozen ms", "dense full ms", *COLUMNS.values()]
-    notes = (f"{TOKENS} tokens, fp32, eager, forward+backward (grads cleared each step), medians of {args.reps} "
-             "interleaved reps. The floor column is the frozen dense step plus LoRA's six branch GEMMs alone "
-             "(fastest layouts, outputs preallocated). "
-             f"Targets: LoRA ≤ {TARGETS['lora']}×, DoRA ≤ {TARGETS['dora']}×, NOBLE ≤ {TARGETS['noble']}×. "
-             f"Shared 2-core machine (1-minute load average {os.getloadavg()[0]:.2f} at the end): other jobs may add "
-             "noise; ratios are taken side by side.")
+    notes = (
+        f"{TOKENS} tokens, fp32, eager, forward+backward (grads cleared each step), medians of {args.reps} "
+        "interleaved reps. The floor column is the frozen dense step plus LoRA's six branch GEMMs alone "
+        "(fastest layouts, outputs preallocated). "
+        f"Targets: LoRA ≤ {TARGETS['lora']}×, DoRA ≤ {TARGETS['dora']}×, NOBLE ≤ {TARGETS['noble']}×. "
+        f"Shared 2-core machine (1-minute load average {os.getloadavg()[0]:.2f} at the end): other jobs may add "
+        "noise; ratios are taken side by side."
+    )
     if crows:
         from tabulate import tabulate
 
-        notes += ("\n\n## Compiled: `backend=\"lrcompile\"` (default options) vs the dense layer under "
-                  "`backend=\"inductor\"`\n\n"
-                  + tabulate(crows, headers=headers[:3] + [COLUMNS[k] for k in ("lora", "dora", "noble")], tablefmt="github"))
+        notes += (
+            '\n\n## Compiled: `backend="lrcompile"` (default options) vs the dense layer under '
+            '`backend="inductor"`\n\n'
+            + tabulate(crows, headers=headers[:3] + [COLUMNS[k] for k in ("lora", "dora", "noble")], tablefmt="github")
+        )
     write_result("cpu_adapters", "Adapter step cost on CPU (one layer)", rows, headers, notes)
 
 

@@ -7,6 +7,7 @@ factorisation) and `lrcompile.tune.timing.RUNS` (every candidate execution made 
 Target: cold lrcompile ≤ 2× Inductor's cold compile of the dense model.
     python bench/cpu_compile.py [--layers 12]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,12 @@ print(json.dumps({{"seconds": dt, "timing_runs": runs, "factorisations": made[0]
 
 
 def child(backend: str, layers: int, caches: str, report: str) -> dict:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
-               LRCOMPILE_CACHE_DIR=os.path.join(caches, "lrcompile"), TRITON_CACHE_DIR=os.path.join(caches, "triton"))
+    env = dict(
+        os.environ,
+        TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+        LRCOMPILE_CACHE_DIR=os.path.join(caches, "lrcompile"),
+        TRITON_CACHE_DIR=os.path.join(caches, "triton"),
+    )
     code = CHILD.format(bench=os.path.dirname(os.path.abspath(__file__)), layers=layers, backend=backend, report=report)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -73,18 +78,35 @@ def main():
         hits = sum("factors from cache" in r.get("notes", []) for r in rows)
         rewritten = sum(r["status"] == "rewritten" for r in rows)
     t_ind = ind["seconds"]
-    table = [["inductor, dense (cold)", f"{t_ind:.1f}", "1.00×", "", "", ""],
-             ["lrcompile 50% low-rank (cold)", f"{cold['seconds']:.1f}", f"{cold['seconds'] / t_ind:.2f}×",
-              cold["timing_runs"], cold["factorisations"], f"factorisation {svd_s:.1f} s"],
-             ["lrcompile 50% low-rank (warm caches, new process)", f"{warm['seconds']:.1f}",
-              f"{warm['seconds'] / t_ind:.2f}×", warm["timing_runs"], warm["factorisations"],
-              f"{hits}/{rewritten} sites' factors from cache"
-              + ("" if warm["timing_runs"] == 0 and warm["factorisations"] == 0 else "; WARM COMPILE DID WORK")]]
-    write_result("cpu_compile", f"bench/cpu_compile.py — cold compile, GPT-2-small shape ({a.layers} layers), 8×128 tokens",
-                 table, ["compile", "seconds", "vs inductor cold", "timing runs", "factorisations", "note"],
-                 "Each row is a fresh process; cold = empty Inductor, Triton and lrcompile cache directories. "
-                 "Target: cold lrcompile ≤ 2.0× Inductor's cold compile; the warm row must take every site's factors "
-                 "from the cache and every tuning result from the autotune cache (0 factorisations, 0 timing runs).")
+    table = [
+        ["inductor, dense (cold)", f"{t_ind:.1f}", "1.00×", "", "", ""],
+        [
+            "lrcompile 50% low-rank (cold)",
+            f"{cold['seconds']:.1f}",
+            f"{cold['seconds'] / t_ind:.2f}×",
+            cold["timing_runs"],
+            cold["factorisations"],
+            f"factorisation {svd_s:.1f} s",
+        ],
+        [
+            "lrcompile 50% low-rank (warm caches, new process)",
+            f"{warm['seconds']:.1f}",
+            f"{warm['seconds'] / t_ind:.2f}×",
+            warm["timing_runs"],
+            warm["factorisations"],
+            f"{hits}/{rewritten} sites' factors from cache"
+            + ("" if warm["timing_runs"] == 0 and warm["factorisations"] == 0 else "; WARM COMPILE DID WORK"),
+        ],
+    ]
+    write_result(
+        "cpu_compile",
+        f"bench/cpu_compile.py — cold compile, GPT-2-small shape ({a.layers} layers), 8×128 tokens",
+        table,
+        ["compile", "seconds", "vs inductor cold", "timing runs", "factorisations", "note"],
+        "Each row is a fresh process; cold = empty Inductor, Triton and lrcompile cache directories. "
+        "Target: cold lrcompile ≤ 2.0× Inductor's cold compile; the warm row must take every site's factors "
+        "from the cache and every tuning result from the autotune cache (0 factorisations, 0 timing runs).",
+    )
 
 
 if __name__ == "__main__":

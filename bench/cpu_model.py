@@ -6,6 +6,7 @@ whose time and cache size the notes record).
 Target: ≥ 1.7× faster than `backend="inductor"` on the dense model (FLOP limit on the linears ≈ 2×).
     python bench/cpu_model.py [--layers 4] [--batch 8] [--seq 128] [--reps 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_malloc_flag, apply_malloc, interleaved, write_result  # noqa: E402
 
-POLICY = {"rules": [{"match": "re:(transformer\\.)?h\\.\\d+\\.(attn\\.(c_attn|c_proj)|mlp\\.(c_fc|c_proj))", "method": "lowrank", "rank": 0.5}]}
+POLICY = {
+    "rules": [
+        {
+            "match": "re:(transformer\\.)?h\\.\\d+\\.(attn\\.(c_attn|c_proj)|mlp\\.(c_fc|c_proj))",
+            "method": "lowrank",
+            "rank": 0.5,
+        }
+    ]
+}
 
 
 def build(layers: int):
@@ -72,27 +81,43 @@ def main():
         out_ind, out_lrc, out_u = ind(ids).last_hidden_state, lrc(ids).last_hidden_state, lrc_u(ids).last_hidden_state
         compile_runs = timing.RUNS - runs  # after warmup: must be 0
         assert (out_ind - ref).abs().max() < 1e-3 and (out_lrc - out_u).abs().max() < 1e-3
-        t = interleaved({
-            "eager dense": eager,
-            "inductor dense": lambda: ind(ids),
-            "lrcompile 50% low-rank, untuned (tune: False)": lambda: lrc_u(ids),
-            "lrcompile 50% low-rank, tuned": lambda: lrc(ids),
-        }, reps=a.reps)
+        t = interleaved(
+            {
+                "eager dense": eager,
+                "inductor dense": lambda: ind(ids),
+                "lrcompile 50% low-rank, untuned (tune: False)": lambda: lrc_u(ids),
+                "lrcompile 50% low-rank, tuned": lambda: lrc(ids),
+            },
+            reps=a.reps,
+        )
     base = t["inductor dense"]
     rows = [[k, f"{v * 1e3:.1f}", f"{base / v:.2f}×"] for k, v in t.items()]
-    impls = collections.Counter(r.get("impl", "-") for r in json.load(open(report))["sites"] if r["status"] == "rewritten")
-    n_lin = sum(p.numel() for n, p in dense.named_parameters() if any(s in n for s in ("c_attn.weight", "c_proj.weight", "c_fc.weight")))
+    impls = collections.Counter(
+        r.get("impl", "-") for r in json.load(open(report))["sites"] if r["status"] == "rewritten"
+    )
+    n_lin = sum(
+        p.numel()
+        for n, p in dense.named_parameters()
+        if any(s in n for s in ("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+    )
     n_low = sum(p.numel() for n, p in low.named_parameters() if ".lrcompile." in n)
-    notes = (f"GPT-2-small shape: n_embd 768, 12 heads, {a.layers} layers, {a.batch}×{a.seq} tokens, fp32, random weights, "
-             f"forward under no_grad. Block-linear parameters {n_lin:,} → {n_low:,} ({n_low / n_lin:.1%}). "
-             f"Speed-up column = inductor dense time / row time; target ≥ 1.70× for lrcompile. "
-             f"Autotuner: `lrcompile warmup` of this model/policy into an empty cache took {warm['capture']:.1f} s to capture "
-             f"the shapes (one eager compile, factorisation included) + {warm['seconds']:.1f} s timing "
-             f"{warm['shapes']} distinct shapes; cache file {warm['bytes']:,} bytes ({warm['entries']} entries); "
-             f"the tuned compile after it ran {compile_runs} timing runs. Implementations chosen per rewritten site: "
-             f"{dict(impls)}. Timings on a shared 2-core machine are noisy: one run.")
-    write_result("cpu_model", "bench/cpu_model.py — GPT-2-small-shaped forward, 50% low-rank vs Inductor dense",
-                 rows, ["model", "median ms", "speed-up vs inductor dense"], notes)
+    notes = (
+        f"GPT-2-small shape: n_embd 768, 12 heads, {a.layers} layers, {a.batch}×{a.seq} tokens, fp32, random weights, "
+        f"forward under no_grad. Block-linear parameters {n_lin:,} → {n_low:,} ({n_low / n_lin:.1%}). "
+        f"Speed-up column = inductor dense time / row time; target ≥ 1.70× for lrcompile. "
+        f"Autotuner: `lrcompile warmup` of this model/policy into an empty cache took {warm['capture']:.1f} s to capture "
+        f"the shapes (one eager compile, factorisation included) + {warm['seconds']:.1f} s timing "
+        f"{warm['shapes']} distinct shapes; cache file {warm['bytes']:,} bytes ({warm['entries']} entries); "
+        f"the tuned compile after it ran {compile_runs} timing runs. Implementations chosen per rewritten site: "
+        f"{dict(impls)}. Timings on a shared 2-core machine are noisy: one run."
+    )
+    write_result(
+        "cpu_model",
+        "bench/cpu_model.py — GPT-2-small-shaped forward, 50% low-rank vs Inductor dense",
+        rows,
+        ["model", "median ms", "speed-up vs inductor dense"],
+        notes,
+    )
     shutil.rmtree(os.environ["LRCOMPILE_CACHE_DIR"], ignore_errors=True)
 
 

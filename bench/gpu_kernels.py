@@ -11,6 +11,7 @@ each kernel over its few configs on first use (not timed); rows start in goal or
 
 Without a CUDA device it prints one line and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_result  # noqa: E402
 
-from lrcompile.kernels import OPS, twocore  # noqa: E402
 from lrcompile.families import FAMILIES  # noqa: E402
+from lrcompile.kernels import OPS, twocore  # noqa: E402
 
 DT = torch.bfloat16
 
@@ -47,8 +48,9 @@ class Case:
 def ms(fn, grads=()) -> float:
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads) or None,
-                                         return_mode="median"))
+    return float(
+        triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads) or None, return_mode="median")
+    )
 
 
 class Builders:
@@ -58,7 +60,7 @@ class Builders:
     def __init__(self, n: int, d: int, device: str):
         self.n, self.d, self.device = n, d, device
         self.x = self.rnd(n, d)
-        self.W = self.rnd(d, d, scale=d ** -0.5)
+        self.W = self.rnd(d, d, scale=d**-0.5)
         self.dense_flops = 2 * d * d
 
     def rnd(self, *shape, scale=1.0):
@@ -77,11 +79,18 @@ class Builders:
 
     def lora(self):
         x, W, r = self.x, self.W, 16
-        A, B = self.rnd(r, self.d, scale=self.d ** -0.5), self.rnd(self.d, r, scale=0.02)
+        A, B = self.rnd(r, self.d, scale=self.d**-0.5), self.rnd(self.d, r, scale=0.02)
         s = torch.tensor(2.0, device=self.device, dtype=DT)
-        return [Case("LoRA r=16 fwd", lambda: OPS["lora"](x, [W, A, B, s], [], "", 1.0, None),
-                     lambda: FAMILIES["lora"].functional(x, W, None, A, B, s), self.dense,
-                     goal=lambda f, dn: f <= 1.05 * dn, goal_text="≤ 1.05× dense")]
+        return [
+            Case(
+                "LoRA r=16 fwd",
+                lambda: OPS["lora"](x, [W, A, B, s], [], "", 1.0, None),
+                lambda: FAMILIES["lora"].functional(x, W, None, A, B, s),
+                self.dense,
+                goal=lambda f, dn: f <= 1.05 * dn,
+                goal_text="≤ 1.05× dense",
+            )
+        ]
 
     def noble(self):
         _, _, branch = self.structure("noble", rank=32)
@@ -95,11 +104,20 @@ class Builders:
                 y = f()
                 y.backward(gy)
                 return y
+
             return run
 
-        return [Case("NOBLE r=32 fwd+bwd", step(lambda: OPS["noble"](x, [W, *branch], [], "", 1.0, None)),
-                     step(lambda: FAMILIES["noble"].functional(x, W, None, *branch)), step(lambda: F.linear(x, W)),
-                     goal=lambda f, dn: f <= 1.04 * dn, goal_text="≤ 1.04× dense fwd+bwd", grads=(x, W, *branch))]
+        return [
+            Case(
+                "NOBLE r=32 fwd+bwd",
+                step(lambda: OPS["noble"](x, [W, *branch], [], "", 1.0, None)),
+                step(lambda: FAMILIES["noble"].functional(x, W, None, *branch)),
+                step(lambda: F.linear(x, W)),
+                goal=lambda f, dn: f <= 1.04 * dn,
+                goal_text="≤ 1.04× dense fwd+bwd",
+                grads=(x, W, *branch),
+            )
+        ]
 
     def _twocore(self, label, family, runs, **cfg):
         cls, c, ts = self.structure(family, **cfg)
@@ -107,34 +125,61 @@ class Builders:
         n_out, x = twocore.out_features(ts), self.x
         out = []
         for how, run in runs:
-            fused = (lambda: OPS["twocore"](x, ts, [], "", 1.0, None)) if run is None else \
-                (lambda run=run: run(x, ts[0], ts[1], n_out, (), [], 1.0, None))
-            out.append(Case(f"{label} fwd{how}", fused, lambda: cls.functional(x, None, None, *ts), self.dense,
-                            flop_ratio=ratio, goal=lambda f, dn: dn / f >= 0.8 * ratio,
-                            goal_text="≥ 80% of the FLOP ratio"))
+            fused = (
+                (lambda: OPS["twocore"](x, ts, [], "", 1.0, None))
+                if run is None
+                else (lambda run=run: run(x, ts[0], ts[1], n_out, (), [], 1.0, None))
+            )
+            out.append(
+                Case(
+                    f"{label} fwd{how}",
+                    fused,
+                    lambda: cls.functional(x, None, None, *ts),
+                    self.dense,
+                    flop_ratio=ratio,
+                    goal=lambda f, dn: dn / f >= 0.8 * ratio,
+                    goal_text="≥ 80% of the FLOP ratio",
+                )
+            )
         return out
 
     def monarch(self):
         return self._twocore("Monarch-4", "monarch", [("", None)], blocks=4)
 
     def btt(self):
-        return self._twocore("BTT 64·64, t=16", "btt", [(" (one kernel)", twocore.one_kernel),
-                                                        (" (two launches)", twocore.two_launch)], rank=16)
+        return self._twocore(
+            "BTT 64·64, t=16",
+            "btt",
+            [(" (one kernel)", twocore.one_kernel), (" (two launches)", twocore.two_launch)],
+            rank=16,
+        )
 
     def lowrank(self):
         x, out = self.x, []
         for r in (128, 1024):  # on-chip chain; two GEMMs (50% of the parameters)
-            U, V = self.rnd(self.d, r, scale=r ** -0.5), self.rnd(r, self.d, scale=self.d ** -0.5)
-            ratio = self.dense_flops / FAMILIES["lowrank"].flops_per_token(self.d, self.d,
-                                                                         FAMILIES["lowrank"].Config(rank=r))
-            out.append(Case(f"low-rank r={r} fwd", lambda U=U, V=V: OPS["lowrank"](x, [U, V], [], "", 1.0, None),
-                            lambda U=U, V=V: FAMILIES["lowrank"].functional(x, None, None, U, V), self.dense,
-                            flop_ratio=ratio))
+            U, V = self.rnd(self.d, r, scale=r**-0.5), self.rnd(r, self.d, scale=self.d**-0.5)
+            ratio = self.dense_flops / FAMILIES["lowrank"].flops_per_token(
+                self.d, self.d, FAMILIES["lowrank"].Config(rank=r)
+            )
+            out.append(
+                Case(
+                    f"low-rank r={r} fwd",
+                    lambda U=U, V=V: OPS["lowrank"](x, [U, V], [], "", 1.0, None),
+                    lambda U=U, V=V: FAMILIES["lowrank"].functional(x, None, None, U, V),
+                    self.dense,
+                    flop_ratio=ratio,
+                )
+            )
         b, res, W = self.rnd(self.d), self.rnd(self.n, self.d), self.W
-        out.append(Case("low-rank r=1024 + bias, GELU, residual",
-                        lambda: OPS["lowrank"](x, [U, V], [b, res], "add_row,gelu,add", 1.0, None),
-                        lambda: F.gelu(FAMILIES["lowrank"].functional(x, None, b, U, V)) + res,
-                        lambda: F.gelu(F.linear(x, W, b)) + res, flop_ratio=ratio))
+        out.append(
+            Case(
+                "low-rank r=1024 + bias, GELU, residual",
+                lambda: OPS["lowrank"](x, [U, V], [b, res], "add_row,gelu,add", 1.0, None),
+                lambda: F.gelu(FAMILIES["lowrank"].functional(x, None, b, U, V)) + res,
+                lambda: F.gelu(F.linear(x, W, b)) + res,
+                flop_ratio=ratio,
+            )
+        )
         return out
 
     def dora(self):
@@ -142,15 +187,27 @@ class Builders:
         m = cls.from_dense(self.W, None, cls.Config(rank=16))
         A, mag, s = m.lora_A.detach(), m.magnitude.detach(), m.scaling
         B, x, W = self.rnd(self.d, 16, scale=0.02), self.x, self.W
-        return [Case("DoRA r=16 fwd", lambda: OPS["dora"](x, [W, A, B, mag, s], [], "", 1.0, None),
-                     lambda: cls.functional(x, W, None, A, B, mag, s), self.dense)]
+        return [
+            Case(
+                "DoRA r=16 fwd",
+                lambda: OPS["dora"](x, [W, A, B, mag, s], [], "", 1.0, None),
+                lambda: cls.functional(x, W, None, A, B, mag, s),
+                self.dense,
+            )
+        ]
 
     def blast(self):
         cls, c, ts = self.structure("blast", rank=1019, blocks=4)  # ≈ 50% of the dense parameters
         x = self.x
-        return [Case("BLAST 4×4 r=1019 fwd", lambda: OPS["blast"](x, ts, [], "", 1.0, None),
-                     lambda: cls.functional(x, None, None, *ts), self.dense,
-                     flop_ratio=self.dense_flops / cls.flops_per_token(self.d, self.d, c.resolve(self.d, self.d)))]
+        return [
+            Case(
+                "BLAST 4×4 r=1019 fwd",
+                lambda: OPS["blast"](x, ts, [], "", 1.0, None),
+                lambda: cls.functional(x, None, None, *ts),
+                self.dense,
+                flop_ratio=self.dense_flops / cls.flops_per_token(self.d, self.d, c.resolve(self.d, self.d)),
+            )
+        ]
 
 
 def rel(a, b) -> float:
@@ -165,8 +222,16 @@ def measure(case: Case) -> list:
         g.grad = None
     t_f, t_u, t_d = (ms(f, case.grads) for f in (case.fused, case.unfused, case.dense))
     speed = t_d / t_f
-    row = [case.name, f"{t_f:.3f}", f"{t_u:.3f}", f"{t_d:.3f}", f"{t_f / t_d:.3f}", f"{t_f / t_u:.3f}",
-           f"{case.flop_ratio:.2f} / {speed / case.flop_ratio:.0%}" if case.flop_ratio else "—", f"{err:.1e}"]
+    row = [
+        case.name,
+        f"{t_f:.3f}",
+        f"{t_u:.3f}",
+        f"{t_d:.3f}",
+        f"{t_f / t_d:.3f}",
+        f"{t_f / t_u:.3f}",
+        f"{case.flop_ratio:.2f} / {speed / case.flop_ratio:.0%}" if case.flop_ratio else "—",
+        f"{err:.1e}",
+    ]
     met = "—" if case.goal is None else (("yes" if case.goal(t_f, t_d) else "NO") + f" ({case.goal_text})")
     return row + [met]
 
@@ -207,13 +272,24 @@ def main(argv=None) -> int:
             print(f"  {case.name}: {time.perf_counter() - t1:.1f} s", flush=True)
         del group
         torch.cuda.empty_cache()
-    headers = ["kernel", "fused ms", "unfused torch ms", "dense cuBLAS ms", "fused / dense", "fused / unfused",
-               "FLOP ratio / % reached", "rel. err vs torch", "goal met"]
-    notes = (f"{args.tokens} tokens, d = {args.d}, bf16; medians of triton.testing.do_bench (warm-up 25 ms, 100 ms "
-             "of repetitions, L2 flushed). `unfused torch` is the family's own functional (the graph the fusion "
-             "pass replaces); `dense` is F.linear (cuBLAS) on the same shapes, forward and backward where the row "
-             "says fwd+bwd. FLOP ratio = dense FLOPs / the family's; % reached = (dense ms / fused ms) / FLOP "
-             f"ratio. Total {time.perf_counter() - t0:.0f} s including compilation and autotuning.")
+    headers = [
+        "kernel",
+        "fused ms",
+        "unfused torch ms",
+        "dense cuBLAS ms",
+        "fused / dense",
+        "fused / unfused",
+        "FLOP ratio / % reached",
+        "rel. err vs torch",
+        "goal met",
+    ]
+    notes = (
+        f"{args.tokens} tokens, d = {args.d}, bf16; medians of triton.testing.do_bench (warm-up 25 ms, 100 ms "
+        "of repetitions, L2 flushed). `unfused torch` is the family's own functional (the graph the fusion "
+        "pass replaces); `dense` is F.linear (cuBLAS) on the same shapes, forward and backward where the row "
+        "says fwd+bwd. FLOP ratio = dense FLOPs / the family's; % reached = (dense ms / fused ms) / FLOP "
+        f"ratio. Total {time.perf_counter() - t0:.0f} s including compilation and autotuning."
+    )
     if skipped:
         notes += f" Not measured (time budget {args.budget_s:.0f} s spent): {', '.join(skipped)}."
     write_result("gpu_kernels", "GPU kernels: fused vs unfused torch vs dense cuBLAS", rows, headers, notes)

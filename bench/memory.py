@@ -9,6 +9,7 @@ outputs: the model, the compiled graphs and anything they keep. Target: held and
 report's figure on the rewrite path, and no dense copy of a rewritten weight alive.
     python bench/memory.py [--layers 12]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,8 @@ import json
 import os
 import sys
 import tempfile
-import weakref
-
 import warnings
+import weakref
 
 import torch
 
@@ -53,8 +53,11 @@ def run(path: str, layers: int) -> list:
     torch._dynamo.reset()
     model = build(layers)
     dense_refs = [weakref.ref(m.weight) for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                if not any(k in n for k in ("c_attn", "c_proj", "c_fc")))
+    other = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if not any(k in n for k in ("c_attn", "c_proj", "c_fc"))
+    )
     ids = torch.randint(0, 50257, (2, 64))
     rep_path = tempfile.mktemp(suffix=".json")
     gc.collect()
@@ -69,12 +72,22 @@ def run(path: str, layers: int) -> list:
         report = json.load(open(rep_path))
     gc.collect()
     held = live_tensor_bytes(exclude=(ids, out))
-    sd = sum(t.numel() * t.element_size() for t in {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}.values())
+    sd = sum(
+        t.numel() * t.element_size()
+        for t in {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}.values()
+    )
     site_after = sum(s["params_after"] for s in report["sites"] if s["kind"] == "linear" and "params_after" in s) * 4
     said = site_after + other
     alive = sum(r() is not None for r in dense_refs)
-    return [path, f"{said / 2**20:.1f}", f"{held / 2**20:.1f}", f"{held / said:.3f}", f"{sd / 2**20:.1f}",
-            f"{sd / said:.3f}", f"{alive}/{len(dense_refs)}"]
+    return [
+        path,
+        f"{said / 2**20:.1f}",
+        f"{held / 2**20:.1f}",
+        f"{held / said:.3f}",
+        f"{sd / 2**20:.1f}",
+        f"{sd / said:.3f}",
+        f"{alive}/{len(dense_refs)}",
+    ]
 
 
 def main():
@@ -82,13 +95,24 @@ def main():
     ap.add_argument("--layers", type=int, default=12)
     a = ap.parse_args()
     rows = [run("rewrite", a.layers), run("backend", a.layers)]
-    write_result("memory", f"bench/memory.py — GPT-2-small shape ({a.layers} layers), 50% low-rank, inference", rows,
-                 ["path", "report says MiB", "held MiB", "held / report", "state_dict MiB", "state_dict / report",
-                  "dense block weights alive"],
-                 "held = unique tensor storages alive after the compiled forward (model + compiled graphs), inputs "
-                 "and outputs excluded. Target on the rewrite path: both ratios ≤ 1.05 and no dense block weight "
-                 "alive. The backend path keeps the user's modules (and their dense weights) by design; its report "
-                 "notes say so.")
+    write_result(
+        "memory",
+        f"bench/memory.py — GPT-2-small shape ({a.layers} layers), 50% low-rank, inference",
+        rows,
+        [
+            "path",
+            "report says MiB",
+            "held MiB",
+            "held / report",
+            "state_dict MiB",
+            "state_dict / report",
+            "dense block weights alive",
+        ],
+        "held = unique tensor storages alive after the compiled forward (model + compiled graphs), inputs "
+        "and outputs excluded. Target on the rewrite path: both ratios ≤ 1.05 and no dense block weight "
+        "alive. The backend path keeps the user's modules (and their dense weights) by design; its report "
+        "notes say so.",
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Healing text: the calibration corpus plus `--aug` augmented sentences (bench/dat
 sentences with 20% of words replaced by whole words of the tokenizer's vocabulary) — varied text is what kept the
 healing run from fitting its templates (train cosine 0.99 vs held-out 0.957 without it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,10 @@ import lrcompile  # noqa: E402
 from bench.common import write_result  # noqa: E402
 from bench.data.generated import calibration_corpus, healing_corpus  # noqa: E402
 from bench.data.text import HELD_OUT  # noqa: E402
-from lrcompile.policy import budget as B  # noqa: E402
 from lrcompile.factorize import whiten  # noqa: E402
 from lrcompile.factorize.calibrate import CalibrationStats  # noqa: E402
 from lrcompile.factorize.sensitivity import factorised  # noqa: E402
+from lrcompile.policy import budget as B  # noqa: E402
 
 BUDGETS = (0.9, 0.75, 0.5)
 GOALS = {0.75: 0.97, 0.5: 0.90}
@@ -63,7 +64,9 @@ def load():
 
 
 def batches_of(tok, sentences, size):
-    return [dict(tok(sentences[i:i + size], padding=True, return_tensors="pt")) for i in range(0, len(sentences), size)]
+    return [
+        dict(tok(sentences[i : i + size], padding=True, return_tensors="pt")) for i in range(0, len(sentences), size)
+    ]
 
 
 def embed(model, batches) -> torch.Tensor:
@@ -82,8 +85,11 @@ def cosines(a, b):
 
 
 def policy(budget: float, allocate: str = "sensitivity", init: str = "whitened_svd") -> dict:
-    return {"defaults": {"min_features": 0}, "budget": {"params": budget, "allocate": allocate},
-            "rules": [{"match": "encoder.*", "method": "lowrank", "init": init}, {"match": "*", "method": "dense"}]}
+    return {
+        "defaults": {"min_features": 0},
+        "budget": {"params": budget, "allocate": allocate},
+        "rules": [{"match": "encoder.*", "method": "lowrank", "init": init}, {"match": "*", "method": "dense"}],
+    }
 
 
 class Sweep:
@@ -137,8 +143,11 @@ def main():
     ap.add_argument("--no-heal", action="store_true")
     ap.add_argument("--heal-steps", type=int, default=3000)
     ap.add_argument("--heal-lr", type=float, default=3e-4)
-    ap.add_argument("--train-also", default="biases,norms",
-                    help="also heal these (comma-separated: biases, norms; '' for the factors only)")
+    ap.add_argument(
+        "--train-also",
+        default="biases,norms",
+        help="also heal these (comma-separated: biases, norms; '' for the factors only)",
+    )
     ap.add_argument("--aug", type=int, default=30000, help="augmented sentences added to the healing text")
     ap.add_argument("--extra", type=int, default=2000, help="generated sentences added to the healing text")
     ap.add_argument("--stats", help="reuse/save calibration statistics (with sensitivity curves) at this path")
@@ -173,9 +182,11 @@ def main():
 
     sens_ranks = {}
     for F_ in BUDGETS:
-        allocations = {"uniform": B.uniform_ranks(cands, {"params": F_}),
-                       "budget: whitened spectra": B.allocate(cands, {"params": F_}, stats),
-                       "budget: sensitivity": B.allocate(cands, {"params": F_}, stats, errors=stats.sensitivity)}
+        allocations = {
+            "uniform": B.uniform_ranks(cands, {"params": F_}),
+            "budget: whitened spectra": B.allocate(cands, {"params": F_}, stats),
+            "budget: sensitivity": B.allocate(cands, {"params": F_}, stats, errors=stats.sensitivity),
+        }
         sens_ranks[F_] = allocations["budget: sensitivity"]
         for alloc, ranks in allocations.items():
             for init in INITS:
@@ -183,7 +194,9 @@ def main():
                 if init != "whitened_svd":
                     record(F_, f"{init} + compensate", alloc, ranks, sweep.score(sweep.weights(init, ranks, comp=True)))
                 elif alloc != "budget: whitened spectra":  # the sequential refit costs a calibration pass
-                    record(F_, "whitened_svd + sequential refit", alloc, ranks, sweep.score(sweep.sequential(ranks, cal)))
+                    record(
+                        F_, "whitened_svd + sequential refit", alloc, ranks, sweep.score(sweep.sequential(ranks, cal))
+                    )
 
     # The library path: the policy's budget through lrcompile.rewrite (same ranks, same numbers), then healing.
     rng = random.Random(0)
@@ -199,16 +212,36 @@ def main():
         lrcompile.rewrite(m2, policy(F_), example, calibration=stats)
         got = {r.fqn: r.rank for r in m2.lrcompile_report.sites() if r.status == "rewritten"}
         assert got == {k: v for k, v in sens_ranks[F_].items() if v is not None}, "rewrite planned other ranks"
-        record(F_, "whitened_svd via lrcompile.rewrite", "budget: sensitivity", sens_ranks[F_],
-               cosines(embed(m2, ev), ref_ev))
+        record(
+            F_,
+            "whitened_svd via lrcompile.rewrite",
+            "budget: sensitivity",
+            sens_ranks[F_],
+            cosines(embed(m2, ev), ref_ev),
+        )
         if not args.no_heal:
             t0 = time.time()
-            lrcompile.heal(m2, model, heal_batches, steps=args.heal_steps, lr=args.heal_lr, warmup=25,
-                           schedule="cosine", layers=[f"encoder.layer.{i}" for i in range(6)], layer_loss="nmse",
-                           layer_weight=1.0, train_also=train_also)
-            record(F_, f"  + heal ({args.heal_steps} steps, lr {args.heal_lr:g}{''.join(' +' + t for t in train_also)}, "
-                   f"{time.time() - t0:.0f} s)",
-                   "budget: sensitivity", sens_ranks[F_], cosines(embed(m2, ev), ref_ev))
+            lrcompile.heal(
+                m2,
+                model,
+                heal_batches,
+                steps=args.heal_steps,
+                lr=args.heal_lr,
+                warmup=25,
+                schedule="cosine",
+                layers=[f"encoder.layer.{i}" for i in range(6)],
+                layer_loss="nmse",
+                layer_weight=1.0,
+                train_also=train_also,
+            )
+            record(
+                F_,
+                f"  + heal ({args.heal_steps} steps, lr {args.heal_lr:g}{''.join(' +' + t for t in train_also)}, "
+                f"{time.time() - t0:.0f} s)",
+                "budget: sensitivity",
+                sens_ranks[F_],
+                cosines(embed(m2, ev), ref_ev),
+            )
 
     headers = ["budget", "method", "ranks", "params kept", "mean cos", "min cos"]
     print(tabulate(rows, headers=headers))
@@ -217,15 +250,22 @@ def main():
         name, val = best[F_]
         verdict.append(f"{'PASS' if val >= goal else 'FAIL'} at {F_}: best mean cos {val:.4f} ({name}) vs goal {goal}")
     print("\n".join(verdict))
-    notes = (f"Statistics and sensitivity from {n_hand} hand-written calibration sentences; healing on those + "
-             f"{args.extra} generated ones + {args.aug} augmented ones; heal: Adam lr {args.heal_lr:g}, 25 warmup steps then "
-             f"cosine decay, batch 32, trained: the factors + {', '.join(train_also) or 'nothing else'}, loss = pooled cosine + 0.1 token cosine + per-block normalised MSE (weight 1, "
-             f"6 blocks); {len(HELD_OUT)} held-out sentences (disjoint; bench/data); 36 encoder linears; 'params kept' "
-             f"= compressed / dense parameters of those linears (weights + biases). Sensitivity curves: each site alone "
-             f"at 8 ranks, 1 − cosine on the first 2 calibration batches. Targets: mean cos ≥ 0.97 at 0.75, ≥ 0.90 at "
-             f"0.5.\n\n" + "\n".join(f"- {v}" for v in verdict) + f"\n\nTotal run {time.time() - t_start:.0f} s.")
-    write_result("quality_minilm", "Quality: compressed all-MiniLM-L6-v2 vs the original (cosine of sentence embeddings)",
-                 rows, headers, notes)
+    notes = (
+        f"Statistics and sensitivity from {n_hand} hand-written calibration sentences; healing on those + "
+        f"{args.extra} generated ones + {args.aug} augmented ones; heal: Adam lr {args.heal_lr:g}, 25 warmup steps then "
+        f"cosine decay, batch 32, trained: the factors + {', '.join(train_also) or 'nothing else'}, loss = pooled cosine + 0.1 token cosine + per-block normalised MSE (weight 1, "
+        f"6 blocks); {len(HELD_OUT)} held-out sentences (disjoint; bench/data); 36 encoder linears; 'params kept' "
+        f"= compressed / dense parameters of those linears (weights + biases). Sensitivity curves: each site alone "
+        f"at 8 ranks, 1 − cosine on the first 2 calibration batches. Targets: mean cos ≥ 0.97 at 0.75, ≥ 0.90 at "
+        f"0.5.\n\n" + "\n".join(f"- {v}" for v in verdict) + f"\n\nTotal run {time.time() - t_start:.0f} s."
+    )
+    write_result(
+        "quality_minilm",
+        "Quality: compressed all-MiniLM-L6-v2 vs the original (cosine of sentence embeddings)",
+        rows,
+        headers,
+        notes,
+    )
 
 
 if __name__ == "__main__":

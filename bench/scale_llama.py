@@ -8,6 +8,7 @@ the layers, which have the same shapes). Then save / load into a fresh model and
 Targets: completes with a progress bar; peak RSS ≤ 1.6× the dense model's size.
     python bench/scale_llama.py [--layers 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_result  # noqa: E402
 
-POLICY = {"rules": [{"match": "lm_head", "method": "dense"},
-                    {"match": "re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\..*", "method": "lowrank", "rank": 0.5}]}
+POLICY = {
+    "rules": [
+        {"match": "lm_head", "method": "dense"},
+        {"match": "re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\..*", "method": "lowrank", "rank": 0.5},
+    ]
+}
 
 
 def peak_rss_gib() -> float:
@@ -35,9 +40,15 @@ def peak_rss_gib() -> float:
 def build(layers: int):
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                                   max_position_embeddings=2048)
+    cfg = transformers.LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -85,20 +96,28 @@ def main():
         ["parameters", f"{n_params / 1e9:.3f} B → {after / 1e9:.3f} B"],
         ["dense model size (fp32)", f"{dense_gib:.2f} GiB"],
         ["peak RSS after building the model", f"{rss_before:.2f} GiB"],
-        ["peak RSS over the whole rewrite", f"{rss_peak:.2f} GiB ({rss_peak / dense_gib:.2f}× the dense model; target ≤ 1.6×)"],
-        ["peak RSS above the bare process (torch imported)",
-         f"{rss_peak - rss_base:.2f} GiB ({(rss_peak - rss_base) / dense_gib:.2f}× the dense model)"],
+        [
+            "peak RSS over the whole rewrite",
+            f"{rss_peak:.2f} GiB ({rss_peak / dense_gib:.2f}× the dense model; target ≤ 1.6×)",
+        ],
+        [
+            "peak RSS above the bare process (torch imported)",
+            f"{rss_peak - rss_base:.2f} GiB ({(rss_peak - rss_base) / dense_gib:.2f}× the dense model)",
+        ],
         ["sites rewritten", f"{len(rows)}"],
         ["rewrite time", f"{rewrite_s:.1f} s ({rewrite_s / max(len(rows), 1):.2f} s per site)"],
         ["per-site seconds: first half / second half of the sites", f"{first:.2f} / {second:.2f} (linear if ≈ equal)"],
-        ["per-site seconds by shape", ", ".join(
-            f"{k}: {statistics.mean(v):.2f}" for k, v in _by_shape(rows).items())],
+        ["per-site seconds by shape", ", ".join(f"{k}: {statistics.mean(v):.2f}" for k, v in _by_shape(rows).items())],
         ["save / load (no factorisation)", f"{save_s:.1f} s / {load_s:.1f} s; loaded outputs identical: {same}"],
         ["building the model from its config (for scale)", f"{build_s:.1f} s"],
     ]
-    write_result("scale_llama", f"bench/scale_llama.py — Llama shape, hidden 2048, {a.layers} layers, 50% low-rank",
-                 table, ["what", "measured"],
-                 "Peak RSS is the process maximum (resource.getrusage), so it includes building the dense model.")
+    write_result(
+        "scale_llama",
+        f"bench/scale_llama.py — Llama shape, hidden 2048, {a.layers} layers, 50% low-rank",
+        table,
+        ["what", "measured"],
+        "Peak RSS is the process maximum (resource.getrusage), so it includes building the dense model.",
+    )
 
 
 def _by_shape(rows):

@@ -4,15 +4,34 @@
 
 The backend is registered through the `torch_dynamo_backends` entry point: no import is needed for that.
 """
-from .plan.rewrite import rewrite
-from .factorize.calibrate import CalibrationStats, calibrate
-from .lifecycle.heal import heal
-from .lifecycle.persist import load, save
-from .runtime.refresh import refresh
-from .lifecycle.adapters import adapter_state_dict, load_adapter_state_dict, merge
-from .lifecycle.param_groups import param_groups
+
 from .errors import LrcompileError, PlanError, PolicyError, SiteError
+from .factorize.calibrate import CalibrationStats, calibrate
+from .lifecycle.adapters import adapter_state_dict, load_adapter_state_dict, merge
+from .lifecycle.heal import heal
+from .lifecycle.param_groups import param_groups
+from .lifecycle.persist import load, save
+from .plan.rewrite import rewrite
 from .policy.rules import Policy, load_policy
+from .runtime.refresh import refresh
 
 __version__ = "0.1.0"
-__all__ = ["rewrite", "calibrate", "CalibrationStats", "heal", "save", "load", "merge", "adapter_state_dict", "load_adapter_state_dict", "param_groups", "refresh", "LrcompileError", "PlanError", "PolicyError", "SiteError", "Policy", "load_policy"]
+__all__ = [
+    "rewrite",
+    "calibrate",
+    "CalibrationStats",
+    "heal",
+    "save",
+    "load",
+    "merge",
+    "adapter_state_dict",
+    "load_adapter_state_dict",
+    "param_groups",
+    "refresh",
+    "LrcompileError",
+    "PlanError",
+    "PolicyError",
+    "SiteError",
+    "Policy",
+    "load_policy",
+]

@@ -4,24 +4,25 @@ capture (find sites, resolve their modules) -> session (policy, report, budget) 
 sites (decide, tune, build or reuse factors) -> rewrite a copy of the graph -> fuse -> Inductor (or eager with
 `inductor: False`) -> a runner that feeds the current factors on every call.
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
 import torch.fx as fx
 
-from .attention import plan as attention
 from . import compat
-from .plan import coverage
+from .attention import plan as attention
+from .capture.resolve import enclosing_model, prefixed, relative_names, remapped, root_module, site_module
+from .capture.sites import find_sites
+from .compat import frame_locals
 from .lifecycle.distributed import check_new_factors
-from .plan.graph import plan_graph
-from .runtime.instances import Instances, Runner
 from .options import Options
 from .passes.rewrite import rewrite_graph
-from .capture.resolve import enclosing_model, prefixed, relative_names, remapped, root_module, site_module
-from .compat import frame_locals
+from .plan import coverage
+from .plan.graph import plan_graph
+from .runtime.instances import Instances, Runner
 from .runtime.session import plan_budget, session_for
-from .capture.sites import find_sites
 
 
 def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
@@ -38,16 +39,23 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
     session = session_for(model, options, opts)
     plan_budget(session, model)
     for rule in coverage.unmatched_linear_rules(session.policy, model):
-        coverage.warn_once(session, ("rule", rule.index),
-                           f"lrcompile: {session.policy.where(rule)} matches no module or parameter of the model")
+        coverage.warn_once(
+            session,
+            ("rule", rule.index),
+            f"lrcompile: {session.policy.where(rule)} matches no module or parameter of the model",
+        )
     for row in coverage.unrecognised_attention(gm, sites, session.policy, prefix):
         session.report.add(row)
         coverage.warn_once(session, ("attention", row.fqn), f"lrcompile: {row.rule}: {row.fqn}: {row.reason}")
     # attention rules first: the projections they claim are no linear rule's sites (lrcompile.attention)
     plans, rows = attention.plan_attention(
-        sites, session.policy, lambda s: (site_module(s, root, f_locals) if s.module_expr else root) if root is not None else None,
-        session.orphans, on_new=lambda what: check_new_factors(what, model),
-        attached=attention.attached_bases(model, session.orphans))
+        sites,
+        session.policy,
+        lambda s: (site_module(s, root, f_locals) if s.module_expr else root) if root is not None else None,
+        session.orphans,
+        on_new=lambda what: check_new_factors(what, model),
+        attached=attention.attached_bases(model, session.orphans),
+    )
     claimed = attention.claimed_ids(plans)
     linear = [s for s in sites if s.kind == "linear" and id(s) not in claimed]
     chosen, feeds = plan_graph(linear, session, model, f_locals, tune=opts.tune)
@@ -62,7 +70,9 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
     if chosen:
         # on CPU Inductor fuses a separate bias add into the consumer's kernel; fused Triton kernels take the
         # bias in their own epilogue (passes/fuse.py), and the eager runner has no consumer kernel to use
-        cpu_inductor = opts.inductor and not opts.fuse_enabled() and all(s.weight.device.type == "cpu" for s, *_ in chosen)
+        cpu_inductor = (
+            opts.inductor and not opts.fuse_enabled() and all(s.weight.device.type == "cpu" for s, *_ in chosen)
+        )
         gm, order = rewrite_graph(gm, chosen, bias_epilogue=cpu_inductor)
     feeds = [f.bind(example_inputs) for f in attn_feeds + [feeds[id(s)] for s in order]]
     if order and opts.fuse_enabled():  # sites + prologue/epilogue -> one kernel op each (passes/fuse.py, lower.py)
@@ -75,8 +85,23 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
         print(session.report.table())
     fed = {id(site) for site, _ in by_struct.values()}
     dense_sites = {s.fqn: (s, rel[id(s)]) for s in linear if id(s) not in fed}
-    others = Instances(session, model, root, prefix, dynamo_gm, example_inputs, feeds, by_struct,
-                        list(dense_sites.values()), options, opts) if feeds else None
+    others = (
+        Instances(
+            session,
+            model,
+            root,
+            prefix,
+            dynamo_gm,
+            example_inputs,
+            feeds,
+            by_struct,
+            list(dense_sites.values()),
+            options,
+            opts,
+        )
+        if feeds
+        else None
+    )
     if not opts.inductor:
         return Runner(gm, feeds, others)
     inputs = list(example_inputs) + _fakes(example_inputs, feeds)

@@ -1,4 +1,5 @@
 """Every lrcompile cache (factors, autotune results, shape logs) lives under one root."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """`lrcompile` command line: check a policy against a model, print a report, run the demo."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def _factory(spec: str):
     goes wrong in the user's code is one line saying where."""
     mod, _, name = spec.rpartition(":") if spec.count(":") else (spec, "", "")
     if not name or not mod:
-        raise LrcompileError(f"--model {spec!r}: expected module:factory or file.py:factory, e.g. "
-                             "lrcompile.demo.tiny:demo_model")
+        raise LrcompileError(
+            f"--model {spec!r}: expected module:factory or file.py:factory, e.g. lrcompile.demo.tiny:demo_model"
+        )
     try:
         module = _module(mod, spec)
     except LrcompileError:
@@ -64,8 +66,11 @@ def cmd_check(args) -> int:
     from .policy.rules import load_policy
 
     policy = load_policy(args.policy)
-    print(f"{args.policy}: valid ({len(policy.rules)} rules"
-          + (f", budget {policy.budget}" if policy.budget else "") + ")")
+    print(
+        f"{args.policy}: valid ({len(policy.rules)} rules"
+        + (f", budget {policy.budget}" if policy.budget else "")
+        + ")"
+    )
     if not args.model:
         return 0
     from tabulate import tabulate
@@ -75,8 +80,9 @@ def cmd_check(args) -> int:
     try:
         captured = capture_sites(model, example)
     except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
-        raise LrcompileError(f"--model {args.model!r}: the model does not run on its example inputs "
-                             f"({_one_line(e)})") from None
+        raise LrcompileError(
+            f"--model {args.model!r}: the model does not run on its example inputs ({_one_line(e)})"
+        ) from None
     for c in captured:
         s = c.site
         if (s.kind, s.fqn) in seen:
@@ -84,8 +90,18 @@ def cmd_check(args) -> int:
         seen.add((s.kind, s.fqn))
         d = decide(s, policy)
         shape = f"{s.in_features}→{s.out_features}" if s.kind == "linear" else s.form
-        rows.append([s.fqn or "<root>", s.kind, shape, d.rule.label if d.rule else "-", d.method, d.status,
-                     getattr(d.config, "rank", "") or "", d.reason or "; ".join(d.notes)])
+        rows.append(
+            [
+                s.fqn or "<root>",
+                s.kind,
+                shape,
+                d.rule.label if d.rule else "-",
+                d.method,
+                d.status,
+                getattr(d.config, "rank", "") or "",
+                d.reason or "; ".join(d.notes),
+            ]
+        )
     print(tabulate(rows, headers=["site", "kind", "shape", "rule", "method", "plan", "rank", "note"]))
     unmatched = [r for r in policy.rules if not any(r.kind == k and r.matches(f) for k, f in seen)]
     for r in unmatched:
@@ -106,8 +122,9 @@ def cmd_report(args) -> int:
     try:
         print(format_table(data))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise LrcompileError(f"{args.report}: not an lrcompile report ({_one_line(e)}); write one with "
-                             "options={'report': path}") from None
+        raise LrcompileError(
+            f"{args.report}: not an lrcompile report ({_one_line(e)}); write one with options={{'report': path}}"
+        ) from None
     return 0
 
 
@@ -154,15 +171,19 @@ def cmd_warmup(args) -> int:
         except LrcompileError:
             raise
         except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
-            raise LrcompileError(f"--model {args.model!r}: the model does not run on its example inputs "
-                                 f"({_one_line(e)})") from None
+            raise LrcompileError(
+                f"--model {args.model!r}: the model does not run on its example inputs ({_one_line(e)})"
+            ) from None
         source = args.model
     specs = warmup.expand(specs, tokens)
     s = warmup.tune_all(specs, args.budget)
     from .tune import cache
 
-    print(f"warmup: {s['shapes']} shapes from {source}: {s['measured']} measured, {s['cached']} already cached"
-          + (f", {s['failed']} failed" if s["failed"] else "") + f" in {s['seconds']:.1f} s; cache {cache.path()}")
+    print(
+        f"warmup: {s['shapes']} shapes from {source}: {s['measured']} measured, {s['cached']} already cached"
+        + (f", {s['failed']} failed" if s["failed"] else "")
+        + f" in {s['seconds']:.1f} s; cache {cache.path()}"
+    )
     return 1 if s["failed"] else 0
 
 
@@ -174,8 +195,16 @@ def _cache_row(key: str, e: dict, pick) -> list:
     ms = {k: v for k, v in e["ms"].items() if isinstance(v, (int, float))}
     impl, _ = pick({"ms": ms}, dense_why=None)
     times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(ms.items(), key=lambda kv: kv[1]))
-    return [s(sp.get("family", key.split("|")[0])), f"{s(sp.get('in_features'))}→{s(sp.get('out_features'))}",
-            s(sp.get("tokens")), s(sp.get("dtype")), s(env.get("device", "")), s(sp.get("rank", "")), impl, times]
+    return [
+        s(sp.get("family", key.split("|")[0])),
+        f"{s(sp.get('in_features'))}→{s(sp.get('out_features'))}",
+        s(sp.get("tokens")),
+        s(sp.get("dtype")),
+        s(env.get("device", "")),
+        s(sp.get("rank", "")),
+        impl,
+        times,
+    ]
 
 
 def cmd_cache(args) -> int:
@@ -206,7 +235,9 @@ def cmd_cache(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="lrcompile", description="Low-rank / structured / adapter rewrites for torch.compile.")
+    ap = argparse.ArgumentParser(
+        prog="lrcompile", description="Low-rank / structured / adapter rewrites for torch.compile."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("check", help="validate a policy; with --model, list matched and unmatched sites")
     p.add_argument("policy")

@@ -6,6 +6,7 @@ by feature, not by version number: an optional one falls back (and warns once wh
 the backend cannot work without raises a one-line LrcompileError. Private modules are imported on first use,
 never at import time: `import lrcompile` must not pull in Inductor.
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,6 +40,7 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 # --- Dynamo: the frame being compiled ---------------------------------------------------------------------------
+
 
 def frame_locals() -> Optional[dict]:
     """The locals of the frame Dynamo is compiling while a backend call runs, else None. Private: the translator's
@@ -121,6 +123,7 @@ def dynamo_reset() -> None:
 
 # --- the Python stack -------------------------------------------------------------------------------------------
 
+
 def caller_frames(skip: int = 0):
     """The frames above the caller, innermost first. A backend call receives only the graph: the compiled model
     that encloses the frame Dynamo compiles, and the module instance a shared graph runs for, are found on the
@@ -132,6 +135,7 @@ def caller_frames(skip: int = 0):
 
 
 # --- compiled modules -------------------------------------------------------------------------------------------
+
 
 def compiled_original(obj) -> Optional[torch.nn.Module]:
     """The user's module behind a compiled one: `torch.compile(m)` (an OptimizedModule, `_orig_mod`) or
@@ -154,6 +158,7 @@ def is_optimized_module(obj) -> bool:
 
 
 # --- fake tensors and symbolic shapes ----------------------------------------------------------------------------
+
 
 def fake_mode_of(inputs) -> Any:
     """The FakeTensorMode the graph's example inputs live in, or None. Private: torch._guards.detect_fake_mode
@@ -212,6 +217,7 @@ def statically_known_true(cond) -> bool:
 
 # --- Inductor ---------------------------------------------------------------------------------------------------
 
+
 def compile_fx(gm: torch.fx.GraphModule, inputs: list, mode: Optional[str] = None):
     """Inductor's compiler for a torch-level graph, with `torch.compile(mode=...)`'s config patches as
     backend="inductor" applies them. Private: torch._inductor.compile_fx.compile_fx and
@@ -224,6 +230,7 @@ def compile_fx(gm: torch.fx.GraphModule, inputs: list, mode: Optional[str] = Non
 
 
 # --- autograd / functorch / distributed ---------------------------------------------------------------------------
+
 
 @torch.compiler.assume_constant_result
 def _autocast_available(device_type: str) -> bool:
@@ -242,8 +249,11 @@ def is_functorch_wrapped(t: torch.Tensor) -> bool:
     torch._C._functorch.is_functorch_wrapped_tensor (2.11-2.14); without it, never (with a warning)."""
     fn = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
     if fn is None:
-        _warn_once("functorch", f"lrcompile: torch {torch.__version__} has no is_functorch_wrapped_tensor; "
-                                "tensors inside torch.func transforms cannot be told apart")
+        _warn_once(
+            "functorch",
+            f"lrcompile: torch {torch.__version__} has no is_functorch_wrapped_tensor; "
+            "tensors inside torch.func transforms cannot be told apart",
+        )
         return False
     return bool(fn(t))
 
@@ -258,14 +268,18 @@ def active_ddp_module() -> Optional[torch.nn.Module]:
         return None
     get = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
     if get is None:
-        _warn_once("ddp", f"lrcompile: torch {torch.__version__} has no DistributedDataParallel."
-                          "_get_active_ddp_module; a compile under DDP cannot be detected, so call "
-                          "lrcompile.rewrite before wrapping the model")
+        _warn_once(
+            "ddp",
+            f"lrcompile: torch {torch.__version__} has no DistributedDataParallel."
+            "_get_active_ddp_module; a compile under DDP cannot be detected, so call "
+            "lrcompile.rewrite before wrapping the model",
+        )
         return None
     return get()
 
 
 # --- recompiles ---------------------------------------------------------------------------------------------------
+
 
 def fail_on_recompile_limit():
     """A context in which reaching Dynamo's recompile limit raises instead of silently running the frame

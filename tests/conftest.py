@@ -22,12 +22,13 @@ warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 NOOP = os.environ.get("LRCOMPILE_NOOP", "")
 if NOOP:
     import lrcompile
-    import lrcompile.plan.rewrite
     import lrcompile.backend
+    import lrcompile.plan.rewrite
 
     if NOOP == "backend":
         lrcompile.backend.lrcompile_backend = lambda gm, example_inputs, options=None, mode=None: gm.forward
     elif NOOP == "rewrite":
+
         def _noop_rewrite(model, policy, example_inputs, calibration=None, **kw):
             return model
 
@@ -102,8 +103,10 @@ def compile_eager(model, policy=None, **options):
 def all_lowrank(rank, **extra):
     """Every site low-rank. `guard: off` unless given: a full-rank test must exercise the factors, not the dense
     layer the autotuner may pick for an exact rewrite."""
-    return {"defaults": {"min_features": 0, "guard": "off", **extra},
-            "rules": [{"match": "*", "method": "lowrank", "rank": rank}]}
+    return {
+        "defaults": {"min_features": 0, "guard": "off", **extra},
+        "rules": [{"match": "*", "method": "lowrank", "rank": rank}],
+    }
 
 
 def spy_launches(monkeypatch) -> list:
@@ -129,16 +132,27 @@ def tiny_hf(kind: str, width: int, inter: int, layers: int, heads: int, kv_heads
 
     ids = {"input_ids": torch.randint(0, vocab, (2, tokens))}
     if kind == "bert":
-        cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
-                                      num_attention_heads=heads, intermediate_size=inter,
-                                      max_position_embeddings=64)
+        cfg = transformers.BertConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inter,
+            max_position_embeddings=64,
+        )
         return transformers.BertModel(cfg).eval(), {**ids, "attention_mask": torch.ones(2, tokens, dtype=torch.long)}
     if kind == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=width, n_layer=layers, n_head=heads, n_positions=64)
         return transformers.GPT2LMHeadModel(cfg).eval(), ids
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=inter,
-                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                   max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg).eval(), ids
 
 
@@ -155,6 +169,6 @@ def masked_id_batches(n: int, rows: int, seq: int, vocab: int, padded: int, seed
     out = []
     for _ in range(n):
         mask = torch.ones(rows, seq, dtype=torch.long)
-        mask[rows - 1, seq - padded:] = 0
+        mask[rows - 1, seq - padded :] = 0
         out.append({"input_ids": torch.randint(low, vocab, (rows, seq), generator=g), "attention_mask": mask})
     return out

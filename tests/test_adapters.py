@@ -1,13 +1,14 @@
 """Adapter families (LoRA, rsLoRA, PiSSA, DoRA, VeRA, NOBLE): parity with HF PEFT, merge, training, hot-swap."""
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compile_eager, rel_err
 from torch import nn
 
 import lrcompile
-from conftest import compile_eager, rel_err
 from lrcompile.families import Structure
 from lrcompile.families.adapters.dora import DoRA, dora_row_norm
 from lrcompile.families.adapters.lora import LoRA
@@ -120,8 +121,9 @@ def test_pissa_matches_peft_and_keeps_the_function():
     for n in TARGETS:
         pl, ol = peft_layer(pm, n), getattr(ours, n)
         # singular vectors are defined up to sign: compare the products and the residual
-        torch.testing.assert_close(ol.lora_B @ ol.lora_A, pl.lora_B["default"].weight @ pl.lora_A["default"].weight,
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            ol.lora_B @ ol.lora_A, pl.lora_B["default"].weight @ pl.lora_A["default"].weight, atol=1e-5, rtol=1e-4
+        )
         torch.testing.assert_close(ol.weight, pl.base_layer.weight, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours(x), base(x), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours(x), pm(x), atol=1e-5, rtol=1e-4)
@@ -159,7 +161,9 @@ def test_dora_matches_peft_output_and_gradients():
         pl, ol = peft_layer(pm, n), getattr(ours, n)
         torch.testing.assert_close(ol.lora_A.grad, pl.lora_A["default"].weight.grad, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ol.lora_B.grad, pl.lora_B["default"].weight.grad, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(ol.magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ol.magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_dora_functional_gradients_match_autograd_of_the_formula():
@@ -180,9 +184,9 @@ def test_dora_functional_gradients_match_autograd_of_the_formula():
     want = torch.autograd.grad(formula(*ts), ts, dy)
     for name, g1, g2 in zip("x W b A B m s".split(), got, want):
         assert rel_err(g1, g2) < 1e-10, name
-    assert torch.autograd.gradcheck(lambda x, b, m: DoRA.functional(x, W.detach(), b, A.detach(), B.detach(), m,
-                                                                    s.detach()), (x, b, m))
-
+    assert torch.autograd.gradcheck(
+        lambda x, b, m: DoRA.functional(x, W.detach(), b, A.detach(), B.detach(), m, s.detach()), (x, b, m)
+    )
 
 
 def dora_formula_ref(x, W, b, A, B, m, s):
@@ -199,8 +203,9 @@ def dora_case(seed=2, dtype=torch.float64):
     return x, W, b, A, B, m, s
 
 
-@pytest.mark.parametrize("need,bias", [("x b A B m", True), ("A B m", True), ("x A", True), ("x A B m", False),
-                                       ("b", True)])
+@pytest.mark.parametrize(
+    "need,bias", [("x b A B m", True), ("A B m", True), ("x A", True), ("x A B m", False), ("b", True)]
+)
 def test_dora_frozen_base_backward_matches_autograd_of_the_formula(need, bias):
     """A frozen base weight takes FrozenBaseDoRA (its backward written out): float64, non-square shapes, with
     and without bias; the gradients of whichever inputs require one equal autograd's of the formula."""
@@ -224,7 +229,7 @@ def test_dora_frozen_base_double_backward_is_the_formulas():
     ts = [t.requires_grad_() for t in (x, A, B, m)]
 
     def second(f):
-        gx, = torch.autograd.grad(f(x, W, b, A, B, m, s).square().sum(), x, create_graph=True)
+        (gx,) = torch.autograd.grad(f(x, W, b, A, B, m, s).square().sum(), x, create_graph=True)
         return torch.autograd.grad(gx.square().sum(), ts[1:])
 
     for name, g1, g2 in zip("A B m".split(), second(DoRA.functional), second(dora_formula_ref)):
@@ -238,8 +243,15 @@ def test_dora_mixed_dtypes_and_bf16_take_a_working_path():
     want = dora_formula_ref(x, W, b, A, B, m, s)
     bf = torch.bfloat16
     for b_dt, m_dt in ((torch.float32, bf), (bf, torch.float32), (bf, bf)):
-        ts = [x.to(bf).requires_grad_(), W.to(bf), b.to(b_dt), A.to(bf).requires_grad_(), B.to(bf).requires_grad_(),
-              m.to(m_dt).requires_grad_(), s.float()]
+        ts = [
+            x.to(bf).requires_grad_(),
+            W.to(bf),
+            b.to(b_dt),
+            A.to(bf).requires_grad_(),
+            B.to(bf).requires_grad_(),
+            m.to(m_dt).requires_grad_(),
+            s.float(),
+        ]
         y = DoRA.functional(*ts)
         y.float().sum().backward()
         assert rel_err(y, want) < 0.02, (b_dt, m_dt)
@@ -261,8 +273,9 @@ def test_dora_frozen_base_step_makes_three_output_sized_buffers():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if not func.is_view and not func._schema.is_mutable:  # in place and out= allocate nothing
-                self.n += sum(t.numel() == self.numel for t in torch.utils._pytree.tree_leaves(out)
-                              if isinstance(t, torch.Tensor))
+                self.n += sum(
+                    t.numel() == self.numel for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+                )
             return out
 
     N, i, o = 64, 24, 40
@@ -276,7 +289,11 @@ def test_dora_frozen_base_step_makes_three_output_sized_buffers():
 
 
 def test_dora_norm_without_materialising_ba():
-    W, A, B = torch.randn(40, 24, dtype=torch.float64), torch.randn(4, 24, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64)
+    W, A, B = (
+        torch.randn(40, 24, dtype=torch.float64),
+        torch.randn(4, 24, dtype=torch.float64),
+        torch.randn(40, 4, dtype=torch.float64),
+    )
     torch.testing.assert_close(dora_row_norm(W, A, B, 0.7), torch.linalg.norm(W + 0.7 * B @ A, dim=1))
 
 
@@ -321,10 +338,17 @@ def test_dora_dropout_matches_peft_in_train_mode():
     p, seed = 0.3, 7
     torch.manual_seed(0)
     base, x = nn.Sequential(nn.Linear(24, 40)), torch.randn(5, 3, 24)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True,
-                                                                  lora_dropout=p))
-    ours = lrcompile.rewrite(copy.deepcopy(base), {"defaults": {"min_features": 0}, "rules": [
-        {"match": "0", "method": "dora", "rank": 4, "alpha": 8, "dropout": p}]}, (x,))
+    pm = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True, lora_dropout=p)
+    )
+    ours = lrcompile.rewrite(
+        copy.deepcopy(base),
+        {
+            "defaults": {"min_features": 0},
+            "rules": [{"match": "0", "method": "dora", "rank": 4, "alpha": 8, "dropout": p}],
+        },
+        (x,),
+    )
     pl, ol = peft_layer(pm, "0"), ours[0]
     with torch.no_grad():
         pl.lora_B["default"].weight.normal_()
@@ -350,8 +374,11 @@ def test_dora_dropout_matches_peft_in_train_mode():
     torch.testing.assert_close(yo.double(), ref, atol=1e-5, rtol=1e-5)
     yo.square().sum().backward()
     yp.square().sum().backward()
-    for ours_p, peft_p in [(ol.lora_A, pl.lora_A["default"].weight), (ol.lora_B, pl.lora_B["default"].weight),
-                           (ol.magnitude, pl.lora_magnitude_vector["default"].weight)]:
+    for ours_p, peft_p in [
+        (ol.lora_A, pl.lora_A["default"].weight),
+        (ol.lora_B, pl.lora_B["default"].weight),
+        (ol.magnitude, pl.lora_magnitude_vector["default"].weight),
+    ]:
         torch.testing.assert_close(ours_p.grad, peft_p.grad, atol=1e-4, rtol=1e-4)
     ours.eval()
     pm.eval()
@@ -449,8 +476,11 @@ def test_vera_models_never_share_projections():
     # a larger model rewritten next to an untouched, unused one does not regrow the first one's pair
     m3 = lrcompile.rewrite(copy.deepcopy(base), policy("vera", rank=4), (x,))
     A3 = m3.fc1.vera_A.clone()
-    lrcompile.rewrite(nn.Sequential(nn.Linear(96, 96)), {"defaults": {"min_features": 0}, "rules": [
-        {"match": "*", "method": "vera", "rank": 4}]}, (torch.randn(2, 96),))
+    lrcompile.rewrite(
+        nn.Sequential(nn.Linear(96, 96)),
+        {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "vera", "rank": 4}]},
+        (torch.randn(2, 96),),
+    )
     assert m3.fc1.vera_A.shape == A3.shape and torch.equal(m3.fc1.vera_A, A3)
 
 
@@ -478,13 +508,17 @@ def test_vera_pair_in_use_never_changes():
     m1(x)  # used: its projections are final
     A1 = m1.fc1.vera_A.clone()
     big = nn.Sequential(nn.Linear(96, 96))
-    lrcompile.rewrite(big, {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "vera", "rank": 4}]},
-                      (torch.randn(2, 96),))
+    lrcompile.rewrite(
+        big,
+        {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "vera", "rank": 4}]},
+        (torch.randn(2, 96),),
+    )
     assert big[0].vera_A is not m1.fc1.vera_A and torch.equal(m1.fc1.vera_A, A1)
 
 
-@pytest.mark.parametrize("method,opts", [("lora", {"rank": 4, "alpha": 16}), ("dora", {"rank": 4, "rslora": True}),
-                                         ("vera", {"rank": 8})])
+@pytest.mark.parametrize(
+    "method,opts", [("lora", {"rank": 4, "alpha": 16}), ("dora", {"rank": 4, "rslora": True}), ("vera", {"rank": 8})]
+)
 def test_merge_equals_unmerged(method, opts):
     torch.manual_seed(0)
     m, x = MLP(), torch.randn(7, 24)
@@ -513,7 +547,9 @@ def test_merge_gives_a_tied_site_its_own_weight():
             return self.head(torch.relu(self.embed(ids)))
 
     m, ids = Tied(), torch.randint(0, 30, (2, 5))
-    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [{"match": "head", "method": "lora", "rank": 2}]}, (ids,))
+    lrcompile.rewrite(
+        m, {"defaults": {"min_features": 0}, "rules": [{"match": "head", "method": "lora", "rank": 2}]}, (ids,)
+    )
     with torch.no_grad():
         m.head.lora_B.normal_()
     ref, emb = m(ids), m.embed.weight.detach().clone()
@@ -540,8 +576,17 @@ def test_merge_backend_attached_adapter():
 def test_noble_is_not_merged_and_dropout_is_training_only():
     torch.manual_seed(0)
     m, x = MLP(), torch.randn(64, 24)
-    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [
-        {"match": "fc1", "method": "noble", "rank": 4}, {"match": "fc2", "method": "lora", "rank": 4, "dropout": 0.5}]}, (x,))
+    lrcompile.rewrite(
+        m,
+        {
+            "defaults": {"min_features": 0},
+            "rules": [
+                {"match": "fc1", "method": "noble", "rank": 4},
+                {"match": "fc2", "method": "lora", "rank": 4, "dropout": 0.5},
+            ],
+        },
+        (x,),
+    )
     with torch.no_grad():
         m.fc2.lora_B.normal_()
     m.eval()
@@ -557,8 +602,9 @@ def test_noble_is_not_merged_and_dropout_is_training_only():
 
 def tiny_gpt2():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=50, n_positions=32,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=2, vocab_size=50, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -573,8 +619,10 @@ def test_gpt2_finetune_under_compile_trains_only_adapters(method):
     torch.manual_seed(0)
     model = tiny_gpt2()
     ids = copy_task()
-    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "re:.*\\.(c_attn|c_proj|c_fc)", "method": method,
-                                                       "rank": 4, "alpha": 8}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [{"match": "re:.*\\.(c_attn|c_proj|c_fc)", "method": method, "rank": 4, "alpha": 8}],
+    }
     lrcompile.rewrite(model, pol, {"input_ids": ids[:2]})
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -600,8 +648,14 @@ def test_noble_pretraining_trains_with_param_groups():
     torch.manual_seed(0)
     model = tiny_gpt2()
     ids = copy_task()
-    lrcompile.rewrite(model, {"defaults": {"min_features": 0}, "rules": [
-        {"match": "re:.*\\.(c_attn|c_proj|c_fc)", "method": "noble", "rank": 8}]}, {"input_ids": ids[:2]})
+    lrcompile.rewrite(
+        model,
+        {
+            "defaults": {"min_features": 0},
+            "rules": [{"match": "re:.*\\.(c_attn|c_proj|c_fc)", "method": "noble", "rank": 8}],
+        },
+        {"input_ids": ids[:2]},
+    )
     assert all(p.requires_grad for p in model.parameters())  # NOBLE freezes nothing: the base trains too
     site = model.transformer.h[0].mlp.c_fc
     assert isinstance(site, NOBLE)
@@ -679,9 +733,17 @@ def test_noble_inits_follow_the_paper():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(in_f, out_f), nn.Linear(out_f, 96))
     w0, w1 = model[0].weight, model[1].weight.detach().clone()
-    lrcompile.rewrite(model, {"defaults": {"min_features": 0}, "rules": [
-        {"match": "0", "method": "noble", "rank": r, "init": "scratch"}, {"match": "1", "method": "noble", "rank": 8}]},
-        (torch.randn(2, in_f),))
+    lrcompile.rewrite(
+        model,
+        {
+            "defaults": {"min_features": 0},
+            "rules": [
+                {"match": "0", "method": "noble", "rank": r, "init": "scratch"},
+                {"match": "1", "method": "noble", "rank": 8},
+            ],
+        },
+        (torch.randn(2, in_f),),
+    )
     assert model[0].weight is w0
     check_normal(model[0].weight, 0.5 / in_f**0.5)
     assert torch.equal(model[1].weight, w1)
@@ -690,17 +752,33 @@ def test_noble_inits_follow_the_paper():
 def test_adapter_state_dict_round_trips_into_a_fresh_model():
     torch.manual_seed(0)
     base, x = MLP(), torch.randn(4, 24)
-    pol = {"defaults": {"min_features": 0}, "rules": [{"match": ["fc1"], "method": "dora", "rank": 4},
-                                                      {"match": ["fc2"], "method": "vera", "rank": 8},
-                                                      {"match": ["head"], "method": "lora", "rank": 2, "alpha": 5}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [
+            {"match": ["fc1"], "method": "dora", "rank": 4},
+            {"match": ["fc2"], "method": "vera", "rank": 8},
+            {"match": ["head"], "method": "lora", "rank": 2, "alpha": 5},
+        ],
+    }
     a = lrcompile.rewrite(copy.deepcopy(base), pol, (x,))
     with torch.no_grad():
         for p in a.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.2)
     sd = {k: v.clone() for k, v in lrcompile.adapter_state_dict(a).items()}
-    assert set(sd) == {"fc1.lora_A", "fc1.lora_B", "fc1.magnitude", "fc1.scaling", "fc2.vera_A", "fc2.vera_B",
-                       "fc2.lambda_d", "fc2.lambda_b", "head.lora_A", "head.lora_B", "head.scaling"}
+    assert set(sd) == {
+        "fc1.lora_A",
+        "fc1.lora_B",
+        "fc1.magnitude",
+        "fc1.scaling",
+        "fc2.vera_A",
+        "fc2.vera_B",
+        "fc2.lambda_d",
+        "fc2.lambda_b",
+        "head.lora_A",
+        "head.lora_B",
+        "head.scaling",
+    }
     b = lrcompile.rewrite(copy.deepcopy(base), pol, (x,))
     assert not torch.allclose(b(x), a(x))
     lrcompile.load_adapter_state_dict(b, sd)

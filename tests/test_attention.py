@@ -1,10 +1,11 @@
 """Attention rules: manual attention -> SDPA (pattern matcher), fused QKV, shared-basis K/V; dataflow association
 of attention sites with their projections; HF BERT / GPT-2 / Llama from small configs; the eager rewrite path."""
+
 import copy
 import json
 import math
-import warnings
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from torch import nn
 import lrcompile
 from lrcompile.attention.factors import SharedBasis, StackedStructure
 from lrcompile.backend import lrcompile_backend
-from lrcompile.policy.rules import load_policy
 from lrcompile.families import FAMILIES
+from lrcompile.policy.rules import load_policy
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,8 +89,12 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-ATT = lambda method, **kw: {"defaults": {"min_features": 0}, "rules": [  # noqa: E731
-    {"match": "*", "kind": "attention", "method": method, **kw}]}
+ATT = lambda method, **kw: {
+    "defaults": {"min_features": 0},
+    "rules": [  # noqa: E731
+        {"match": "*", "kind": "attention", "method": method, **kw}
+    ],
+}
 
 
 def mask_for(mask: str, B=2, T=9):
@@ -108,9 +113,20 @@ def mask_for(mask: str, B=2, T=9):
     return None
 
 
-@pytest.mark.parametrize("mask,scale", [("none", "div"), ("add", "mul"), ("add_first", "div"), ("bool", "div"),
-                                        ("causal", "div"), ("finfo", "none"), ("where", "div"),
-                                        ("where_fill", "mul"), ("where_tensor", "div")])
+@pytest.mark.parametrize(
+    "mask,scale",
+    [
+        ("none", "div"),
+        ("add", "mul"),
+        ("add_first", "div"),
+        ("bool", "div"),
+        ("causal", "div"),
+        ("finfo", "none"),
+        ("where", "div"),
+        ("where_fill", "mul"),
+        ("where_tensor", "div"),
+    ],
+)
 def test_manual_attention_becomes_sdpa(mask, scale, tmp_path):
     torch.manual_seed(0)
     m = ManualAttn(mask=mask, scale=scale).eval()  # dropout present, in eval mode
@@ -209,7 +225,11 @@ def test_fused_qkv_dense_is_exact_and_one_matmul(tmp_path):
     assert att["status"] == "rewritten" and "q=q, k=k, v=v" in att["notes"][0]
     assert not any(n.startswith("lrcompile") for n, _ in m.named_children())  # no new parameters
     assert {r["fqn"]: r["method"] for r in rows if r["kind"] == "linear"} == {
-        "q": "fused_qkv", "k": "fused_qkv", "v": "fused_qkv", "o": "dense"}
+        "q": "fused_qkv",
+        "k": "fused_qkv",
+        "v": "fused_qkv",
+        "o": "dense",
+    }
 
 
 def test_fused_qkv_low_rank_full_rank_reproduces_and_trains(tmp_path):
@@ -255,8 +275,12 @@ def test_shared_kv_is_the_stacked_svd(tmp_path):
     torch.testing.assert_close(out, m(x, mask), atol=1e-5, rtol=1e-5)
 
 
-FULL_STRUCTURES = [{"method": "lowrank", "rank": 32}, {"method": "monarch", "blocks": 1},
-                   {"method": "btt", "rank": 32}, {"method": "blast", "blocks": 1, "rank": 32}]
+FULL_STRUCTURES = [
+    {"method": "lowrank", "rank": 32},
+    {"method": "monarch", "blocks": 1},
+    {"method": "btt", "rank": 32},
+    {"method": "blast", "blocks": 1, "rank": 32},
+]
 
 
 @pytest.mark.parametrize("structure", FULL_STRUCTURES, ids=[s["method"] for s in FULL_STRUCTURES])
@@ -309,9 +333,18 @@ def test_llama_structured_qkv_and_output_projection(blocks, tmp_path):
     """fused_qkv with a Monarch structure for Q/K/V; the output projection is a plain linear site, compressed by
     an ordinary linear rule."""
     model, inputs = llama("eager")
-    pol = {"defaults": {"min_features": 0}, "rules": [
-        {"match": "*", "kind": "attention", "method": "fused_qkv", "structure": {"method": "monarch", "blocks": blocks}},
-        {"match": "*.o_proj", "method": "monarch", "blocks": blocks}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [
+            {
+                "match": "*",
+                "kind": "attention",
+                "method": "fused_qkv",
+                "structure": {"method": "monarch", "blocks": blocks},
+            },
+            {"match": "*.o_proj", "method": "monarch", "blocks": blocks},
+        ],
+    }
     with torch.no_grad():
         ref = first(model(**inputs))
         out, _, rows = run(model, pol, report=tmp_path / "r.json", **inputs)
@@ -340,7 +373,10 @@ def test_policy_validation_for_attention_rules():
     assert load_policy(ATT("fused_qkv")).rules[0].config.rank is None
     with pytest.raises(lrcompile.PolicyError, match="either rank .* or structure, not both"):
         load_policy(ATT("fused_qkv", rank=4, structure="monarch"))
-    with pytest.raises(lrcompile.PolicyError, match="structure must be a mapping with method: one of blast, btt, lowrank, monarch.*, got 'lora'"):
+    with pytest.raises(
+        lrcompile.PolicyError,
+        match="structure must be a mapping with method: one of blast, btt, lowrank, monarch.*, got 'lora'",
+    ):
         load_policy(ATT("fused_qkv", structure={"method": "lora"}))
     with pytest.raises(lrcompile.PolicyError, match="structure: method 'btt' needs a 'rank'"):
         load_policy(ATT("fused_qkv", structure={"method": "btt"}))
@@ -349,12 +385,16 @@ def test_policy_validation_for_attention_rules():
 
 def test_structure_errors_name_the_file_and_line(tmp_path):
     f = tmp_path / "p.yaml"
-    f.write_text("version: 1\nrules:\n  - match: '*'\n    kind: attention\n    method: fused_qkv\n"
-                 "    structure: {method: monarch, blcks: 2}\n")
+    f.write_text(
+        "version: 1\nrules:\n  - match: '*'\n    kind: attention\n    method: fused_qkv\n"
+        "    structure: {method: monarch, blcks: 2}\n"
+    )
     with pytest.raises(lrcompile.PolicyError) as e:
         load_policy(str(f))
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("p.yaml:6: rule 1") and "unknown option 'blcks'" in msg and "'blocks'" in msg
+    assert (
+        "\n" not in msg and msg.startswith("p.yaml:6: rule 1") and "unknown option 'blcks'" in msg and "'blocks'" in msg
+    )
 
 
 EXAMPLES = sorted((pathlib.Path(__file__).parent.parent / "examples" / "policies").glob("*.yaml"))
@@ -368,23 +408,40 @@ def test_every_example_policy_loads(path):
 
 # --- HF models ----------------------------------------------------------------------------------------------
 
+
 def bert(impl):
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=96, max_position_embeddings=64, attn_implementation=impl)
+    cfg = transformers.BertConfig(
+        vocab_size=120,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        attn_implementation=impl,
+    )
     mask = torch.ones(2, 11, dtype=torch.long)
     mask[1, 8:] = 0
     return transformers.BertModel(cfg).eval(), {"input_ids": torch.randint(0, 120, (2, 11)), "attention_mask": mask}
 
 
 def gpt2(impl):
-    cfg = transformers.GPT2Config(vocab_size=120, n_embd=48, n_layer=2, n_head=4, n_positions=64, attn_implementation=impl)
+    cfg = transformers.GPT2Config(
+        vocab_size=120, n_embd=48, n_layer=2, n_head=4, n_positions=64, attn_implementation=impl
+    )
     return transformers.GPT2LMHeadModel(cfg).eval(), {"input_ids": torch.randint(0, 120, (2, 11))}
 
 
 def llama(impl):
-    cfg = transformers.LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   attn_implementation=impl)
+    cfg = transformers.LlamaConfig(
+        vocab_size=120,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation=impl,
+    )
     return transformers.LlamaForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 120, (2, 11))}
 
 
@@ -392,7 +449,11 @@ def first(out):
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-ATTN_FQN = {"bert": "encoder.layer.{}.attention.self", "gpt2": "transformer.h.{}.attn", "llama": "model.layers.{}.self_attn"}
+ATTN_FQN = {
+    "bert": "encoder.layer.{}.attention.self",
+    "gpt2": "transformer.h.{}.attn",
+    "llama": "model.layers.{}.self_attn",
+}
 FULL = {"fused_qkv": {}, "fused_qkv_rank": {"rank": 10_000}, "shared_kv": {"rank": 10_000}, "sdpa": {}}
 
 
@@ -424,8 +485,10 @@ def test_hf_full_rank_reproduces(make, variant, tmp_path):
         kv = {"bert": 96, "gpt2": 96, "llama": 48}[make.__name__]  # Llama: 2 KV heads of 12
         assert basis.U.shape[0] == kv
         if make is gpt2:  # K and V are rows 48:144 of c_attn; Q rows stay dense
-            assert "k=transformer.h.0.attn.c_attn[48:96], v=transformer.h.0.attn.c_attn[96:144]" in att[
-                "transformer.h.0.attn"]["notes"][0]
+            assert (
+                "k=transformer.h.0.attn.c_attn[48:96], v=transformer.h.0.attn.c_attn[96:144]"
+                in att["transformer.h.0.attn"]["notes"][0]
+            )
 
 
 def test_llama_bf16_eager_attention_becomes_float32_sdpa(tmp_path):
@@ -453,8 +516,9 @@ def test_hf_shared_kv_low_rank_is_lossy_and_reported(make, tmp_path):
         ref = first(model(**inputs))
         out, _, rows = run(model, ATT("shared_kv", rank=0.5), report=tmp_path / "r.json", **inputs)
     att = [r for r in rows if r["kind"] == "attention"]
-    assert all(r["status"] == "rewritten" and 0 < r["rel_error"] < 1 and r["params_after"] < r["params_before"]
-               for r in att)
+    assert all(
+        r["status"] == "rewritten" and 0 < r["rel_error"] < 1 and r["params_after"] < r["params_before"] for r in att
+    )
     assert rel(first(out), ref) > 1e-4
     lin = {r["fqn"]: r for r in rows if r["kind"] == "linear"}
     before = sum(r["params_before"] for r in lin.values())
@@ -465,10 +529,14 @@ def test_hf_shared_kv_low_rank_is_lossy_and_reported(make, tmp_path):
 
 def test_attention_rule_and_linear_rule_together_on_llama(tmp_path):
     model, inputs = llama("eager")
-    pol = {"defaults": {"min_features": 0}, "rules": [
-        {"match": "*", "kind": "attention", "method": "shared_kv", "rank": 10_000},
-        {"match": "lm_head", "method": "dense"},
-        {"match": "*", "method": "lowrank", "rank": 10_000}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [
+            {"match": "*", "kind": "attention", "method": "shared_kv", "rank": 10_000},
+            {"match": "lm_head", "method": "dense"},
+            {"match": "*", "method": "lowrank", "rank": 10_000},
+        ],
+    }
     with torch.no_grad():
         ref = first(model(**inputs))
         out, _, rows = run(model, pol, report=tmp_path / "r.json", **inputs)
@@ -517,7 +585,9 @@ def test_eager_rewrite_installs_attention_factors_and_freezes_replaced_weights(m
     basis, factors = attn.lrcompile_kv, attn.lrcompile_kv.U.detach().clone()
     made = []
     real = SharedBasis.from_stacked.__func__
-    monkeypatch.setattr(SharedBasis, "from_stacked", classmethod(lambda cls, *a, **k: made.append(a) or real(cls, *a, **k)))
+    monkeypatch.setattr(
+        SharedBasis, "from_stacked", classmethod(lambda cls, *a, **k: made.append(a) or real(cls, *a, **k))
+    )
     with torch.no_grad():
         out = first(torch.compile(model, backend="lrcompile", options={"policy": pol, "inductor": False})(**inputs))
     assert rel(out, ref) < 1e-4
@@ -527,9 +597,13 @@ def test_eager_rewrite_installs_attention_factors_and_freezes_replaced_weights(m
 @pytest.mark.slow
 def test_inductor_end_to_end_attention_rewrites():
     model, inputs = llama("eager")
-    pol = {"defaults": {"min_features": 0}, "rules": [
-        {"match": "model.layers.0.self_attn", "kind": "attention", "method": "sdpa"},
-        {"match": "*", "kind": "attention", "method": "shared_kv", "rank": 10_000}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [
+            {"match": "model.layers.0.self_attn", "kind": "attention", "method": "sdpa"},
+            {"match": "*", "kind": "attention", "method": "shared_kv", "rank": 10_000},
+        ],
+    }
     with torch.no_grad():
         ref = first(model(**inputs))
         out = first(torch.compile(model, backend="lrcompile", options={"policy": pol})(**inputs))
@@ -557,11 +631,19 @@ def _unrecognised(kind):
 
     ids = {"input_ids": torch.randint(0, 100, (2, 8))}
     if kind == "bloom":
-        return transformers.BloomModel(transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=1,
-                                                                n_head=4)).eval(), ids
-    cfg = transformers.Gemma2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                    num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-                                    attn_implementation="eager")
+        return transformers.BloomModel(
+            transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=1, n_head=4)
+        ).eval(), ids
+    cfg = transformers.Gemma2Config(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        attn_implementation="eager",
+    )
     return transformers.Gemma2Model(cfg).eval(), ids
 
 
@@ -572,8 +654,9 @@ def test_an_attention_rule_on_an_unrecognised_attention_says_so(tmp_path, kind, 
     m, inputs = _unrecognised(kind)
     rep = tmp_path / "r.json"
     with pytest.warns(UserWarning, match=f"{path}: a softmax here is no attention lrcompile recognises"):
-        torch.compile(m, backend="lrcompile", options={"policy": ATT("shared_kv", rank=8), "inductor": False,
-                                                       "report": str(rep)})(**inputs)
+        torch.compile(
+            m, backend="lrcompile", options={"policy": ATT("shared_kv", rank=8), "inductor": False, "report": str(rep)}
+        )(**inputs)
     rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"] if r["kind"] == "attention"}
     assert rows[path]["status"] == "failed"
 
@@ -589,8 +672,9 @@ def test_a_router_softmax_is_not_reported_as_an_attention():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        torch.compile(Router(), backend="lrcompile", options={"policy": ATT("shared_kv", rank=8),
-                                                              "inductor": False})(torch.randn(2, 16))
+        torch.compile(Router(), backend="lrcompile", options={"policy": ATT("shared_kv", rank=8), "inductor": False})(
+            torch.randn(2, 16)
+        )
 
 
 def test_refresh_refits_attention_factors_after_a_write_through_data():

@@ -1,23 +1,33 @@
 """Mixed precision: every family under `torch.autocast` (CPU, bf16) runs, returns what F.linear would (the
 autocast dtype), stays near its fp32 result, and trains (gradients near fp32's). In-place ops are not cast by
 autocast, so an unguarded `addmm_` with an fp32 factor fails there; fine-tuning under autocast is the common case."""
+
 import pytest
 import torch
+from conftest import compile_eager, rel_err
 from torch import nn
 
-from conftest import compile_eager, rel_err
 from lrcompile.families import FAMILIES
 from lrcompile.families.base import owned_parameters
 
-OPTS = {"lowrank": {"rank": 8}, "monarch": {"blocks": 4}, "btt": {"rank": 2}, "blast": {"blocks": 2, "rank": 8},
-        "lora": {"rank": 4}, "dora": {"rank": 4}, "vera": {"rank": 4}, "noble": {"rank": 4}}
+OPTS = {
+    "lowrank": {"rank": 8},
+    "monarch": {"blocks": 4},
+    "btt": {"rank": 2},
+    "blast": {"blocks": 2, "rank": 8},
+    "lora": {"rank": 4},
+    "dora": {"rank": 4},
+    "vera": {"rank": 4},
+    "noble": {"rank": 4},
+}
 
 
 def family_module(name, lin):
     cls = FAMILIES[name]
     cfg = cls.Config(**OPTS[name])
-    m = cls.from_dense(lin.weight, lin.bias, cfg.resolve(lin.in_features, lin.out_features)
-                       if hasattr(cfg, "resolve") else cfg)
+    m = cls.from_dense(
+        lin.weight, lin.bias, cfg.resolve(lin.in_features, lin.out_features) if hasattr(cfg, "resolve") else cfg
+    )
     with torch.no_grad():
         for n in ("lora_B", "up"):  # a trained-looking branch, so that it contributes
             if hasattr(m, n):
@@ -82,7 +92,9 @@ def test_inductor_output_keeps_the_autocast_dtype(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
     rule = {"match": "*", "method": method, **({"rank": 4} if method == "lora" else {})}
-    c = torch.compile(model, backend="lrcompile", options={"policy": {"defaults": {"min_features": 0}, "rules": [rule]}})
+    c = torch.compile(
+        model, backend="lrcompile", options={"policy": {"defaults": {"min_features": 0}, "rules": [rule]}}
+    )
     x = torch.randn(4, 6, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = c(x)

@@ -1,15 +1,16 @@
 """The backend end to end (without Inductor unless marked slow): numbers, parameters, training, report,
 failures, stale factors."""
+
 import json
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import all_lowrank, compile_eager
 from torch import nn
 
 import lrcompile
-from conftest import all_lowrank, compile_eager
 from lrcompile.families.lowrank import LowRank
 
 
@@ -38,8 +39,13 @@ def test_factors_are_parameters_of_the_model_and_train(toy):
     c = compile_eager(m, all_lowrank(6))
     c(ids)
     names = dict(m.named_parameters())
-    for n in ["blocks.0.fc.lrcompile.U", "blocks.0.lrcompile_w.V", "heads.shared.lrcompile.U", "lrcompile_v.U",
-              "lm_head.lrcompile.V"]:
+    for n in [
+        "blocks.0.fc.lrcompile.U",
+        "blocks.0.lrcompile_w.V",
+        "heads.shared.lrcompile.U",
+        "lrcompile_v.U",
+        "lm_head.lrcompile.V",
+    ]:
         assert n in names and n in m.state_dict()
     assert m.heads.shared.lrcompile.U.shape == (24, 6)  # called twice, one set of factors
     # the head's factors are its own: the embedding is untouched
@@ -100,14 +106,26 @@ def test_graph_breaks_share_one_report(tmp_path):
 
 def test_report_schema_and_table(toy, tmp_path, capsys):
     m, ids = toy
-    pol = {"defaults": {"min_features": 20}, "rules": [
-        {"match": "lm_head", "method": "dense"}, {"match": "*", "method": "lowrank", "rank": 4}]}
+    pol = {
+        "defaults": {"min_features": 20},
+        "rules": [{"match": "lm_head", "method": "dense"}, {"match": "*", "method": "lowrank", "rank": 4}],
+    }
     rep = tmp_path / "sub" / "report.json"
     compile_eager(m, pol, report=str(rep), verbose=True)(ids)
     data = json.loads(rep.read_text())
     rows = {s["fqn"]: s for s in data["sites"]}
-    for key in ("fqn", "kind", "method", "status", "rank", "params_before", "params_after", "flops_before",
-                "flops_after", "rel_error"):
+    for key in (
+        "fqn",
+        "kind",
+        "method",
+        "status",
+        "rank",
+        "params_before",
+        "params_after",
+        "flops_before",
+        "flops_after",
+        "rel_error",
+    ):
         assert key in rows["blocks.0.fc"], key
     assert rows["blocks.0.fc"]["params_before"] == 24 * 40 + 40
     assert rows["blocks.0.fc"]["params_after"] == 4 * (24 + 40) + 40
@@ -122,9 +140,13 @@ def test_min_features_skips_and_max_error_keeps_dense(toy, tmp_path):
     m, ids = toy
     ref = m(ids)
     rep = tmp_path / "r.json"
-    pol = {"defaults": {"min_features": 0, "max_error": 0.3}, "rules": [
-        {"match": "blocks.*.fc", "method": "lowrank", "rank": 2, "min_features": 25},
-        {"match": "*", "method": "lowrank", "rank": 2}]}
+    pol = {
+        "defaults": {"min_features": 0, "max_error": 0.3},
+        "rules": [
+            {"match": "blocks.*.fc", "method": "lowrank", "rank": 2, "min_features": 25},
+            {"match": "*", "method": "lowrank", "rank": 2},
+        ],
+    }
     with pytest.warns(UserWarning, match="max_error"):
         out = compile_eager(m, pol, report=str(rep))(ids)
     rows = {s["fqn"]: s for s in json.loads(rep.read_text())["sites"]}
@@ -145,8 +167,10 @@ def inner(exc: BaseException) -> BaseException:
 
 def test_strict_raises_one_line(toy):
     m, ids = toy
-    pol = {"defaults": {"min_features": 0, "max_error": 0.01, "strict": True},
-           "rules": [{"match": "*", "method": "lowrank", "rank": 1}]}
+    pol = {
+        "defaults": {"min_features": 0, "max_error": 0.01, "strict": True},
+        "rules": [{"match": "*", "method": "lowrank", "rank": 1}],
+    }
     with pytest.raises(Exception) as e:
         compile_eager(m, pol)(ids)
     err = inner(e.value)
@@ -182,16 +206,19 @@ def test_failure_messages_are_first_line_only(monkeypatch, tmp_path):
     assert isinstance(err, lrcompile.SiteError) and "\n" not in str(err) and "svd did not converge" in str(err)
 
 
-@pytest.mark.parametrize("options, expected", [
-    ({"inductor": "no"}, "option 'inductor' must be true or false, got 'no'"),
-    ({"report": 3}, "option 'report' must be a file path, got 3"),
-    ({"tune": None}, "option 'tune' must be true or false, got None"),
-    ({"strict": "yes"}, "option 'strict' must be true or false"),
-    ({"inductor": "yes"}, "option 'inductor' must be true or false, got 'yes'"),
-    ({"fuse": 1}, "option 'fuse' must be true or false, got 1"),
-    ({"verbose": "loud"}, "option 'verbose' must be true or false, got 'loud'"),
-    ({"inductr": False}, "unknown option 'inductr' (did you mean 'inductor'?)"),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"inductor": "no"}, "option 'inductor' must be true or false, got 'no'"),
+        ({"report": 3}, "option 'report' must be a file path, got 3"),
+        ({"tune": None}, "option 'tune' must be true or false, got None"),
+        ({"strict": "yes"}, "option 'strict' must be true or false"),
+        ({"inductor": "yes"}, "option 'inductor' must be true or false, got 'yes'"),
+        ({"fuse": 1}, "option 'fuse' must be true or false, got 1"),
+        ({"verbose": "loud"}, "option 'verbose' must be true or false, got 'loud'"),
+        ({"inductr": False}, "unknown option 'inductr' (did you mean 'inductor'?)"),
+    ],
+)
 def test_option_types_are_one_line_errors(options, expected):
     with pytest.raises(Exception) as e:
         torch.compile(nn.Linear(4, 4), backend="lrcompile", options=options)(torch.randn(2, 4))
@@ -209,7 +236,9 @@ def test_failed_stale_repair_runs_dense_and_warns_once():
         multi_line_failure(mp)
         with torch.no_grad():
             lin.weight.add_(1.0)  # the factors are stale: their repair now fails
-        with pytest.warns(UserWarning, match="recomputing stale lowrank factors failed .*runs the dense weights") as got:
+        with pytest.warns(
+            UserWarning, match="recomputing stale lowrank factors failed .*runs the dense weights"
+        ) as got:
             out = c(x)
         assert len([w for w in got if "stale" in str(w.message)]) == 1 and "\n" not in str(got[0].message)
         torch.testing.assert_close(lin.lrcompile.U.detach(), U)  # the factors are left as they were ...
@@ -257,8 +286,11 @@ def test_rootless_graphs_share_one_report(tmp_path):
     rep = tmp_path / "r.json"
     x = torch.randn(3, 16)
     ref = split_by_a_break(x)
-    out = torch.compile(split_by_a_break, backend="lrcompile",
-                        options={"policy": all_lowrank(16), "inductor": False, "report": str(rep)})(x)
+    out = torch.compile(
+        split_by_a_break,
+        backend="lrcompile",
+        options={"policy": all_lowrank(16), "inductor": False, "report": str(rep)},
+    )(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     rows = json.loads(rep.read_text())["sites"]
     assert [r["fqn"] for r in rows] == ["0", "2"]  # both graphs' sites: one session for the compile
@@ -313,7 +345,7 @@ def test_random_init_end_to_end(tmp_path):
         err = float((W - f.to_dense().double()).norm() / W.norm())
     assert row["rel_error"] == pytest.approx(err, rel=1e-6)
     assert row["rel_error"] > 0.9  # fresh factors, unrelated to W
-    assert f.V.detach().std().item() == pytest.approx(1 / 64 ** 0.5, rel=0.2)  # LowRank.init's scale
+    assert f.V.detach().std().item() == pytest.approx(1 / 64**0.5, rel=0.2)  # LowRank.init's scale
     cache = os.path.join(os.environ["LRCOMPILE_CACHE_DIR"], "factors")
     assert not os.path.exists(cache) or not any(fs for _, _, fs in os.walk(cache))  # random factors: never cached
 
@@ -445,8 +477,9 @@ def test_budget_sites_left_dense_are_reported_skipped_with_a_reason(tmp_path):
     torch._dynamo.reset()
     rep2 = tmp_path / "r2.json"
     with pytest.warns(UserWarning, match="functional sites are left out"):
-        torch.compile(lambda t, mod: mod(t), backend="lrcompile",
-                      options={"policy": pol, "inductor": False, "report": str(rep2)})(x, M())
+        torch.compile(
+            lambda t, mod: mod(t), backend="lrcompile", options={"policy": pol, "inductor": False, "report": str(rep2)}
+        )(x, M())
     rows = {r["fqn"]: r for r in json.loads(rep2.read_text())["sites"]}
     functional = [r for f, r in rows.items() if f not in ("thin", "sq")]
     assert len(functional) == 1 and functional[0]["status"] == "skipped"
@@ -522,8 +555,9 @@ def test_frames_of_submodules_are_named_from_the_model_and_share_one_report(tmp_
     assert all(r["status"] == "rewritten" and r["rank"] == 4 for r in rows.values())
     for i in range(3):  # each block has its own factors, attached to its own modules
         assert m.blocks[i].a.lrcompile is not m.blocks[0].a.lrcompile or i == 0
-        torch.testing.assert_close(m.blocks[i].a.lrcompile.to_dense().double(), truncated(m.blocks[i].a, 4),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            m.blocks[i].a.lrcompile.to_dense().double(), truncated(m.blocks[i].a, 4), atol=1e-5, rtol=0
+        )
     ref = reference(m, x, {f: 4 for f in rows})
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     out.square().sum().backward()  # training reaches every block's factors
@@ -536,15 +570,28 @@ def test_an_instance_the_shared_graph_cannot_serve_runs_dense_with_a_warning(tmp
     m = Blocks(2)
     x = torch.randn(4, 16)
     rep = tmp_path / "r.json"
-    pol = {"defaults": {"min_features": 0, "guard": "off"}, "rules": [
-        {"match": "blocks.1.a", "method": "lowrank", "rank": 6}, {"match": "*", "method": "lowrank", "rank": 4}]}
-    with pytest.warns(UserWarning, match=r"the policy gives blocks\.1\.a lowrank .*rank=6.*the graph runs lowrank") as got, \
-            torch.no_grad():  # no input needs grad: block 1 runs exactly block 0's graphs
+    pol = {
+        "defaults": {"min_features": 0, "guard": "off"},
+        "rules": [
+            {"match": "blocks.1.a", "method": "lowrank", "rank": 6},
+            {"match": "*", "method": "lowrank", "rank": 4},
+        ],
+    }
+    with (
+        pytest.warns(
+            UserWarning, match=r"the policy gives blocks\.1\.a lowrank .*rank=6.*the graph runs lowrank"
+        ) as got,
+        torch.no_grad(),
+    ):  # no input needs grad: block 1 runs exactly block 0's graphs
         out = compile_eager(m, pol, report=str(rep))(x)
     assert all("\n" not in str(w.message) for w in got)
     rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"]}
-    assert {f: rows[f]["status"] for f in rows} == {"blocks.0.a": "rewritten", "blocks.0.b": "rewritten",
-                                                    "blocks.1.a": "failed", "blocks.1.b": "rewritten"}  # b: the next graph
+    assert {f: rows[f]["status"] for f in rows} == {
+        "blocks.0.a": "rewritten",
+        "blocks.0.b": "rewritten",
+        "blocks.1.a": "failed",
+        "blocks.1.b": "rewritten",
+    }  # b: the next graph
     assert "runs dense" in rows["blocks.1.a"]["reason"]
     assert not hasattr(m.blocks[1].a, "lrcompile")  # nothing made for an instance that runs dense
     assert hasattr(m.blocks[1].b, "lrcompile")
@@ -595,8 +642,13 @@ def test_factors_installed_by_rewrite_are_not_replaced_by_a_compile_policy():
 
 def test_a_rule_that_matches_nothing_warns_on_the_backend_path():
     m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
-    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "encoder.*", "method": "lowrank", "rank": 4},
-                                                      {"match": "0", "method": "lowrank", "rank": 4}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [
+            {"match": "encoder.*", "method": "lowrank", "rank": 4},
+            {"match": "0", "method": "lowrank", "rank": 4},
+        ],
+    }
     with pytest.warns(UserWarning, match=r"rule 1 \(match 'encoder\.\*'\) matches no module or parameter") as got:
         compile_eager(m, pol)(torch.randn(2, 16))
     assert not any("rule 2" in str(w.message) for w in got)

@@ -1,4 +1,5 @@
 """column_blocks: the block GEMMs written side by side, by every path (eager out=, autograd/tracing cat, bmm)."""
+
 import pytest
 import torch
 
@@ -45,8 +46,9 @@ def test_eager_path_writes_in_place_only_without_gradients(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("dtype, t", [(torch.float32, 4), (torch.float32, 2), (torch.float32, 3),
-                                      (torch.bfloat16, 4), (torch.float64, 2)])
+@pytest.mark.parametrize(
+    "dtype, t", [(torch.float32, 4), (torch.float32, 2), (torch.float32, 3), (torch.bfloat16, 4), (torch.float64, 2)]
+)
 def test_swap_block_axes_moves_whole_rank_rows(dtype, t):
     z = torch.randn(5, 7, 6, t).to(dtype)
     want = z.permute(2, 1, 0, 3).contiguous()

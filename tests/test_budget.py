@@ -1,13 +1,14 @@
 """lrcompile.budget: non-uniform rank allocation under a global parameter / FLOP budget."""
+
 import json
 
 import pytest
 import torch
+from conftest import compile_eager
 from torch import nn
 
-from conftest import compile_eager
-from lrcompile.policy import budget as B
 from lrcompile.factorize.calibrate import CalibrationStats, SiteStats
+from lrcompile.policy import budget as B
 from lrcompile.policy.rules import load_policy
 
 
@@ -21,8 +22,11 @@ def weight(out_f, in_f, decay, seed):
 
 
 def cands():
-    return [B.Candidate("fast", weight(40, 30, 0.5, 0), 40), B.Candidate("slow", weight(40, 30, 0.02, 1), 40),
-            B.Candidate("wide", weight(24, 64, 0.1, 2), 0)]
+    return [
+        B.Candidate("fast", weight(40, 30, 0.5, 0), 40),
+        B.Candidate("slow", weight(40, 30, 0.02, 1), 40),
+        B.Candidate("wide", weight(24, 64, 0.1, 2), 0),
+    ]
 
 
 @pytest.mark.parametrize("kind", ["params", "flops"])
@@ -86,8 +90,12 @@ def test_exact_allocation_on_a_hand_computed_case():
     for frac in (0.4, 0.6, 0.8):  # brute force over every choice: the allocation is optimal on this case
         got = B.allocate(cs, {"params": frac}, None, errors=errors)
         err = lambda r, e: 0.0 if r is None else e[r]  # noqa: E731
-        best = min(err(ra, errors["a"]) + err(rb, errors["b"]) for ra in (1, 2, 3, 4, None) for rb in (1, 2, 3, 4, None)
-                   if B.budget_cost({"a": ra, "b": rb}, cs)[0] <= frac * 200)
+        best = min(
+            err(ra, errors["a"]) + err(rb, errors["b"])
+            for ra in (1, 2, 3, 4, None)
+            for rb in (1, 2, 3, 4, None)
+            if B.budget_cost({"a": ra, "b": rb}, cs)[0] <= frac * 200
+        )
         assert err(got["a"], errors["a"]) + err(got["b"], errors["b"]) == pytest.approx(best)
 
 
@@ -129,8 +137,11 @@ def test_rank_caps_forbid_dense_and_min_ranks_hold():
 
 
 def test_uniform_ranks_count_bias_and_respect_caps():
-    cs = [B.Candidate("a", torch.zeros(30, 40), bias=30), B.Candidate("b", torch.zeros(30, 40), bias=0, max_rank=5),
-          B.Candidate("c", torch.zeros(64, 1))]
+    cs = [
+        B.Candidate("a", torch.zeros(30, 40), bias=30),
+        B.Candidate("b", torch.zeros(30, 40), bias=0, max_rank=5),
+        B.Candidate("c", torch.zeros(64, 1)),
+    ]
     ranks = B.uniform_ranks(cs, {"params": 0.5})
     # a: r·70 + 30 ≤ 0.5·(1200 + 30) = 615 → r = 8 (⌊0.5·1200/70⌋ = 8 too, but 9·70+30 = 660 > 615 shows the bias)
     assert ranks["a"] == 8 and B.budget_cost({"a": 8}, cs[:1])[0] <= 0.5 * 1230
@@ -150,12 +161,23 @@ def test_measured_error_curves_override_spectra():
 
 
 def test_plan_ranks_counts_only_compressing_sites_and_respects_caps():
-    pol = load_policy({"defaults": {"min_features": 4}, "budget": {"params": 0.5},
-                       "rules": [{"match": "head", "method": "dense"},
-                                 {"match": "capped", "method": "lowrank", "rank": 3},
-                                 {"match": "*", "method": "lowrank"}]})
-    sites = [("head", torch.randn(50, 30), None), ("capped", weight(40, 30, 0.0, 0), torch.zeros(40)),
-             ("free", weight(40, 30, 0.0, 1), None), ("tiny", torch.randn(3, 30), None)]
+    pol = load_policy(
+        {
+            "defaults": {"min_features": 4},
+            "budget": {"params": 0.5},
+            "rules": [
+                {"match": "head", "method": "dense"},
+                {"match": "capped", "method": "lowrank", "rank": 3},
+                {"match": "*", "method": "lowrank"},
+            ],
+        }
+    )
+    sites = [
+        ("head", torch.randn(50, 30), None),
+        ("capped", weight(40, 30, 0.0, 0), torch.zeros(40)),
+        ("free", weight(40, 30, 0.0, 1), None),
+        ("tiny", torch.randn(3, 30), None),
+    ]
     ranks = B.plan_ranks(pol, sites)
     assert set(ranks) == {"capped", "free"}  # dense rule and below-min_features sites do not count
     assert ranks["capped"] == 3 and ranks["free"] > 3
@@ -170,18 +192,36 @@ def test_btt_is_allocated_by_its_blockwise_spectra_and_blast_gets_the_fraction()
     BTT = FAMILIES["btt"]
     # 36 -> 36 with a₁ = a₀ = c₀ = c₁ = 6: every (6 x 6) sub-block of "exact" has rank 2
     g = torch.Generator().manual_seed(0)
-    exact = torch.einsum("cair,cajr->ciaj", torch.randn(6, 6, 6, 2, generator=g, dtype=torch.float64),
-                         torch.randn(6, 6, 6, 2, generator=g, dtype=torch.float64)).reshape(36, 36) * 3
+    exact = (
+        torch.einsum(
+            "cair,cajr->ciaj",
+            torch.randn(6, 6, 6, 2, generator=g, dtype=torch.float64),
+            torch.randn(6, 6, 6, 2, generator=g, dtype=torch.float64),
+        ).reshape(36, 36)
+        * 3
+    )
     cfg = BTT.Config()
     err = BTT.budget_error(exact, None, cfg)
     assert err(1) > 1 and err(2) < 1e-20 and BTT.budget_max(36, 36, cfg) == 6
     btt_cost = BTT.param_count(36, 36, BTT.Config(rank=1))  # 432 per unit of t, dense 1296
-    pol = load_policy({"defaults": {"min_features": 4}, "budget": {"params": 0.5},
-                       "rules": [{"match": "t*", "method": "btt"}, {"match": "l*", "method": "lowrank"},
-                                 {"match": "bl", "method": "blast", "blocks": 2},
-                                 {"match": "capped", "method": "blast", "blocks": 2, "rank": 3}]})
-    sites = [("texact", exact, None), ("lflat", weight(36, 36, 0.0, 1), None),
-             ("bl", torch.randn(40, 32), torch.zeros(40)), ("capped", torch.randn(40, 32), None)]
+    pol = load_policy(
+        {
+            "defaults": {"min_features": 4},
+            "budget": {"params": 0.5},
+            "rules": [
+                {"match": "t*", "method": "btt"},
+                {"match": "l*", "method": "lowrank"},
+                {"match": "bl", "method": "blast", "blocks": 2},
+                {"match": "capped", "method": "blast", "blocks": 2, "rank": 3},
+            ],
+        }
+    )
+    sites = [
+        ("texact", exact, None),
+        ("lflat", weight(36, 36, 0.0, 1), None),
+        ("bl", torch.randn(40, 32), torch.zeros(40)),
+        ("capped", torch.randn(40, 32), None),
+    ]
     ranks = B.plan_ranks(pol, sites)
     assert ranks["texact"] == 2  # exact at 2: more buys nothing, the flat low-rank site gets the rest
     # blast: r(32 + 40 + 4) + 40 ≤ 0.5·(1280 + 40) -> r = 8; capped at its rule's 3
@@ -220,8 +260,11 @@ def test_eager_rewrite_and_backend_plan_the_same_ranks(tmp_path):
 
     import lrcompile
 
-    pol = {"defaults": {"min_features": 0}, "budget": {"params": 0.4},
-           "rules": [{"match": "*", "method": "lowrank", "init": "whitened_svd"}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "budget": {"params": 0.4},
+        "rules": [{"match": "*", "method": "lowrank", "init": "whitened_svd"}],
+    }
     torch.manual_seed(0)
     ref = Mixed()
     xs = [torch.randn(16, 48) for _ in range(3)]
@@ -234,9 +277,14 @@ def test_eager_rewrite_and_backend_plan_the_same_ranks(tmp_path):
     path = tmp_path / "report.json"
     x = torch.randn(5, 48)
     with torch.no_grad():
-        out = torch.compile(lazy, backend="lrcompile", options={"policy": pol, "calibration": stats,
-                                                                "inductor": False, "report": str(path)})(x)
-    rows = {r["fqn"]: (r["status"], r.get("rank")) for r in json.loads(path.read_text())["sites"] if r["kind"] == "linear"}
+        out = torch.compile(
+            lazy,
+            backend="lrcompile",
+            options={"policy": pol, "calibration": stats, "inductor": False, "report": str(path)},
+        )(x)
+    rows = {
+        r["fqn"]: (r["status"], r.get("rank")) for r in json.loads(path.read_text())["sites"] if r["kind"] == "linear"
+    }
     assert set(rows) == {"a", "b", "w"}
     assert eager_rows == rows
     expected = B.plan_model(load_policy(pol), ref, stats)
@@ -275,15 +323,16 @@ def test_functional_sites_are_budgeted_by_the_backend(tmp_path):
 
     import lrcompile
 
-    pol = {"defaults": {"min_features": 0}, "budget": {"params": 0.4},
-           "rules": [{"match": "*", "method": "lowrank"}]}
+    pol = {"defaults": {"min_features": 0}, "budget": {"params": 0.4}, "rules": [{"match": "*", "method": "lowrank"}]}
     torch.manual_seed(0)
     m = Funcs()
     xs = [torch.randn(16, 48) for _ in range(2)]
     stats = lrcompile.calibrate(m, xs, pol, progress=False)
     assert set(stats.keys()) == {"inner", "P"}
-    planned = {True: B.plan_model(load_policy(pol), m, stats),
-               False: B.plan_model(load_policy(pol), m, example_inputs=(xs[0],))}
+    planned = {
+        True: B.plan_model(load_policy(pol), m, stats),
+        False: B.plan_model(load_policy(pol), m, example_inputs=(xs[0],)),
+    }
     assert all(set(p) == {"inner", "P"} and None not in p.values() for p in planned.values())
     for calibrated in (True, False):
         torch._dynamo.reset()

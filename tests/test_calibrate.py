@@ -1,13 +1,14 @@
 """lrcompile.calibrate: statistics per site FQN, padding ignored, save/load, and the paths that consume them."""
+
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import masked_id_batches
 from torch import nn
 
 import lrcompile
-from conftest import masked_id_batches
 from lrcompile.factorize.calibrate import CalibrationStats
 
 transformers = pytest.importorskip("transformers")
@@ -38,8 +39,10 @@ def test_statistics_are_exact_and_keyed_by_module_path():
 
 
 def test_policy_limits_collection_to_compressing_sites():
-    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "a", "method": "dense"},
-                                                    {"match": "*", "method": "lowrank", "rank": 2}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [{"match": "a", "method": "dense"}, {"match": "*", "method": "lowrank", "rank": 2}],
+    }
     st = lrcompile.calibrate(Two(), [torch.randn(2, 6)], pol, progress=False)
     assert set(st.keys()) == {"inner.b"}
 
@@ -66,8 +69,14 @@ def test_save_load_round_trips_exactly(tmp_path):
 
 
 def bert():
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=96, max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        vocab_size=120,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+    )
     return transformers.BertModel(cfg).eval()
 
 
@@ -76,8 +85,10 @@ def test_padded_positions_are_ignored():
     model = bert()
     ids = torch.randint(1, 120, (1, 6))
     short = {"input_ids": ids, "attention_mask": torch.ones(1, 6, dtype=torch.long)}
-    padded = {"input_ids": torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1),
-              "attention_mask": torch.cat([torch.ones(1, 6), torch.zeros(1, 5)], 1).long()}
+    padded = {
+        "input_ids": torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1),
+        "attention_mask": torch.cat([torch.ones(1, 6), torch.zeros(1, 5)], 1).long(),
+    }
     a = lrcompile.calibrate(model, [short], progress=False)
     b = lrcompile.calibrate(model, [padded], progress=False)
     for k in a.keys():
@@ -138,9 +149,14 @@ def _hidden(model, inputs):
     return model(**inputs).last_hidden_state
 
 
-BUDGET_POLICY = {"defaults": {"min_features": 0}, "budget": {"params": 0.6},
-                 "rules": [{"match": "pooler.dense", "method": "dense"},
-                           {"match": "*", "method": "lowrank", "init": "whitened_svd"}]}
+BUDGET_POLICY = {
+    "defaults": {"min_features": 0},
+    "budget": {"params": 0.6},
+    "rules": [
+        {"match": "pooler.dense", "method": "dense"},
+        {"match": "*", "method": "lowrank", "init": "whitened_svd"},
+    ],
+}
 
 
 @pytest.mark.slow  # two Dynamo captures of a BERT: ~20 s on 2 shared cores
@@ -155,9 +171,11 @@ def test_end_to_end_backend_and_rewrite_with_budget(tmp_path):
     with torch.no_grad():
         ref = _hidden(model, inputs)
         rep = tmp_path / "r.json"
-        compiled = torch.compile(model, backend="lrcompile",
-                                 options={"policy": BUDGET_POLICY, "calibration": str(path), "inductor": False,
-                                          "report": str(rep)})
+        compiled = torch.compile(
+            model,
+            backend="lrcompile",
+            options={"policy": BUDGET_POLICY, "calibration": str(path), "inductor": False, "report": str(rep)},
+        )
         out = _hidden(compiled, inputs)
     rows = [r for r in json.loads(rep.read_text())["sites"] if r["kind"] == "linear" and r["fqn"] != "pooler.dense"]
     assert len(rows) == 12
@@ -165,11 +183,15 @@ def test_end_to_end_backend_and_rewrite_with_budget(tmp_path):
     assert lowrank and all("allocated_rank" in r and "kept_energy" in r and "weighted_error" in r for r in lowrank)
     before = sum(r["params_before"] for r in rows)
     after = sum(r["params_after"] for r in rows)
-    assert after <= 0.6 * before + 1e-9 and after >= 0.6 * before - sum(r["in_features"] + r["out_features"] for r in rows)
+    assert after <= 0.6 * before + 1e-9 and after >= 0.6 * before - sum(
+        r["in_features"] + r["out_features"] for r in rows
+    )
     assert len({r["rank"] for r in lowrank}) > 1  # non-uniform
     err = float((out - ref).norm() / ref.norm())
-    uniform = {"defaults": {"min_features": 0}, "rules": [{"match": "pooler.dense", "method": "dense"},
-                                                          {"match": "*", "method": "lowrank", "rank": 0.6}]}
+    uniform = {
+        "defaults": {"min_features": 0},
+        "rules": [{"match": "pooler.dense", "method": "dense"}, {"match": "*", "method": "lowrank", "rank": 0.6}],
+    }
     torch._dynamo.reset()
     plain = bert()
     plain.load_state_dict(model.state_dict(), strict=False)
@@ -200,22 +222,28 @@ def test_whitened_beats_svd_end_to_end():
         torch._dynamo.reset()
         m = bert()
         m.load_state_dict(model.state_dict())
-        pol = {"defaults": {"min_features": 0}, "rules": [{"match": "encoder.*", "method": "lowrank", "rank": 0.5, "init": init}]}
+        pol = {
+            "defaults": {"min_features": 0},
+            "rules": [{"match": "encoder.*", "method": "lowrank", "rank": 0.5, "init": init}],
+        }
         lrcompile.rewrite(m, pol, inputs, calibration=stats)
         with torch.no_grad():
             errs[init] = float((_hidden(m, inputs) - _hidden(model, inputs)).norm())
     assert errs["whitened_svd"] < errs["svd"]
 
 
-SENS_POLICY = {"defaults": {"min_features": 0}, "budget": {"params": 0.5, "allocate": "sensitivity"},
-               "rules": [{"match": "*", "method": "lowrank", "init": "whitened_svd"}]}
+SENS_POLICY = {
+    "defaults": {"min_features": 0},
+    "budget": {"params": 0.5, "allocate": "sensitivity"},
+    "rules": [{"match": "*", "method": "lowrank", "init": "whitened_svd"}],
+}
 
 
 def test_sensitivity_curves_are_measured_round_trip_and_drive_the_budget(tmp_path):
-    from lrcompile.policy import budget as B
     from lrcompile.factorize.calibrate import module_sites
     from lrcompile.factorize.sensitivity import factorised
     from lrcompile.lifecycle.heal import loss_of
+    from lrcompile.policy import budget as B
 
     torch.manual_seed(0)
     m = Two()
@@ -298,7 +326,7 @@ def functional_batches():
     out = []
     for seq in (5, 7, 5):
         mask = torch.ones(2, seq, dtype=torch.long)
-        mask[1, seq - 2:] = 0
+        mask[1, seq - 2 :] = 0
         out.append({"x": torch.randn(2, seq, 6), "attention_mask": mask})
     return out
 

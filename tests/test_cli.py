@@ -1,4 +1,5 @@
 """The command line: check (valid, invalid, with a model), report, entry points."""
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_backend_entry_point_resolves_without_import():
     names = {e.name: e.value for e in entry_points(group="torch_dynamo_backends")}
     assert names.get("lrcompile") == "lrcompile.backend:lrcompile_backend"
-    code = ("import torch; f = torch.compile(torch.nn.Linear(4, 4), backend='lrcompile', options={'inductor': False}); "
-            "print(f(torch.randn(2, 4)).shape)")
+    code = (
+        "import torch; f = torch.compile(torch.nn.Linear(4, 4), backend='lrcompile', options={'inductor': False}); "
+        "print(f(torch.randn(2, 4)).shape)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch.Size([2, 4])" in out.stdout
@@ -49,9 +52,15 @@ def test_check_warns_about_rules_matching_nothing(tmp_path, capsys):
 def test_report_command(tmp_path, capsys):
     rep = tmp_path / "r.json"
     m = torch.nn.Sequential(torch.nn.Linear(16, 16))
-    torch.compile(m, backend="lrcompile", options={
-        "inductor": False, "report": str(rep),
-        "policy": {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 4}]}})(torch.randn(2, 16))
+    torch.compile(
+        m,
+        backend="lrcompile",
+        options={
+            "inductor": False,
+            "report": str(rep),
+            "policy": {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 4}]},
+        },
+    )(torch.randn(2, 16))
     assert json.loads(rep.read_text())["sites"][0]["fqn"] == "0"
     assert main(["report", str(rep)]) == 0
     out = capsys.readouterr().out
@@ -87,7 +96,8 @@ def test_model_factories_from_the_working_directory_and_from_files(tmp_path, mon
         "import torch\nfrom torch import nn\n"
         "def build():\n    return nn.Sequential(nn.Linear(16, 16)), (torch.randn(2, 16),)\n"
         "def boom():\n    raise RuntimeError('no weights here\\nsecond line')\n"
-        "def wrong_inputs():\n    return nn.Linear(16, 16), (torch.randn(2, 7),)\n")
+        "def wrong_inputs():\n    return nn.Linear(16, 16), (torch.randn(2, 7),)\n"
+    )
     (tmp_path / "broken.py").write_text("def f(:\n")
     policy = tmp_path / "p.yaml"
     policy.write_text("rules:\n  - match: '*'\n    method: lowrank\n    rank: 4\n")
@@ -96,17 +106,19 @@ def test_model_factories_from_the_working_directory_and_from_files(tmp_path, mon
     assert main(["check", str(policy), "--model", "mymodels:build"]) == 0  # a module in the working directory
     assert main(["check", str(policy), "--model", str(tmp_path / "mymodels.py") + ":build"]) == 0  # a file
     capsys.readouterr()
-    for spec, expected in [("mymodels:boom", "the factory raised RuntimeError: no weights here"),
-                           ("broken:f", "importing broken failed (SyntaxError"),
-                           ("mymodels:nothing", "has no callable 'nothing'"),
-                           ("mymodels:wrong_inputs", "does not run on its example inputs"),
-                           ("nowhere.py:f", "no such file nowhere.py")]:
+    for spec, expected in [
+        ("mymodels:boom", "the factory raised RuntimeError: no weights here"),
+        ("broken:f", "importing broken failed (SyntaxError"),
+        ("mymodels:nothing", "has no callable 'nothing'"),
+        ("mymodels:wrong_inputs", "does not run on its example inputs"),
+        ("nowhere.py:f", "no such file nowhere.py"),
+    ]:
         assert main(["check", str(policy), "--model", spec]) == 2
         assert expected in _err(capsys), spec
 
 
 def test_report_on_a_json_that_is_not_a_report_is_one_line(tmp_path, capsys):
-    for text in ('{"a": 1}', '[1, 2]', '{"sites": [{"fqn": 3}]}', "\xff"):
+    for text in ('{"a": 1}', "[1, 2]", '{"sites": [{"fqn": 3}]}', "\xff"):
         p = tmp_path / "r.json"
         p.write_text(text, encoding="latin-1")
         assert main(["report", str(p)]) == 2

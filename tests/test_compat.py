@@ -1,5 +1,6 @@
 """lrcompile.compat on the installed torch (CI runs this on 2.11 and 2.13): each function reaches the private
 API it wraps, and no other module of the package names a private torch name."""
+
 import io
 import pathlib
 import re
@@ -46,8 +47,11 @@ def test_placeholder_source_and_real_example():
 
     def inside(gm, inputs):
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        return ([compat.grapharg(n) is not None for n in phs], [compat.placeholder_source(n) for n in phs],
-                [compat.placeholder_example(n) for n in phs])
+        return (
+            [compat.grapharg(n) is not None for n in phs],
+            [compat.placeholder_source(n) for n in phs],
+            [compat.placeholder_example(n) for n in phs],
+        )
 
     has, names, examples = capture(lin, torch.randn(2, 4), inside=inside)
     assert all(has)
@@ -108,9 +112,11 @@ def test_copy_dynamo_metadata_and_mark_new_input():
         old_ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
         ph = graph.placeholder("extra")
         compat.mark_new_input(ph)
-        return (getattr(vm[old_ph], "_dynamo_source", "unset") is getattr(old_ph, "_dynamo_source", "unset"),
-                getattr(new, "_param_name_to_source", None) == getattr(gm, "_param_name_to_source", None),
-                ph._dynamo_source)
+        return (
+            getattr(vm[old_ph], "_dynamo_source", "unset") is getattr(old_ph, "_dynamo_source", "unset"),
+            getattr(new, "_param_name_to_source", None) == getattr(gm, "_param_name_to_source", None),
+            ph._dynamo_source,
+        )
 
     same_src, same_params, extra = capture(nn.Linear(4, 2), torch.randn(1, 4), inside=inside)
     assert same_src and same_params and extra is None
@@ -210,12 +216,14 @@ def test_missing_private_api_is_one_line_error(monkeypatch):
 PACKAGE = pathlib.Path(compat.__file__).parent
 # torch._<x> (not torch.__version__, not the public torch._foreach_* ops), and private names that are reached
 # without the torch._ prefix: attributes Dynamo sets, its meta keys, symbolic-shape internals.
-PRIVATE = re.compile(r"\btorch(?:\.[A-Za-z]\w*)*\._(?!_|foreach_)|\bfrom\s+torch(?:\.\w+)*\s+import\s+\(?\s*_|"
-                     r"\b_dynamo_source\b|\b_param_name_to_source\b|"
-                     r"\bcurrent_tx\b|\b_get_active_ddp_module\b|\boptimization_hint\b|[\"']grapharg[\"']|"
-                     r"[\"']example_value[\"']|\b_orig_mod\b|\b_compiled_call_impl\b|is_functorch_wrapped_tensor|"
-                     r"\bsymbolic_shapes\b|\bOptimizedModule\b|\bdetect_fake_mode\b|\bFakeTensor(Mode)?\b|"
-                     r"\blist_mode_options\b")
+PRIVATE = re.compile(
+    r"\btorch(?:\.[A-Za-z]\w*)*\._(?!_|foreach_)|\bfrom\s+torch(?:\.\w+)*\s+import\s+\(?\s*_|"
+    r"\b_dynamo_source\b|\b_param_name_to_source\b|"
+    r"\bcurrent_tx\b|\b_get_active_ddp_module\b|\boptimization_hint\b|[\"']grapharg[\"']|"
+    r"[\"']example_value[\"']|\b_orig_mod\b|\b_compiled_call_impl\b|is_functorch_wrapped_tensor|"
+    r"\bsymbolic_shapes\b|\bOptimizedModule\b|\bdetect_fake_mode\b|\bFakeTensor(Mode)?\b|"
+    r"\blist_mode_options\b"
+)
 
 
 def code_without_comments(path: pathlib.Path) -> str:
@@ -239,9 +247,17 @@ def test_only_compat_names_private_torch_api():
 
 
 def test_the_private_name_pattern_catches_what_it_should():
-    for bad in ("torch._dynamo.reset()", "from torch._guards import detect_fake_mode", "gm._param_name_to_source",
-                "node.meta['grapharg']", "torch._C._nn.linear", "from torch import _dynamo", "x._dynamo_source = None",
-                "torch.utils._pytree.tree_leaves(x)", "from torch.utils import _pytree"):
+    for bad in (
+        "torch._dynamo.reset()",
+        "from torch._guards import detect_fake_mode",
+        "gm._param_name_to_source",
+        "node.meta['grapharg']",
+        "torch._C._nn.linear",
+        "from torch import _dynamo",
+        "x._dynamo_source = None",
+        "torch.utils._pytree.tree_leaves(x)",
+        "from torch.utils import _pytree",
+    ):
         assert PRIVATE.search(bad), bad
     for ok in ("torch.__version__", "torch._foreach_add_(xs, ys)", "torch.compile(m)", "compat.size_hint(s)"):
         assert not PRIVATE.search(ok), ok

@@ -5,6 +5,7 @@ must be identical on both ranks. The backend refuses to make new factors under e
 
 The two-process runs share ONE spawn (module fixture, ~25 s: process start and compiles dominate) and are marked
 slow; the refusal runs in this process under a one-process gloo group."""
+
 import os
 import socket
 
@@ -13,19 +14,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_attention import ManualAttn
 from torch import nn
 
 import lrcompile
 from lrcompile.backend import lrcompile_backend
-from lrcompile.lifecycle.distributed import ADVICE
 from lrcompile.errors import LrcompileError
 from lrcompile.families import is_owned
 from lrcompile.families.base import owned_parameters
-from test_attention import ManualAttn
+from lrcompile.lifecycle.distributed import ADVICE
 
-POLICY = {"defaults": {"min_features": 0}, "rules": [
-    {"match": "attn", "kind": "attention", "method": "shared_kv", "rank": 6},
-    {"match": "*", "method": "lowrank", "rank": 8}]}
+POLICY = {
+    "defaults": {"min_features": 0},
+    "rules": [
+        {"match": "attn", "kind": "attention", "method": "shared_kv", "rank": 6},
+        {"match": "*", "method": "lowrank", "rank": 8},
+    ],
+}
 OPTIONS = {"inductor": False}  # one dict: one backend session for every graph of a run
 STEPS, LR = 3, 0.1
 BUCKET = 4096  # bytes: DDPOptimizer cuts the graph at every bucket of this size
@@ -73,8 +78,11 @@ def train(model: nn.Module, params, data) -> list[float]:
 
 def factors(m: nn.Module, names: set) -> dict:
     """lrcompile's parameters `names`, whole: an FSDP2 DTensor is gathered from both ranks."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in m.named_parameters() if n in names}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in m.named_parameters()
+        if n in names
+    }
 
 
 def owned(m: nn.Module) -> set:
@@ -140,12 +148,19 @@ def run_wrapped(mode: str, rank: int, mesh, functional=True) -> dict:
     backend = Counting()
     marks_after = owned(m)  # FSDP2: none survive on the DTensors
     owned_after = owned_after_wrapping(m)
-    half = [(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2]) for x, y in batches()]
+    half = [(x[2 * rank : 2 * rank + 2], y[2 * rank : 2 * rank + 2]) for x, y in batches()]
     refits = REFITS["n"]
     losses = train(torch.compile(wrapped, backend=backend), [p for p in m.parameters() if p.requires_grad], half)
-    return {"losses": losses, "factors": factors(m, owned_after), "graphs": backend.graphs, "feeds": backend.feeds,
-            "refits": REFITS["n"] - refits, "owned_before": names, "owned_after": owned_after,
-            "marks_after": marks_after}
+    return {
+        "losses": losses,
+        "factors": factors(m, owned_after),
+        "graphs": backend.graphs,
+        "feeds": backend.feeds,
+        "refits": REFITS["n"] - refits,
+        "owned_before": names,
+        "owned_after": owned_after,
+        "marks_after": marks_after,
+    }
 
 
 def refusal(mode: str, mesh) -> list[str]:
@@ -311,8 +326,12 @@ def test_fsdp2_sharding_keeps_ownership(group):
 
     torch.manual_seed(0)
     m = Manual()
-    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 8}]},
-                      (torch.randn(2, 32),), progress=False)
+    lrcompile.rewrite(
+        m,
+        {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 8}]},
+        (torch.randn(2, 32),),
+        progress=False,
+    )
     m.manual = True
     before = owned(m)
     assert before == {"proj.U", "proj.V"}

@@ -1,25 +1,30 @@
 """Dynamic shapes: batch and sequence changes compile each graph at most twice (Dynamo marks the sizes dynamic
 on the first recompile), and the factors are made once and found again by every recompile and graph."""
+
 import collections
 import copy
 
 import pytest
 import torch
+from test_attention import ManualAttn
 from torch import nn
 from torch._guards import CompileContext
 
 import lrcompile
 from lrcompile.attention.factors import SharedBasis
 from lrcompile.backend import lrcompile_backend
-from test_attention import ManualAttn
 
 # Batch and sequence change together at the first change (Dynamo makes dynamic only the dims that changed,
 # one recompile per newly varying dim) and stay >= 2 (Dynamo specialises sizes 0 and 1: a batch of 1 is one
 # more compile, whatever the backend).
 SHAPES = [(2, 5), (3, 7), (4, 9), (5, 6), (2, 11), (6, 3)]
-POLICY = {"defaults": {"min_features": 0}, "rules": [
-    {"match": "attn", "kind": "attention", "method": "shared_kv", "rank": 6},
-    {"match": "*", "method": "lowrank", "rank": 8}]}
+POLICY = {
+    "defaults": {"min_features": 0},
+    "rules": [
+        {"match": "attn", "kind": "attention", "method": "shared_kv", "rank": 6},
+        {"match": "*", "method": "lowrank", "rank": 8},
+    ],
+}
 
 
 class BreakAttn(ManualAttn):
@@ -79,7 +84,9 @@ def count_factorisations(monkeypatch):
     made = []
     real_linear, real_attn = plan.from_dense_cached, SharedBasis.from_stacked.__func__
     monkeypatch.setattr(plan, "from_dense_cached", lambda *a, **k: made.append("linear") or real_linear(*a, **k))
-    monkeypatch.setattr(SharedBasis, "from_stacked", classmethod(lambda cls, *a, **k: made.append("attn") or real_attn(cls, *a, **k)))
+    monkeypatch.setattr(
+        SharedBasis, "from_stacked", classmethod(lambda cls, *a, **k: made.append("attn") or real_attn(cls, *a, **k))
+    )
     return made
 
 

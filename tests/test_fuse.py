@@ -1,6 +1,7 @@
 """The fusion pass (passes/fuse.py) and its lowering (passes/lower.py): what a group absorbs and what it refuses, on
 hand-built FX graphs; then tiny HF BERT, GPT-2 and Llama through the backend with fusion on, against fusion off,
 with the kernels running under TRITON_INTERPRET=1 (conftest sets it before triton is imported)."""
+
 import copy
 import operator
 
@@ -8,14 +9,14 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-
 from conftest import all_lowrank, compile_eager, hf_output, rel_err, spy_launches, tiny_hf
+
+from lrcompile.families.adapters.lora import LoRA
+from lrcompile.families.lowrank import LowRank
 from lrcompile.kernels import OPS, runtime
 from lrcompile.passes import fuse as fuse_mod
 from lrcompile.passes import lower as lower_mod
 from lrcompile.passes.fuse import contractible, find_groups
-from lrcompile.families.adapters.lora import LoRA
-from lrcompile.families.lowrank import LowRank
 from lrcompile.tune.candidates import lora_merged
 
 triton = pytest.importorskip("triton")
@@ -45,13 +46,19 @@ def build(body, inputs: dict):
 
 
 def lowrank_inputs(dtype=torch.float32, lead=(2, 5), **extra):
-    return {"x": torch.randn(*lead, IN, dtype=dtype), "b": torch.randn(OUT, dtype=dtype),
-            "U": torch.randn(OUT, R, dtype=dtype) / 2, "V": torch.randn(R, IN, dtype=dtype) / IN**0.5, **extra}
+    return {
+        "x": torch.randn(*lead, IN, dtype=dtype),
+        "b": torch.randn(OUT, dtype=dtype),
+        "U": torch.randn(OUT, R, dtype=dtype) / 2,
+        "V": torch.randn(R, IN, dtype=dtype) / IN**0.5,
+        **extra,
+    }
 
 
 def site(g, p, x=None, bias=True):
-    return g.call_function(LowRank.functional, (p["x"] if x is None else x, None, p["b"] if bias else None,
-                                                p["U"], p["V"]))
+    return g.call_function(
+        LowRank.functional, (p["x"] if x is None else x, None, p["b"] if bias else None, p["U"], p["V"])
+    )
 
 
 def fused_vs_unfused(gm, inputs, tol=1e-5):
@@ -65,11 +72,13 @@ def fused_vs_unfused(gm, inputs, tol=1e-5):
     return groups, lowered
 
 
-ACTS = {"gelu": lambda g, y: g.call_function(F.gelu, (y,)),
-        "gelu_tanh": lambda g, y: g.call_function(F.gelu, (y,), {"approximate": "tanh"}),
-        "silu": lambda g, y: g.call_function(F.silu, (y,)),
-        "relu": lambda g, y: g.call_method("relu", (y,)),
-        "tanh": lambda g, y: g.call_function(torch.tanh, (y,))}
+ACTS = {
+    "gelu": lambda g, y: g.call_function(F.gelu, (y,)),
+    "gelu_tanh": lambda g, y: g.call_function(F.gelu, (y,), {"approximate": "tanh"}),
+    "silu": lambda g, y: g.call_function(F.silu, (y,)),
+    "relu": lambda g, y: g.call_method("relu", (y,)),
+    "tanh": lambda g, y: g.call_function(torch.tanh, (y,)),
+}
 
 
 @pytest.mark.parametrize("act", list(ACTS))
@@ -81,13 +90,15 @@ def test_absorbs_bias_activation_and_residual(act, launches):
     groups, lowered = fused_vs_unfused(gm, inputs)
     (grp,) = groups
     assert grp.steps == ["add_row", act, "add"] and len(grp.epilogue) == 2
-    assert [n.target for n in lowered.graph.nodes if n.op in ("call_function", "call_method")] == \
-        [kernel_ops(lowered)[0].target]  # the activation and the add are gone: one kernel op
+    assert [n.target for n in lowered.graph.nodes if n.op in ("call_function", "call_method")] == [
+        kernel_ops(lowered)[0].target
+    ]  # the activation and the add are gone: one kernel op
     assert launches == ["chain_kernel"]
 
 
 def test_absorbs_prologue_cast_and_scale_and_the_output_cast():
     """x (fp32) → .to(bf16) → · 0.5 → site (bf16 factors) → .float(): one op reading fp32, writing fp32."""
+
     def body(g, p):
         xs = g.call_function(operator.mul, (g.call_method("to", (p["x"], torch.bfloat16)), 0.5))
         return g.call_method("float", (site(g, p, x=xs),))
@@ -118,6 +129,7 @@ def test_views_and_eval_dropout_ride_along():
 def test_multi_user_nodes_are_not_absorbed():
     """No duplicated work: a node with a user outside the group ends it (the site's output read twice, an input
     cast read by two consumers, an activation read twice)."""
+
     def body(g, p):
         xc = g.call_method("to", (p["x"], torch.float32))
         y = site(g, p, x=xc)
@@ -129,13 +141,16 @@ def test_multi_user_nodes_are_not_absorbed():
 
     gm, inputs = build(body, lowrank_inputs())
     groups, _ = fused_vs_unfused(gm, inputs)
-    assert [(grp.steps, len(grp.prologue), len(grp.epilogue)) for grp in groups] == \
-        [(["add_row"], 0, 0), (["add_row", "tanh"], 0, 1)]
+    assert [(grp.steps, len(grp.prologue), len(grp.epilogue)) for grp in groups] == [
+        (["add_row"], 0, 0),
+        (["add_row", "tanh"], 0, 1),
+    ]
 
 
 def test_a_grouping_that_would_create_a_cycle_is_refused(monkeypatch):
     """site → neg → add(site, neg): contracting {site, add} gives group → neg → group. networkx says so,
     the honest growth never proposes it (the site has two users), and a partition holding it is dropped."""
+
     def body(g, p):
         y = site(g, p)
         return g.call_function(operator.add, (y, g.call_function(torch.neg, (y,))))
@@ -185,8 +200,14 @@ def test_groups_are_disjoint_on_a_llama_mlp():
 
 def test_the_autotuners_lossless_choice_is_fused():
     """A site the tuner sent to merged LoRA (the same function) becomes the fused LoRA kernel."""
-    inputs = {"x": torch.randn(3, IN), "W": torch.randn(OUT, IN), "b": torch.randn(OUT), "A": torch.randn(R, IN),
-              "B": torch.randn(OUT, R), "s": torch.tensor(0.5)}
+    inputs = {
+        "x": torch.randn(3, IN),
+        "W": torch.randn(OUT, IN),
+        "b": torch.randn(OUT),
+        "A": torch.randn(R, IN),
+        "B": torch.randn(OUT, R),
+        "s": torch.tensor(0.5),
+    }
 
     def body(g, p):
         y = g.call_function(lora_merged, (p["x"], p["W"], p["b"], p["A"], p["B"], p["s"]))
@@ -199,8 +220,14 @@ def test_the_autotuners_lossless_choice_is_fused():
 
 
 def test_dropout_on_the_adapter_branch_is_left_unfused():
-    inputs = {"x": torch.randn(3, IN), "W": torch.randn(OUT, IN), "A": torch.randn(R, IN), "B": torch.randn(OUT, R),
-              "s": torch.tensor(0.5), "p": torch.tensor(0.2)}
+    inputs = {
+        "x": torch.randn(3, IN),
+        "W": torch.randn(OUT, IN),
+        "A": torch.randn(R, IN),
+        "B": torch.randn(OUT, R),
+        "s": torch.tensor(0.5),
+        "p": torch.tensor(0.2),
+    }
 
     def body(g, p):
         return g.call_function(LoRA.functional, (p["x"], p["W"], None, p["A"], p["B"], p["s"], p["p"]))
@@ -220,7 +247,6 @@ def gpt2():
 
 def llama():
     return tiny_hf("llama", width=32, inter=48, layers=1, heads=2, kv_heads=1, vocab=60, tokens=5)
-
 
 
 def rule(method, **cfg):
@@ -268,10 +294,20 @@ def run_twice(model, inputs, policy, fuse):
 
 
 SLOW = pytest.mark.slow
-HF_CASES = [pytest.param(m, p, id=f"{m.__name__}-{p}", marks=() if fast else SLOW)
-            for m, p, fast in [(bert, "lowrank", True), (gpt2, "lowrank", True), (llama, "lowrank", True),
-                               (llama, "lora", True), (gpt2, "monarch", True), (bert, "lora", False),
-                               (gpt2, "lora", False), (bert, "monarch", False), (llama, "monarch", False)]]
+HF_CASES = [
+    pytest.param(m, p, id=f"{m.__name__}-{p}", marks=() if fast else SLOW)
+    for m, p, fast in [
+        (bert, "lowrank", True),
+        (gpt2, "lowrank", True),
+        (llama, "lowrank", True),
+        (llama, "lora", True),
+        (gpt2, "monarch", True),
+        (bert, "lora", False),
+        (gpt2, "lora", False),
+        (bert, "monarch", False),
+        (llama, "monarch", False),
+    ]
+]
 
 
 @pytest.mark.parametrize("make,policy", HF_CASES)
@@ -302,7 +338,7 @@ def test_fusion_on_an_hf_llama_mlp(lowered_graphs, launches):
         torch._dynamo.reset()
         got = compile_eager(copy.deepcopy(mlp), all_lowrank(4), fuse=True, tune=False)(x)
     assert rel_err(got, want) < 1e-4
-    (gm, groups), = lowered_graphs
+    ((gm, groups),) = lowered_graphs
     assert sorted(grp.steps for grp in groups) == [[], [], ["silu", "mul"]]
     assert len(kernel_ops(gm)) == 3
 

@@ -1,15 +1,16 @@
 """lrcompile.heal: distillation of installed factors toward the dense teacher."""
+
 import copy
 import math
 
 import pytest
 import torch
+from conftest import masked_id_batches
 from torch import nn
 
 import lrcompile
-from lrcompile.lifecycle.heal import _lr_factor, loss_of
-from conftest import masked_id_batches
 from lrcompile.families.base import is_owned
+from lrcompile.lifecycle.heal import _lr_factor, loss_of
 
 
 class Tiny(nn.Module):
@@ -18,8 +19,9 @@ class Tiny(nn.Module):
     def __init__(self, vocab=50, d=24):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), nn.Dropout(0.1))
-                                    for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), nn.Dropout(0.1)) for _ in range(2)
+        )
         self.norm = nn.LayerNorm(d)
 
     def forward(self, input_ids, attention_mask=None):
@@ -50,9 +52,15 @@ def pair():
     return student, teacher
 
 
-@pytest.mark.parametrize("layers,extra", [((), {}), (("blocks.0",), {}),
-                                          (("blocks.0", "blocks.1"), {"layer_loss": "nmse", "layer_weight": 1.0}),
-                                          ((), {"warmup": 10, "schedule": "cosine"})])
+@pytest.mark.parametrize(
+    "layers,extra",
+    [
+        ((), {}),
+        (("blocks.0",), {}),
+        (("blocks.0", "blocks.1"), {"layer_loss": "nmse", "layer_weight": 1.0}),
+        ((), {"warmup": 10, "schedule": "cosine"}),
+    ],
+)
 def test_heal_lowers_the_loss_and_trains_only_the_factors(pair, layers, extra):
     student, teacher = pair
     bs = batches()
@@ -133,9 +141,11 @@ def test_heal_errors_are_one_line(pair):
         lrcompile.heal(Tiny(), teacher, batches(1), steps=1, progress=False)
     with pytest.raises(ValueError, match="no submodule 'blocks.9'"):
         lrcompile.heal(student, teacher, batches(1), steps=1, layers=["blocks.9"], progress=False)
-    for kw, msg in [({"layer_loss": "mse"}, "layer_loss 'mse' is not one of cos, nmse"),
-                    ({"schedule": "step"}, "schedule 'step' is not one of linear, cosine"),
-                    ({"train_also": ["emb"]}, "train_also 'emb' is not one of biases, norms")]:
+    for kw, msg in [
+        ({"layer_loss": "mse"}, "layer_loss 'mse' is not one of cos, nmse"),
+        ({"schedule": "step"}, "schedule 'step' is not one of linear, cosine"),
+        ({"train_also": ["emb"]}, "train_also 'emb' is not one of biases, norms"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             lrcompile.heal(student, teacher, batches(1), steps=1, progress=False, **kw)
 
@@ -156,24 +166,36 @@ def test_heal_trains_attention_factors_through_the_compiled_model():
     """Attention's stacked factors (fused_qkv) are lrcompile's too: healing the compiled model — the graph that
     uses them — trains them with the linear sites' factors and lowers the loss."""
     from conftest import tiny_hf
+
     from lrcompile.attention.factors import AttnFactors
 
     torch.manual_seed(0)
     teacher, _ = tiny_hf("bert", width=32, inter=64, layers=1, heads=4, kv_heads=4, vocab=60, tokens=8)
     student = copy.deepcopy(teacher)
     bs = masked_id_batches(4, rows=2, seq=8, vocab=60, padded=2, seed=0)
-    pol = {"defaults": {"min_features": 0}, "rules": [
-        {"match": "*", "kind": "attention", "method": "fused_qkv", "rank": 6},
-        {"match": "encoder.*", "method": "lowrank", "rank": 6}, {"match": "*", "method": "dense"}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [
+            {"match": "*", "kind": "attention", "method": "fused_qkv", "rank": 6},
+            {"match": "encoder.*", "method": "lowrank", "rank": 6},
+            {"match": "*", "method": "dense"},
+        ],
+    }
     lrcompile.rewrite(student, pol, bs[0], progress=False)
-    attn = {n: p.detach().clone() for m in student.modules() if isinstance(m, AttnFactors)
-            for n, p in m.named_parameters()}
+    attn = {
+        n: p.detach().clone() for m in student.modules() if isinstance(m, AttnFactors) for n, p in m.named_parameters()
+    }
     assert attn
     compiled = torch.compile(student, backend="lrcompile", options={"inductor": False})
     hidden = lambda m: lambda **b: m(**b).last_hidden_state  # noqa: E731
     before = total_loss(hidden(compiled), hidden(teacher), bs)
     lrcompile.heal(compiled, teacher, bs, steps=40, lr=1e-2, progress=False)
     after = total_loss(hidden(compiled), hidden(teacher), bs)
-    moved = [n for m in student.modules() if isinstance(m, AttnFactors) for n, p in m.named_parameters()
-             if not torch.equal(p, attn[n])]
+    moved = [
+        n
+        for m in student.modules()
+        if isinstance(m, AttnFactors)
+        for n, p in m.named_parameters()
+        if not torch.equal(p, attn[n])
+    ]
     assert sorted(moved) == sorted(attn) and after < 0.7 * before, (moved, before, after)

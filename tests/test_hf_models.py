@@ -1,12 +1,13 @@
 """Real model code: HF BERT, GPT-2 (Conv1D/addmm), Llama (built from configs), and pretrained all-MiniLM-L6-v2."""
+
 import json
 import os
 
 import pytest
 import torch
+from conftest import all_lowrank, compile_eager, hf_output, tiny_hf
 
 import lrcompile
-from conftest import all_lowrank, compile_eager, hf_output, tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,9 +22,6 @@ def gpt2():
 
 def llama():
     return tiny_hf("llama", width=48, inter=96, layers=2, heads=4, kv_heads=2, vocab=120, tokens=11)
-
-
-
 
 
 EXPECTED_SITES = {
@@ -67,8 +65,13 @@ def test_full_rank_reproduces_and_half_rank_reports(make, tmp_path):
 def test_training_steps_reduce_loss(make):
     model, inputs = make()
     model.train()
-    c = compile_eager(model, {"defaults": {"min_features": 0}, "rules": [
-        {"match": "lm_head", "method": "dense"}, {"match": "*", "method": "lowrank", "rank": 0.5}]})
+    c = compile_eager(
+        model,
+        {
+            "defaults": {"min_features": 0},
+            "rules": [{"match": "lm_head", "method": "dense"}, {"match": "*", "method": "lowrank", "rank": 0.5}],
+        },
+    )
     ids = inputs["input_ids"]
     c(input_ids=ids)  # first call registers the factors on the model
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -111,18 +114,33 @@ def embed(model, batch):
 
 def test_pretrained_minilm(tmp_path):
     tok, model = minilm()
-    batch = tok(["Low-rank factors keep most of a layer's energy.", "The cat sat on the warm mat today."],
-                padding=True, return_tensors="pt")
+    batch = tok(
+        ["Low-rank factors keep most of a layer's energy.", "The cat sat on the warm mat today."],
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         ref = embed(model, batch)
-        full = embed(compile_eager(model, {"defaults": {"min_features": 0}, "rules": [
-            {"match": "encoder.*", "method": "lowrank", "rank": 10_000}]}), batch)
+        full = embed(
+            compile_eager(
+                model,
+                {
+                    "defaults": {"min_features": 0},
+                    "rules": [{"match": "encoder.*", "method": "lowrank", "rank": 10_000}],
+                },
+            ),
+            batch,
+        )
         assert ((full - ref).norm() / ref.norm()) < 1e-4
         torch._dynamo.reset()
         _, model2 = minilm()
         rep = tmp_path / "r.json"
-        half = embed(compile_eager(model2, {"rules": [{"match": "encoder.*", "method": "lowrank", "rank": 0.5}]},
-                                   report=str(rep)), batch)
+        half = embed(
+            compile_eager(
+                model2, {"rules": [{"match": "encoder.*", "method": "lowrank", "rank": 0.5}]}, report=str(rep)
+            ),
+            batch,
+        )
     rows = [s for s in json.loads(rep.read_text())["sites"] if s["status"] == "rewritten"]
     assert len(rows) == 36  # every encoder linear of the 6 layers
     cos = torch.nn.functional.cosine_similarity(half, ref).mean()

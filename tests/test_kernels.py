@@ -5,6 +5,7 @@ it); every output buffer is poisoned with NaN first, so an element a kernel neve
 Every test checks that Triton really ran (a spy on runtime.launch). The interpreter multiplies in fp32 (its bf16
 tl.dot is wrong), so bf16 cases check bf16 storage, casts and epilogues, not bf16 tensor-core arithmetic.
 """
+
 import os
 import warnings
 
@@ -15,16 +16,22 @@ from torch.utils.flop_counter import FlopCounterMode
 triton = pytest.importorskip("triton")
 
 from conftest import spy_launches  # noqa: E402
-from lrcompile.kernels import OPS, runtime  # noqa: E402
-from lrcompile.kernels import blast, dora, lora, lowrank, noble, twocore  # noqa: E402
+
+from lrcompile.families import FAMILIES  # noqa: E402
+from lrcompile.kernels import OPS, blast, dora, lora, lowrank, noble, runtime, twocore  # noqa: E402  # noqa: E402
 from lrcompile.kernels import epilogue as epi  # noqa: E402
 from lrcompile.kernels.gemm import gemm  # noqa: E402
 from lrcompile.kernels.op import reference  # noqa: E402
-from lrcompile.families import FAMILIES  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-CORE = {"lowrank": lowrank.core, "lora": lora.core, "dora": dora.core, "noble": noble.core,
-        "twocore": twocore.core, "blast": blast.core}
+CORE = {
+    "lowrank": lowrank.core,
+    "lora": lora.core,
+    "dora": dora.core,
+    "noble": noble.core,
+    "twocore": twocore.core,
+    "blast": blast.core,
+}
 OPNAME = {"monarch": "twocore", "btt": "twocore"}
 
 
@@ -77,8 +84,12 @@ CASES = {
     "dora": [(29, 19, 6), (1, 5, 1), (11, 1, 2)],
     "noble": [(37, 23, 5), (1, 6, 1), (17, 1, 3)],
     "monarch": [(37, 23, 3), (1, 5, 1), (7, 1, 1), (45, 50, 5)],
-    "btt": [(35, 22, (2, None, None)), (1, 6, (1, [1, 1], [2, 3])), (15, 1, (1, [3, 5], [1, 1])),
-            (21, 9, (3, None, None))],
+    "btt": [
+        (35, 22, (2, None, None)),
+        (1, 6, (1, [1, 1], [2, 3])),
+        (15, 1, (1, [3, 5], [1, 1])),
+        (21, 9, (3, None, None)),
+    ],
     "blast": [(36, 22, (3, [2, 3])), (1, 5, (1, [1, 1])), (9, 1, (1, [1, 3])), (30, 21, (4, [3, 5]))],
 }
 CASE_IDS = [(n, i) for n in CASES for i in range(len(CASES[n]))]
@@ -209,19 +220,23 @@ def grads_vs_float64(name, dtype, epilogue, case=0, frozen=()):
     in_f, out_f, size = CASES[name][case]
     opname, tensors = family_case(name, in_f, out_f, size)
     x = torch.randn(3, 4, in_f)
-    ops = [torch.randn(out_f) if s.endswith("_row") else torch.randn(3, 4, out_f)
-           for s in epi.parse(epilogue) if s in epi.WITH_OPERAND]
+    ops = [
+        torch.randn(out_f) if s.endswith("_row") else torch.randn(3, 4, out_f)
+        for s in epi.parse(epilogue)
+        if s in epi.WITH_OPERAND
+    ]
     alpha = 1.0 if name == "noble" else 0.8
     leaves = [t.to(dtype).clone().requires_grad_(i - 1 not in frozen) for i, t in enumerate([x, *tensors, *ops])]
-    lx, lt, lo = leaves[0], leaves[1:1 + len(tensors)], leaves[1 + len(tensors):]
+    lx, lt, lo = leaves[0], leaves[1 : 1 + len(tensors)], leaves[1 + len(tensors) :]
     y = OPS[opname](lx, lt, lo, epilogue, alpha, None)
     gy = torch.randn_like(y)
     # the op's backward alone; torch's counter has no entry for in-place addmm_, which the cores use
     with FlopCounterMode(display=False, custom_mapping=INPLACE_ADDMM) as flops:
         y.backward(gy)
     leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
-    y64 = reference(CORE[opname], leaves64[0], leaves64[1:1 + len(tensors)], leaves64[1 + len(tensors):],
-                    epilogue, alpha, None)
+    y64 = reference(
+        CORE[opname], leaves64[0], leaves64[1 : 1 + len(tensors)], leaves64[1 + len(tensors) :], epilogue, alpha, None
+    )
     y64.backward(gy.double())
     checked = 0
     for i, (t, t64) in enumerate(zip(leaves, leaves64)):
@@ -253,8 +268,8 @@ def reduction_scale(opname, leaves64, n_tensors, epilogue, alpha, gy, i) -> floa
     base = [t.detach() for t in leaves64]
 
     def f(v):
-        ls = base[:i] + [v] + base[i + 1:]
-        return reference(CORE[opname], ls[0], ls[1:1 + n_tensors], ls[1 + n_tensors:], epilogue, alpha, None)
+        ls = base[:i] + [v] + base[i + 1 :]
+        return reference(CORE[opname], ls[0], ls[1 : 1 + n_tensors], ls[1 + n_tensors :], epilogue, alpha, None)
 
     _, dy = torch.func.jvp(f, (base[i],), (torch.ones_like(base[i]),))
     return float((gy.double() * dy).abs().sum())
@@ -269,8 +284,11 @@ def test_backward_matches_float64(name, dtype):
     grads_vs_float64(name, dtype, "add_row,add")
 
 
-@pytest.mark.parametrize("name,case", [(n, i) for n in CASES for i in range(1, len(CASES[n]))],
-                         ids=[f"{n}{i}" for n in CASES for i in range(1, len(CASES[n]))])
+@pytest.mark.parametrize(
+    "name,case",
+    [(n, i) for n in CASES for i in range(1, len(CASES[n]))],
+    ids=[f"{n}{i}" for n in CASES for i in range(1, len(CASES[n]))],
+)
 def test_backward_odd_shapes(name, case):
     grads_vs_float64(name, torch.float32, "mul_row,tanh", case=case)
 
@@ -309,8 +327,14 @@ def test_opcheck_interpreted(name, launches):
     in_f, out_f, size = CASES[name][case]
     opname, tensors = family_case(name, in_f, out_f, size)
     x = torch.randn(2, in_f, requires_grad=True)
-    args = (x, [t.requires_grad_() for t in tensors], [torch.randn(out_f), torch.randn(2, out_f)], "add_row,silu,mul",
-            1.0, None)
+    args = (
+        x,
+        [t.requires_grad_() for t in tensors],
+        [torch.randn(out_f), torch.randn(2, out_f)],
+        "add_row,silu,mul",
+        1.0,
+        None,
+    )
     torch.library.opcheck(OPS[opname], args)
     assert launches
 
@@ -406,8 +430,15 @@ def test_compiled_training_step_through_the_kernel_op():
     assert all(rel(a, c) < 1e-4 for a, c in zip(g, g64))
 
 
-KERNEL_CFG = {"lowrank": {"rank": 5}, "lora": {"rank": 4}, "dora": {"rank": 4}, "noble": {"rank": 4},
-              "monarch": {"blocks": 3}, "btt": {"rank": 2}, "blast": {"rank": 3, "blocks": [2, 3]}}
+KERNEL_CFG = {
+    "lowrank": {"rank": 5},
+    "lora": {"rank": 4},
+    "dora": {"rank": 4},
+    "noble": {"rank": 4},
+    "monarch": {"blocks": 3},
+    "btt": {"rank": 2},
+    "blast": {"rank": 3, "blocks": [2, 3]},
+}
 
 
 @pytest.mark.parametrize("family", sorted(KERNEL_CFG))

@@ -1,4 +1,5 @@
 """The low-rank family: rank semantics, optimality of the truncated SVD, reference forward, gradients."""
+
 import pytest
 import torch
 
@@ -83,8 +84,13 @@ def test_rewrite_freezes_the_dense_weight_of_a_compressed_functional_site():
     c = torch.compile(m, backend="lrcompile", options={"inductor": False})
     with torch.no_grad():  # the compiled graph runs the factors, not the frozen dense weight
         h = torch.tanh(m.fc(m.emb(ids))).double()
-        want = torch.cat([h @ (m.lrcompile_w.U @ m.lrcompile_w.V).double().T,
-                          h @ (m.lrcompile_emb_weight.U @ m.lrcompile_emb_weight.V).double().T], -1)
+        want = torch.cat(
+            [
+                h @ (m.lrcompile_w.U @ m.lrcompile_w.V).double().T,
+                h @ (m.lrcompile_emb_weight.U @ m.lrcompile_emb_weight.V).double().T,
+            ],
+            -1,
+        )
         torch.testing.assert_close(c(ids).double(), want, rtol=1e-5, atol=1e-6)
     w0, e0, u0 = m.w.detach().clone(), m.emb.weight.detach().clone(), m.lrcompile_w.U.detach().clone()
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)

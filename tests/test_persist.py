@@ -1,17 +1,18 @@
 """save / load round trips without factorising; mismatched plans fail clearly; the factor cache hits and misses."""
+
 import json
 import warnings
 
 import pytest
 import torch
+from conftest import Toy, all_lowrank, compile_eager, rel_err
 from torch import nn
 
 import lrcompile
-from conftest import Toy, all_lowrank, compile_eager, rel_err
 from lrcompile import PlanError
 from lrcompile.factorize import svd
-from lrcompile.policy.rules import load_policy
 from lrcompile.families import lowrank
+from lrcompile.policy.rules import load_policy
 
 
 def no_svd(monkeypatch):
@@ -32,14 +33,16 @@ class Attn(nn.Module):
         self.fc = nn.Linear(d, 2 * d)
 
     def forward(self, x):
-        s = self.q(x) @ self.k(x).transpose(-2, -1) / 32 ** 0.5
+        s = self.q(x) @ self.k(x).transpose(-2, -1) / 32**0.5
         h = self.o(torch.softmax(s, -1) @ self.v(x))
         return self.fc(h)
 
 
 def attention_policy(**attn):
-    return {"defaults": {"min_features": 0}, "rules": [
-        {"match": "*", "kind": "attention", **attn}, {"match": "fc", "method": "lowrank", "rank": 5}]}
+    return {
+        "defaults": {"min_features": 0},
+        "rules": [{"match": "*", "kind": "attention", **attn}, {"match": "fc", "method": "lowrank", "rank": 5}],
+    }
 
 
 def test_save_load_eager_rewrite_reproduces_exactly(toy, tmp_path, monkeypatch):
@@ -50,7 +53,13 @@ def test_save_load_eager_rewrite_reproduces_exactly(toy, tmp_path, monkeypatch):
     ref = compile_eager(m)(ids)
     assert lrcompile.save(m, str(tmp_path / "ck")) is None
     plan = json.loads((tmp_path / "ck" / "plan.json").read_text())
-    assert {e["path"] for e in plan["sites"]} >= {"blocks.0.fc", "heads.shared", "lm_head", "lrcompile_v", "blocks.0.lrcompile_w"}
+    assert {e["path"] for e in plan["sites"]} >= {
+        "blocks.0.fc",
+        "heads.shared",
+        "lm_head",
+        "lrcompile_v",
+        "blocks.0.lrcompile_w",
+    }
     torch._dynamo.reset()
     no_svd(monkeypatch)
     fresh = Toy()
@@ -76,9 +85,17 @@ def test_tied_weights_are_stored_once(toy, tmp_path):
     from safetensors import safe_open
 
     m, ids = toy
-    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [
-        {"match": "lm_head", "method": "lora", "rank": 4}, {"match": "blocks.*", "method": "lowrank", "rank": 5}]},
-        (ids,))
+    lrcompile.rewrite(
+        m,
+        {
+            "defaults": {"min_features": 0},
+            "rules": [
+                {"match": "lm_head", "method": "lora", "rank": 4},
+                {"match": "blocks.*", "method": "lowrank", "rank": 5},
+            ],
+        },
+        (ids,),
+    )
     assert m.lm_head.weight is m.embed.weight  # an adapter keeps the tie: its base is the embedding
     lrcompile.save(m, str(tmp_path / "ck"))
     with safe_open(str(tmp_path / "ck" / "model.safetensors"), framework="pt") as f:
@@ -95,9 +112,15 @@ def test_tied_weights_are_stored_once(toy, tmp_path):
         assert torch.equal(fresh(ids), m(ids))
 
 
-@pytest.mark.parametrize("attn", [{"method": "shared_kv", "rank": 6}, {"method": "fused_qkv", "rank": 7},
-                                  {"method": "fused_qkv", "structure": {"method": "lowrank", "rank": 9}}],
-                         ids=["shared_kv", "fused_qkv", "fused_qkv_structure"])
+@pytest.mark.parametrize(
+    "attn",
+    [
+        {"method": "shared_kv", "rank": 6},
+        {"method": "fused_qkv", "rank": 7},
+        {"method": "fused_qkv", "structure": {"method": "lowrank", "rank": 9}},
+    ],
+    ids=["shared_kv", "fused_qkv", "fused_qkv_structure"],
+)
 def test_attention_factors_round_trip(attn, tmp_path, monkeypatch):
     m = Attn()
     x = torch.randn(2, 6, 32)
@@ -121,14 +144,17 @@ def test_attention_factors_round_trip(attn, tmp_path, monkeypatch):
     for k, v in m.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
     assert {n for n, p in fresh.named_parameters() if not p.requires_grad} == {
-        n for n, p in m.named_parameters() if not p.requires_grad}
+        n for n, p in m.named_parameters() if not p.requires_grad
+    }
     assert torch.equal(compile_eager(fresh)(x), ref)
 
 
 def test_plan_records_the_policy_digest(tmp_path):
     m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
-    pol_a, pol_b = {"rules": [{"match": "0", "method": "lowrank", "rank": 4}], "defaults": {"min_features": 0}}, \
-        {"rules": [{"match": "2", "method": "lora", "rank": 2}]}
+    pol_a, pol_b = (
+        {"rules": [{"match": "0", "method": "lowrank", "rank": 4}], "defaults": {"min_features": 0}},
+        {"rules": [{"match": "2", "method": "lora", "rank": 2}]},
+    )
     lrcompile.rewrite(m, pol_a, (torch.randn(2, 32),))
     lrcompile.rewrite(m, pol_b, (torch.randn(2, 32),))
     da, db = load_policy(pol_a).digest, load_policy(pol_b).digest
@@ -213,13 +239,19 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path):
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda e: e["config"].update(rank=5), r"model\.safetensors: '0\.U' has shape \(48, 6\), the rebuilt model expects \(48, 5\)"),
-    (lambda e: e["config"].update(rnak=5), r"plan\.json: site '0': unknown lowrank config field 'rnak'"),
-    (lambda e: e.update(dtype="float42"), r"plan\.json: site '0': unknown dtype 'float42'"),
-    (lambda e: e["config"].update(rank=0), r"plan\.json: site '0': bad lowrank config \(rank must be >= 1"),
-    (lambda e: e.update(family="lowrnk"), r"plan\.json: site '0': unknown family 'lowrnk'"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            lambda e: e["config"].update(rank=5),
+            r"model\.safetensors: '0\.U' has shape \(48, 6\), the rebuilt model expects \(48, 5\)",
+        ),
+        (lambda e: e["config"].update(rnak=5), r"plan\.json: site '0': unknown lowrank config field 'rnak'"),
+        (lambda e: e.update(dtype="float42"), r"plan\.json: site '0': unknown dtype 'float42'"),
+        (lambda e: e["config"].update(rank=0), r"plan\.json: site '0': bad lowrank config \(rank must be >= 1"),
+        (lambda e: e.update(family="lowrnk"), r"plan\.json: site '0': unknown family 'lowrnk'"),
+    ],
+)
 def test_corrupt_plan_is_a_one_line_plan_error(tmp_path, edit, expected):
     m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
     lrcompile.rewrite(m, all_lowrank(6), (torch.randn(2, 32),))
@@ -338,8 +370,11 @@ def test_load_with_another_policy_warns(tmp_path):
         warnings.simplefilter("error")
         lrcompile.load(fresh(), str(tmp_path / "ck"), policy=pol)  # the policy that made it: silent
     other = all_lowrank(4)
-    with pytest.warns(UserWarning, match=rf"saved from policy {load_policy(pol).digest}, not from <policy> "
-                                         rf"\({load_policy(other).digest}\)") as got:
+    with pytest.warns(
+        UserWarning,
+        match=rf"saved from policy {load_policy(pol).digest}, not from <policy> "
+        rf"\({load_policy(other).digest}\)",
+    ) as got:
         loaded = lrcompile.load(fresh(), str(tmp_path / "ck"), policy=other)
     assert "\n" not in str(got[0].message)
     assert loaded[0].cfg.rank == 6  # loaded as saved
@@ -351,8 +386,14 @@ def test_noble_bases_stay_trainable_through_save_and_load(toy, tmp_path):
     """NOBLE trains its base weights even under a later adapter rule (which freezes the rest); load restores
     exactly the saved requires_grad flags."""
     m, ids = toy
-    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [
-        {"match": ["blocks.0.fc", "blocks.0"], "method": "noble", "rank": 4}]}, (ids,))
+    lrcompile.rewrite(
+        m,
+        {
+            "defaults": {"min_features": 0},
+            "rules": [{"match": ["blocks.0.fc", "blocks.0"], "method": "noble", "rank": 4}],
+        },
+        (ids,),
+    )
     lrcompile.rewrite(m, {"rules": [{"match": "heads.shared", "method": "lora", "rank": 2}]}, (ids,))
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert {"blocks.0.fc.weight", "blocks.0.w"} <= trainable and "blocks.1.fc.weight" not in trainable
@@ -382,9 +423,13 @@ def test_weight_digest_streams_without_a_full_copy(monkeypatch):
 def test_warm_compile_reports_the_same_fields_as_the_cold_one(tmp_path):
     """Everything the report says about a site is the same when its factors come from the cache (but the time
     taken and the cache note), including the activation-aware fallback on a site without statistics."""
-    pol = {"defaults": {"min_features": 0}, "rules": [
-        {"match": "0", "method": "lowrank", "rank": 6, "init": "whitened_svd"},
-        {"match": "2", "method": "lowrank", "rank": 0.5}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [
+            {"match": "0", "method": "lowrank", "rank": 6, "init": "whitened_svd"},
+            {"match": "2", "method": "lowrank", "rank": 0.5},
+        ],
+    }
     m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
     state = {k: v.clone() for k, v in m.state_dict().items()}
     x = torch.randn(4, 32)
@@ -396,7 +441,9 @@ def test_warm_compile_reports_the_same_fields_as_the_cold_one(tmp_path):
         fresh.load_state_dict(state)
         with pytest.warns(UserWarning, match="no calibration statistics") as got:
             out = compile_eager(fresh, pol, report=str(rep))(x)
-        said = sorted({str(w.message).split(" (factors from cache)")[0] for w in got if "calibration" in str(w.message)})
+        said = sorted(
+            {str(w.message).split(" (factors from cache)")[0] for w in got if "calibration" in str(w.message)}
+        )
         return out, {r["fqn"]: r for r in json.loads(rep.read_text())["sites"]}, said
 
     cold_out, cold, cold_warn = run()
@@ -406,7 +453,8 @@ def test_warm_compile_reports_the_same_fields_as_the_cold_one(tmp_path):
     for fqn in ("0", "2"):
         assert "factors from cache" in warm[fqn]["notes"] and "factors from cache" not in cold[fqn]["notes"]
         assert {k: v for k, v in warm[fqn].items() if k not in timing} == {
-            k: v for k, v in cold[fqn].items() if k not in timing}, fqn
+            k: v for k, v in cold[fqn].items() if k not in timing
+        }, fqn
         strip = lambda notes: [n for n in notes if n != "factors from cache" and "ms" not in n]  # noqa: E731
         assert strip(warm[fqn]["notes"]) == strip(cold[fqn]["notes"]), fqn
 
@@ -549,14 +597,20 @@ def _fresh():
     return nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda p: p["sites"][1]["config"].update(rank=10**9), r"site '2': .* parameters for a 48→32 layer"),
-    (lambda p: p["sites"][1].update(in_features="many"), r"site '2': bad entry"),
-    (lambda p: p["sites"][1].update(config=None), r"site '2': no config"),
-    (lambda p: p.update(sites={"a": 1}), r"'sites' must be a list"),
-    (lambda p: p["sites"][1].update(placement="attached", owner="", weight=None, child="x"), r"site '2': bad entry"),
-    (lambda p: p["sites"][1].update(placement="attached", owner="", weight="nope", child="x"), r"no parameter"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda p: p["sites"][1]["config"].update(rank=10**9), r"site '2': .* parameters for a 48→32 layer"),
+        (lambda p: p["sites"][1].update(in_features="many"), r"site '2': bad entry"),
+        (lambda p: p["sites"][1].update(config=None), r"site '2': no config"),
+        (lambda p: p.update(sites={"a": 1}), r"'sites' must be a list"),
+        (
+            lambda p: p["sites"][1].update(placement="attached", owner="", weight=None, child="x"),
+            r"site '2': bad entry",
+        ),
+        (lambda p: p["sites"][1].update(placement="attached", owner="", weight="nope", child="x"), r"no parameter"),
+    ],
+)
 def test_a_refused_load_leaves_the_model_as_it_was(tmp_path, edit, expected):
     ck = _saved(tmp_path)
     plan = json.loads((ck / "plan.json").read_text())

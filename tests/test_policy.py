@@ -1,4 +1,5 @@
 """Policy loading, matching and the one-line validation errors (file:line, rule, key)."""
+
 import pytest
 
 from lrcompile import PolicyError, load_policy
@@ -49,27 +50,51 @@ def test_rules_have_line_numbers():
     assert [r.line for r in p.rules] == [4, 6, 9, 13]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("rules:\n  - match: a\n    method: lowrnk\n    rank: 4\n", "<policy>:3: rule 1 (match 'a'): unknown method 'lowrnk' (did you mean 'lowrank'?)"),
-    ("rules:\n  - match: a\n    method: lowrank\n    rank: 0\n", "<policy>:4: rule 1 (match 'a'): method 'lowrank': rank must be >= 1, got 0"),
-    ("rules:\n  - match: a\n    method: lowrank\n    rank: 1.5\n", "<policy>:4: rule 1 (match 'a'): method 'lowrank': a float rank is a fraction"),
-    ("rules:\n  - match: a\n    method: lowrank\n    rank: true\n", "rank must be an int or a float in (0, 1], got True"),
-    ("rules:\n  - match: a\n    method: lowrank\n    rnak: 4\n", "<policy>:4: rule 1 (match 'a'): unknown option 'rnak' for method 'lowrank' (did you mean 'rank'?)"),
-    ("rules:\n  - match: 're:(('\n    method: dense\n", "<policy>:2: rule 1 (match 're:(('): bad regex '(('"),
-    ("rules:\n  - match: a\n    method: lowrank\n", "<policy>:3: rule 1 (match 'a'): method 'lowrank' needs a 'rank'"),
-    ("rulez: []\n", "<policy>:1: unknown top-level key 'rulez' (did you mean 'rules'?)"),
-    ("defaults: {min_features: -1}\n", "<policy>:1: defaults: min_features must be a non-negative int"),
-    ("rules:\n  - match: a\n    kind: attention\n    method: lowrank\n    rank: 4\n", "does not apply to attention sites"),
-    ("rules:\n  - match: 3\n    method: dense\n", "'match' must be a string or a list of strings, got int"),
-    ("rules:\n  - match: a\n    method: dense\n    rank: 3\n", "method 'dense' takes no options, got 'rank'"),
-    ("rules: [a: b: c]\n", "<policy>:1: not valid YAML"),
-    ("rules:\n  - just-a-string\n", "rule 1: a rule is a mapping"),
-    ("budget: {params: 2}\n", "budget fraction must be in (0, 1]"),
-    ("version: 2\n", "unsupported policy version 2"),
-    ("defaults: 5\n", "<policy>:1: defaults must be a mapping of min_features, max_error, strict, guard, got 5"),
-    ("defaults: [1, 2]\n", "defaults must be a mapping"),
-    ("rules: \x07\n", "<policy>: not valid YAML: unacceptable character #x0007"),  # a YAMLError without .problem
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "rules:\n  - match: a\n    method: lowrnk\n    rank: 4\n",
+            "<policy>:3: rule 1 (match 'a'): unknown method 'lowrnk' (did you mean 'lowrank'?)",
+        ),
+        (
+            "rules:\n  - match: a\n    method: lowrank\n    rank: 0\n",
+            "<policy>:4: rule 1 (match 'a'): method 'lowrank': rank must be >= 1, got 0",
+        ),
+        (
+            "rules:\n  - match: a\n    method: lowrank\n    rank: 1.5\n",
+            "<policy>:4: rule 1 (match 'a'): method 'lowrank': a float rank is a fraction",
+        ),
+        (
+            "rules:\n  - match: a\n    method: lowrank\n    rank: true\n",
+            "rank must be an int or a float in (0, 1], got True",
+        ),
+        (
+            "rules:\n  - match: a\n    method: lowrank\n    rnak: 4\n",
+            "<policy>:4: rule 1 (match 'a'): unknown option 'rnak' for method 'lowrank' (did you mean 'rank'?)",
+        ),
+        ("rules:\n  - match: 're:(('\n    method: dense\n", "<policy>:2: rule 1 (match 're:(('): bad regex '(('"),
+        (
+            "rules:\n  - match: a\n    method: lowrank\n",
+            "<policy>:3: rule 1 (match 'a'): method 'lowrank' needs a 'rank'",
+        ),
+        ("rulez: []\n", "<policy>:1: unknown top-level key 'rulez' (did you mean 'rules'?)"),
+        ("defaults: {min_features: -1}\n", "<policy>:1: defaults: min_features must be a non-negative int"),
+        (
+            "rules:\n  - match: a\n    kind: attention\n    method: lowrank\n    rank: 4\n",
+            "does not apply to attention sites",
+        ),
+        ("rules:\n  - match: 3\n    method: dense\n", "'match' must be a string or a list of strings, got int"),
+        ("rules:\n  - match: a\n    method: dense\n    rank: 3\n", "method 'dense' takes no options, got 'rank'"),
+        ("rules: [a: b: c]\n", "<policy>:1: not valid YAML"),
+        ("rules:\n  - just-a-string\n", "rule 1: a rule is a mapping"),
+        ("budget: {params: 2}\n", "budget fraction must be in (0, 1]"),
+        ("version: 2\n", "unsupported policy version 2"),
+        ("defaults: 5\n", "<policy>:1: defaults must be a mapping of min_features, max_error, strict, guard, got 5"),
+        ("defaults: [1, 2]\n", "defaults must be a mapping"),
+        ("rules: \x07\n", "<policy>: not valid YAML: unacceptable character #x0007"),  # a YAMLError without .problem
+    ],
+)
 def test_errors_are_one_line_with_location(text, expected):
     with pytest.raises(PolicyError) as e:
         load_policy(text)
@@ -130,24 +155,40 @@ def test_defaults_null_is_the_built_in_defaults():
     assert pol.defaults.min_features == 128 and pol.defaults.max_error is None
 
 
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
-) + "rules: *i\n"
+BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    )
+    + "rules: *i\n"
+)
 
 
-@pytest.mark.parametrize("text, expected", [
-    (BOMB, "YAML aliases (*name) are not allowed"),
-    ("rules:\n  - match: a\n    match: b\n    method: dense\n", "<policy>:3: duplicate key 'match' (first at line 2)"),
-    ("rules: []\nrules: []\n", "<policy>:2: duplicate key 'rules'"),
-    ("defaults: {max_error: .nan}\n", "max_error must be a non-negative number"),
-    ("defaults: {max_error: .inf}\n", "max_error must be a non-negative number"),
-    ("version: 1.0\n", "unsupported policy version 1.0"),
-    ("version: true\n", "unsupported policy version True"),
-    ("rules:\n  - match: 're:(a+)+b'\n    method: dense\n", "<policy>:2: rule 1 (match 're:(a+)+b'): regex '(a+)+b' repeats"),
-    ("rules:\n  - match: 're:(x|y*)*z'\n    method: dense\n", "can backtrack without bound"),
-    ("rules:\n  - match: a\n    method: lowrank\n\n    rank: 4\n    rnak: 4\n", "<policy>:6: rule 1 (match 'a'): unknown option 'rnak'"),
-    ("version: 1\n\nrulez:\n  - match: a\n", "<policy>:3: unknown top-level key 'rulez'"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (BOMB, "YAML aliases (*name) are not allowed"),
+        (
+            "rules:\n  - match: a\n    match: b\n    method: dense\n",
+            "<policy>:3: duplicate key 'match' (first at line 2)",
+        ),
+        ("rules: []\nrules: []\n", "<policy>:2: duplicate key 'rules'"),
+        ("defaults: {max_error: .nan}\n", "max_error must be a non-negative number"),
+        ("defaults: {max_error: .inf}\n", "max_error must be a non-negative number"),
+        ("version: 1.0\n", "unsupported policy version 1.0"),
+        ("version: true\n", "unsupported policy version True"),
+        (
+            "rules:\n  - match: 're:(a+)+b'\n    method: dense\n",
+            "<policy>:2: rule 1 (match 're:(a+)+b'): regex '(a+)+b' repeats",
+        ),
+        ("rules:\n  - match: 're:(x|y*)*z'\n    method: dense\n", "can backtrack without bound"),
+        (
+            "rules:\n  - match: a\n    method: lowrank\n\n    rank: 4\n    rnak: 4\n",
+            "<policy>:6: rule 1 (match 'a'): unknown option 'rnak'",
+        ),
+        ("version: 1\n\nrulez:\n  - match: a\n", "<policy>:3: unknown top-level key 'rulez'"),
+    ],
+)
 def test_untrusted_policy_input_is_a_one_line_error(text, expected):
     import time
 
@@ -185,13 +226,46 @@ def _mutations(text: str, rng):
         elif op == 2 and lines:
             s = lines[i]
             j = rng.randrange(len(s) + 1)
-            lines[i] = s[:j] + rng.choice(["*", "&x", ":", "[", "{", "'", '"', "-", " ", "\t", "!!python/object:os.system", "1e999", ".nan", "~", "re:(a+)+"]) + s[j:]
+            lines[i] = (
+                s[:j]
+                + rng.choice(
+                    [
+                        "*",
+                        "&x",
+                        ":",
+                        "[",
+                        "{",
+                        "'",
+                        '"',
+                        "-",
+                        " ",
+                        "\t",
+                        "!!python/object:os.system",
+                        "1e999",
+                        ".nan",
+                        "~",
+                        "re:(a+)+",
+                    ]
+                )
+                + s[j:]
+            )
         elif op == 3 and lines:
             k = rng.randrange(len(lines))
             lines[i], lines[k] = lines[k], lines[i]
         elif op == 4:
-            lines.insert(i, rng.choice(["budget: {params: 0.5}", "version: 2", "defaults: {strict: true}",
-                                        "  - match: '*'\n    method: lora", "rules: &r []", "x: *r"]))
+            lines.insert(
+                i,
+                rng.choice(
+                    [
+                        "budget: {params: 0.5}",
+                        "version: 2",
+                        "defaults: {strict: true}",
+                        "  - match: '*'\n    method: lora",
+                        "rules: &r []",
+                        "x: *r",
+                    ]
+                ),
+            )
         elif op == 5 and lines:
             s = lines[i]
             lines[i] = s.replace("4", rng.choice(["-1", "0", "0.0", "1.5", "true", "[]", "99999999999999999999"]))

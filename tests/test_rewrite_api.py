@@ -1,14 +1,15 @@
 """Eager `lrcompile.rewrite`: module swap, released dense weights, ties, then the no-policy backend."""
+
 import gc
 import json
 import weakref
 
 import pytest
 import torch
+from conftest import all_lowrank, compile_eager, rel_err
 from torch import nn
 
 import lrcompile
-from conftest import all_lowrank, compile_eager, rel_err
 from lrcompile.families.adapters.lora import LoRA
 from lrcompile.families.lowrank import LowRank
 
@@ -63,8 +64,12 @@ def test_dense_weights_are_released(monkeypatch):
 def test_tied_head_gets_its_own_factors(toy, tmp_path):
     m, ids = toy
     emb = m.embed.weight.detach().clone()
-    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [
-        {"match": "lm_head", "method": "lowrank", "rank": 8}]}, (ids,), report=str(tmp_path / "r.json"))
+    lrcompile.rewrite(
+        m,
+        {"defaults": {"min_features": 0}, "rules": [{"match": "lm_head", "method": "lowrank", "rank": 8}]},
+        (ids,),
+        report=str(tmp_path / "r.json"),
+    )
     assert torch.equal(m.embed.weight, emb)
     row = {s["fqn"]: s for s in json.loads((tmp_path / "r.json").read_text())["sites"]}["lm_head"]
     assert row["status"] == "rewritten" and any("tie broken" in n for n in row["notes"])
@@ -109,8 +114,14 @@ def test_rule_matching_no_site_warns(toy):
 
 def test_adapter_rewrite_keeps_earlier_noble_bases_trainable(toy):
     m, ids = toy
-    lrcompile.rewrite(m, {"defaults": {"min_features": 0}, "rules": [
-        {"match": ["blocks.0.fc", "blocks.0"], "method": "noble", "rank": 4}]}, (ids,))
+    lrcompile.rewrite(
+        m,
+        {
+            "defaults": {"min_features": 0},
+            "rules": [{"match": ["blocks.0.fc", "blocks.0"], "method": "noble", "rank": 4}],
+        },
+        (ids,),
+    )
     noble_fc, noble_w = m.blocks[0].fc, m.blocks[0].lrcompile_w  # swapped in, attached beside F.linear
     assert noble_fc.name == noble_w.name == "noble"
     assert all(p.requires_grad for p in m.parameters())  # NOBLE alone freezes nothing
@@ -158,8 +169,15 @@ def test_graphs_shared_by_instances_are_rewritten_for_each_instance():
     m = Loop()
     x = torch.randn(3, 6)
     ref = m(x)
-    lrcompile.rewrite(m, {"defaults": {"min_features": 0, "guard": "off"},
-                          "rules": [{"match": "blocks.*", "method": "lowrank", "rank": 6}]}, (x,), progress=False)
+    lrcompile.rewrite(
+        m,
+        {
+            "defaults": {"min_features": 0, "guard": "off"},
+            "rules": [{"match": "blocks.*", "method": "lowrank", "rank": 6}],
+        },
+        (x,),
+        progress=False,
+    )
     rows = {r.fqn: r.status for r in m.lrcompile_report.sites()}
     assert rows == {f"blocks.{i}.{n}": "rewritten" for i in range(3) for n in "ab"}
     assert all(type(getattr(blk, n)).__name__ == "LowRank" for blk in m.blocks for n in "ab")

@@ -1,10 +1,11 @@
 """passes/rewrite.py on its own: the bias moved after the GEMMs for Inductor on CPU keeps the function."""
+
 import pytest
 import torch
+from conftest import all_lowrank, rel_err
 from torch import nn
 
 import lrcompile.backend as backend
-from conftest import all_lowrank, rel_err
 from lrcompile.passes.rewrite import add_bias_after_gemm
 
 

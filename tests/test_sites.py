@@ -1,4 +1,5 @@
 """Site discovery in Dynamo graphs: forms, names, nesting, tied weights, graph breaks, attention."""
+
 import math
 
 import pytest
@@ -26,7 +27,16 @@ def test_names_forms_and_nesting(toy):
     sites = sites_of(m, ids)
     lin = [s for s in sites if s.kind == "linear"]
     names = [s.fqn for s in lin]
-    assert names == ["blocks.0.fc", "blocks.0", "heads.shared", "blocks.1.fc", "blocks.1", "heads.shared", "v", "lm_head"]
+    assert names == [
+        "blocks.0.fc",
+        "blocks.0",
+        "heads.shared",
+        "blocks.1.fc",
+        "blocks.1",
+        "heads.shared",
+        "v",
+        "lm_head",
+    ]
     by = {s.fqn: s for s in lin}
     assert by["blocks.0.fc"].weight is m.blocks[0].fc.weight and by["blocks.0.fc"].bias is m.blocks[0].fc.bias
     assert by["blocks.0"].weight is m.blocks[0].w and by["blocks.0"].bias is None  # functional, bare parameter
@@ -59,7 +69,10 @@ def test_addmm_conv1d_and_matmul_forms():
     m = M()
     sites = [s for s in sites_of(m, torch.randn(2, 3, 6)) if s.kind == "linear"]
     assert [(s.fqn, s.form, s.in_features, s.out_features, s.transposed) for s in sites] == [
-        ("c", "addmm", 6, 10, True), ("p", "matmul", 10, 5, True), ("q", "matmul", 5, 4, False)]
+        ("c", "addmm", 6, 10, True),
+        ("p", "matmul", 10, 5, True),
+        ("q", "matmul", 5, 4, False),
+    ]
     assert torch.equal(sites[0].dense_weight, m.c.weight.T)
 
 
@@ -162,15 +175,22 @@ def test_weight_shared_marks_weights_the_graph_also_uses_elsewhere(toy):
     assert by["blocks.0"] == [False] and by["v"] == [False] and by["blocks.0.fc"] == [False]
 
 
-@pytest.mark.parametrize("expr, path", [
-    ("L['s']._modules['blk']._parameters['w']", "blk.w"),
-    ("L['self'].__dict__['_modules']['layers'][0]._modules['blocks']._parameters['weight']", "layers.0.blocks.weight"),
-    ("L['self'].encoder.layer[3].intermediate.dense.weight", "encoder.layer.3.intermediate.dense.weight"),
-    ("L['args'][0]._modules['model']._parameters['w']", "model.w"),
-    ("L['self']._parameters['v']", "v"),
-])
+@pytest.mark.parametrize(
+    "expr, path",
+    [
+        ("L['s']._modules['blk']._parameters['w']", "blk.w"),
+        (
+            "L['self'].__dict__['_modules']['layers'][0]._modules['blocks']._parameters['weight']",
+            "layers.0.blocks.weight",
+        ),
+        ("L['self'].encoder.layer[3].intermediate.dense.weight", "encoder.layer.3.intermediate.dense.weight"),
+        ("L['args'][0]._modules['model']._parameters['w']", "model.w"),
+        ("L['self']._parameters['v']", "v"),
+    ],
+)
 def test_source_paths_of_every_form(expr, path):
     """Swin-style `__dict__['_modules']` hops are containers, not path parts (they made false tied-weight notes)."""
+
     class Src:
         name = expr
 

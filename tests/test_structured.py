@@ -1,4 +1,5 @@
 """Structured families: Monarch, BTT, BLAST — math, projections, init, and the compile / rewrite paths."""
+
 import copy
 import dataclasses
 import math
@@ -6,21 +7,24 @@ import math
 import pytest
 import sympy
 import torch
+from conftest import compile_eager
 
 import lrcompile
-from conftest import compile_eager
 from lrcompile.errors import PolicyError
-from lrcompile.lifecycle.param_groups import param_groups
-from lrcompile.policy.rules import load_policy
 from lrcompile.families import FAMILIES
 from lrcompile.families.blast import CHECK, EXACT, ITERS, fit_blast
 from lrcompile.families.btt import even_split
+from lrcompile.lifecycle.param_groups import param_groups
+from lrcompile.policy.rules import load_policy
 
 D = torch.float64
 CFGS = {"monarch": {"blocks": 3}, "btt": {"rank": 2}, "blast": {"blocks": [3, 2], "rank": 4}}
 # non-power-of-two shapes; Monarch's include sizes that b does not divide (padding and slicing)
-SHAPES = {"monarch": [(30, 45), (20, 17), (45, 30)], "btt": [(30, 42), (24, 36), (42, 30)],
-          "blast": [(30, 42), (24, 36), (42, 30)]}
+SHAPES = {
+    "monarch": [(30, 45), (20, 17), (45, 30)],
+    "btt": [(30, 42), (24, 36), (42, 30)],
+    "blast": [(30, 42), (24, 36), (42, 30)],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +49,9 @@ def blockwise_reference(name, m):
     """The dense matrix assembled block by block with Python loops, independent of the module."""
     if name == "blast":
         U, V, s = m.U, m.V, m.s
-        rows = [torch.cat([U[i] @ torch.diag(s[i, j]) @ V[j].T for j in range(V.shape[0])], 1) for i in range(U.shape[0])]
+        rows = [
+            torch.cat([U[i] @ torch.diag(s[i, j]) @ V[j].T for j in range(V.shape[0])], 1) for i in range(U.shape[0])
+        ]
         return torch.cat(rows, 0)
     a1, a0, c0, t = m.W1.shape
     # sub-block (c₀, a₁) maps input block a₁ (a₀ features) to output block c₀ (c₁ features) through t channels
@@ -148,7 +154,7 @@ def test_blast_fit_recovers_members_and_never_loses_to_svd():
     fit2 = fit_blast(W, 3, 3, 4, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(fit[:3], fit2[:3]))
     # members: far below plain SVD with the same number of parameters (rank ⌊r(in+out+b₁b₂)/(in+out)⌋)
-    for (out_f, in_f, b1, b2, r) in [(42, 30, 3, 2, 5), (48, 48, 8, 8, 3)]:
+    for out_f, in_f, b1, b2, r in [(42, 30, 3, 2, 5), (48, 48, 8, 8, 3)]:
         W = blast_member(out_f, in_f, b1, b2, r, seed=1)
         err = float((W - blast_dense(fit_blast(W, b1, b2, r, progress=False))).norm() / W.norm())
         assert err < 0.25 * svd_error(W, equal_params_rank(in_f, out_f, b1, b2, r))
@@ -173,7 +179,11 @@ def test_blast_fit_stops_early():
 
 
 # --- activation-aware projection (init: whitened_svd) ---------------------------------------------------------
-WHITE = {"monarch": ((36, 45), {"blocks": 3}), "btt": ((36, 42), {"rank": 2}), "blast": ((36, 42), {"blocks": 3, "rank": 5})}
+WHITE = {
+    "monarch": ((36, 45), {"blocks": 3}),
+    "btt": ((36, 42), {"rank": 2}),
+    "blast": ((36, 42), {"blocks": 3, "rank": 5}),
+}
 
 
 def correlated_inputs(in_f, block, n=4000, cross=0.3, seed=0):
@@ -181,8 +191,9 @@ def correlated_inputs(in_f, block, n=4000, cross=0.3, seed=0):
     channels and weakly (`cross`) across blocks."""
     g = torch.Generator().manual_seed(seed)
     scales = torch.logspace(-1, 1, in_f, dtype=D)[torch.randperm(in_f, generator=g)]
-    mix = torch.block_diag(*[torch.randn(k, k, dtype=D, generator=g) for k in
-                             [min(block, in_f - j) for j in range(0, in_f, block)]])
+    mix = torch.block_diag(
+        *[torch.randn(k, k, dtype=D, generator=g) for k in [min(block, in_f - j) for j in range(0, in_f, block)]]
+    )
     mix = mix + cross * torch.randn(in_f, in_f, dtype=D, generator=g) / math.sqrt(in_f)
     return (torch.randn(n, in_f, dtype=D, generator=g) * scales) @ mix
 
@@ -199,7 +210,9 @@ def weighted(W, W_hat, X):
 
 
 def input_block(name, in_f, out_f, cfg):
-    return FAMILIES[name].geometry(in_f, out_f, cfg)[1] if name != "blast" else in_f // cfg.resolve(in_f, out_f).blocks[1]
+    return (
+        FAMILIES[name].geometry(in_f, out_f, cfg)[1] if name != "blast" else in_f // cfg.resolve(in_f, out_f).blocks[1]
+    )
 
 
 @pytest.mark.parametrize("name", list(WHITE))
@@ -237,13 +250,24 @@ def test_whitened_is_the_block_optimum_for_block_diagonal_statistics(name):
     Cp = torch.block_diag(*[p @ p.T for p in parts])  # padded coordinates: any positive block (W is 0 there)
     pad = torch.nn.functional.pad(W, (0, a1 * a0 - in_f, 0, c0 * c1 - out_f))
     blocks = pad.reshape(c0, c1, a1, a0).permute(0, 2, 1, 3)
-    tails = sum(float(torch.linalg.svdvals(blocks[i, j] @ torch.linalg.cholesky(Cp[j * a0:(j + 1) * a0, j * a0:(j + 1) * a0]))
-                      [t:].square().sum()) for i in range(c0) for j in range(a1))
+    tails = sum(
+        float(
+            torch.linalg.svdvals(
+                blocks[i, j] @ torch.linalg.cholesky(Cp[j * a0 : (j + 1) * a0, j * a0 : (j + 1) * a0])
+            )[t:]
+            .square()
+            .sum()
+        )
+        for i in range(c0)
+        for j in range(a1)
+    )
     got = float((((W - W_hat) @ C) * (W - W_hat)).sum())
     assert got == pytest.approx(tails, rel=1e-9)
 
 
-@pytest.mark.parametrize("name,opts", [("monarch", {"blocks": 1}), ("btt", {"rank": 6}), ("blast", {"blocks": 3, "rank": 36})])
+@pytest.mark.parametrize(
+    "name,opts", [("monarch", {"blocks": 1}), ("btt", {"rank": 6}), ("blast", {"blocks": 3, "rank": 36})]
+)
 def test_whitened_full_rank_is_exact_and_no_stats_falls_back(name, opts):
     in_f, out_f = 36, 42
     cls = FAMILIES[name]
@@ -263,8 +287,11 @@ def test_whitened_through_rewrite_with_calibration():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(36, 42))
     X = correlated_inputs(36, 12).float()
-    stats = lrcompile.calibrate(model, [X[i:i + 500] for i in range(0, 2000, 500)], progress=False)
-    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "btt", "rank": 2, "init": "whitened_svd"}]}
+    stats = lrcompile.calibrate(model, [X[i : i + 500] for i in range(0, 2000, 500)], progress=False)
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [{"match": "*", "method": "btt", "rank": 2, "init": "whitened_svd"}],
+    }
     W = model[0].weight.detach().double().clone()
     white = lrcompile.rewrite(copy.deepcopy(model), pol, (X[:4],), calibration=stats)
     with pytest.warns(UserWarning, match="btt init 'whitened_svd' has no calibration statistics"):
@@ -313,8 +340,10 @@ def test_bf16_forward_backward(name):
 MUP = {
     "monarch": ({"blocks": 4}, {"W1": ((24, 24), 0.2041241, 2.0), "W2": ((24, 30), 0.2041241, 2.0)}),
     "btt": ({"rank": 2}, {"W1": ((12, 20), 0.2886751, 4.0), "W2": ((16, 12), 0.2165064, 3.0)}),
-    "blast": ({"blocks": 4, "rank": 16}, {"V": ((24, 16), 0.1666667, 4 / 3), "s": ((4, 4), 0.5, 1.0),
-                                          "U": ((16, 30), 0.25, 2.0)}),
+    "blast": (
+        {"blocks": 4, "rank": 16},
+        {"V": ((24, 16), 0.1666667, 4 / 3), "s": ((4, 4), 0.5, 1.0), "U": ((16, 30), 0.25, 2.0)},
+    ),
 }
 
 
@@ -397,14 +426,23 @@ def test_shape_the_family_cannot_take_stays_dense(tmp_path):
     import json
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(31, 24), torch.nn.ReLU(), torch.nn.Linear(24, 36), torch.nn.ReLU(),
-                                torch.nn.Linear(36, 30))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(31, 24), torch.nn.ReLU(), torch.nn.Linear(24, 36), torch.nn.ReLU(), torch.nn.Linear(36, 30)
+    )
     x = torch.randn(3, 31)
     with torch.no_grad():
         ref = model(x)
-        out = compile_eager(model, {"defaults": {"min_features": 0}, "rules": [
-            {"match": "4", "method": "blast", "blocks": 4, "rank": 3},
-            {"match": "*", "method": "btt", "rank": 2}]}, report=str(tmp_path / "r.json"))(x)
+        out = compile_eager(
+            model,
+            {
+                "defaults": {"min_features": 0},
+                "rules": [
+                    {"match": "4", "method": "blast", "blocks": 4, "rank": 3},
+                    {"match": "*", "method": "btt", "rank": 2},
+                ],
+            },
+            report=str(tmp_path / "r.json"),
+        )(x)
         rows = {r["fqn"]: r for r in json.loads((tmp_path / "r.json").read_text())["sites"]}
         assert rows["0"]["status"] == "failed" and "in_features 31 is prime" in rows["0"]["reason"]
         assert rows["4"]["status"] == "failed"
@@ -428,14 +466,24 @@ POLICIES = {
 def gpt2(seed, n_layer=2):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=101, n_embd=72, n_layer=n_layer, n_head=4, n_positions=32,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        vocab_size=101,
+        n_embd=72,
+        n_layer=n_layer,
+        n_head=4,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def policy(name, **over):
-    return {"defaults": {"min_features": 0}, "rules": [
-        {"match": "lm_head", "method": "dense"}, {"match": "transformer.h.*", **POLICIES[name], **over}]}
+    return {
+        "defaults": {"min_features": 0},
+        "rules": [{"match": "lm_head", "method": "dense"}, {"match": "transformer.h.*", **POLICIES[name], **over}],
+    }
 
 
 def n_factors(name):
@@ -569,8 +617,15 @@ def test_btt_eager_row_tiles_match_one_pass(monkeypatch, in_f, out_f, t):
         tiled = btt.btt_matmul(x, w1, w2, bias, out_f)
     assert tiles == [16] * 12 + [9]
     assert tiled.shape == (3, 67, out_f) and torch.allclose(tiled, whole, atol=1e-5)
-    want = torch.einsum("nai,aict,cats->ncs", torch.nn.functional.pad(x.reshape(-1, in_f).double(), (0, a1 * a0 - in_f))
-                        .view(-1, a1, a0), w1.double(), w2.double()).reshape(201, -1)[:, :out_f] + bias.double()
+    want = (
+        torch.einsum(
+            "nai,aict,cats->ncs",
+            torch.nn.functional.pad(x.reshape(-1, in_f).double(), (0, a1 * a0 - in_f)).view(-1, a1, a0),
+            w1.double(),
+            w2.double(),
+        ).reshape(201, -1)[:, :out_f]
+        + bias.double()
+    )
     assert torch.allclose(tiled.reshape(201, -1).double(), want, atol=1e-4)
     tiles.clear()
     btt.btt_matmul(x.requires_grad_(), w1, w2, bias, out_f).sum().backward()

@@ -1,12 +1,13 @@
 """lrcompile.svd: the randomized truncated SVD is within 1% of the exact error, dispatch rules, determinism, and
 the algorithm reaching the report."""
+
 import json
 
 import pytest
 import torch
+from conftest import all_lowrank, compile_eager
 from torch import nn
 
-from conftest import all_lowrank, compile_eager
 from lrcompile.factorize import svd
 from lrcompile.families import lowrank
 
@@ -21,7 +22,7 @@ def with_spectrum(m, n, kind, seed=0):
     U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
     i = torch.arange(1, k + 1, dtype=torch.float64)
-    s = {"slow": i ** -0.5, "fast": 1.0 / i, "cliff": torch.linspace(1, 0.05, k) + 3.0 * (i <= 20)}[kind]
+    s = {"slow": i**-0.5, "fast": 1.0 / i, "cliff": torch.linspace(1, 0.05, k) + 3.0 * (i <= 20)}[kind]
     return ((U * s) @ V.T).float()
 
 

@@ -11,6 +11,7 @@ Nothing below reaches into lrcompile's tables: the family is found through what 
 candidates, linear_in_x, trains_base, budget_knob / budget_error). With those tables hard-coded again the toy
 loses its kernel (no fusion group), its tuner candidate, its budget and its base freezing, and these tests fail.
 """
+
 import copy
 import dataclasses
 import functools
@@ -20,16 +21,16 @@ from typing import ClassVar, Optional
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compile_eager, rel_err
 from torch import nn
 
 import lrcompile
-from conftest import compile_eager, rel_err
 from lrcompile.errors import PolicyError
+from lrcompile.families import FAMILIES, Candidate, MethodConfig, Structure, register, unregister
+from lrcompile.families.adapters.lora import Adapter
+from lrcompile.families.base import mark_owned
 from lrcompile.kernels import epilogue as epi
 from lrcompile.kernels.op import OPS, define
-from lrcompile.families import FAMILIES, Candidate, MethodConfig, Structure, register, unregister
-from lrcompile.families.base import mark_owned
-from lrcompile.families.adapters.lora import Adapter
 
 NAME = "kron"
 OP = "toy_kron"
@@ -249,7 +250,7 @@ def kron_weight(out_f, in_f, outer, sigmas, seed) -> torch.Tensor:
 
 
 SIGMA_A = [4.0, 3.0]  # exactly two terms, each worth more than any of b's
-SIGMA_B = [0.7 ** k for k in range(16)]
+SIGMA_B = [0.7**k for k in range(16)]
 
 
 class Two(nn.Module):
@@ -269,6 +270,7 @@ class Two(nn.Module):
 
 def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's function in float64 with every toy site as its dense matrix (torch.kron, not the forward)."""
+
     def lin(m, h):
         w = m.to_dense() if isinstance(m, Kron) else m.weight
         return F.linear(h, w.double(), None if m.bias is None else m.bias.double())
@@ -303,9 +305,11 @@ def test_the_views_list_the_toy_from_its_declarations():
 
 
 def test_a_declaration_that_cannot_work_is_refused_at_registration():
-    for attrs, msg in (({"budget_knob": "termz"}, "budget_knob 'termz' is not a field of KronConfig"),
-                       ({"candidates": (kron_two_step,)}, "candidates must be a tuple of Candidate"),
-                       ({"kernel": ""}, "kernel must be an op name")):
+    for attrs, msg in (
+        ({"budget_knob": "termz"}, "budget_knob 'termz' is not a field of KronConfig"),
+        ({"candidates": (kron_two_step,)}, "candidates must be a tuple of Candidate"),
+        ({"kernel": ""}, "kernel must be an op name"),
+    ):
         bad = type("Bad", (Kron,), {"name": "kron_bad", **attrs})
         with pytest.raises(TypeError, match=msg):
             register(bad)
@@ -327,11 +331,13 @@ def test_functional_and_candidate_match_the_float64_kronecker_reference():
 def test_policy_validates_the_toy_options():
     pol = lrcompile.load_policy("rules:\n  - match: '*'\n    method: kron\n    terms: 3\n    outer: [4, 2]\n")
     assert pol.rules[0].config == KronConfig(terms=3, outer=[4, 2])
-    cases = [("    termz: 3\n", "unknown option 'termz' for method 'kron' (did you mean 'terms'?)"),
-             ("    terms: 0\n", "kron terms must be an int >= 1, got 0"),
-             ("    terms: 2\n    outer: [4]\n", "kron outer must be a pair"),
-             ("    init: random\n    terms: 2\n", "init must be one of svd"),
-             ("", "method 'kron' needs a 'terms' unless the policy sets a budget")]
+    cases = [
+        ("    termz: 3\n", "unknown option 'termz' for method 'kron' (did you mean 'terms'?)"),
+        ("    terms: 0\n", "kron terms must be an int >= 1, got 0"),
+        ("    terms: 2\n    outer: [4]\n", "kron outer must be a pair"),
+        ("    init: random\n    terms: 2\n", "init must be one of svd"),
+        ("", "method 'kron' needs a 'terms' unless the policy sets a budget"),
+    ]
     for extra, msg in cases:
         with pytest.raises(PolicyError, match=r"^<policy>:\d+: rule 1") as e:
             lrcompile.load_policy("rules:\n  - match: '*'\n    method: kron\n" + extra)
@@ -441,8 +447,11 @@ def test_tuner_times_the_toy_candidates_and_fusion_follows_its_traits(tmp_path, 
         assert g.steps[:2] == ["add_row", "gelu"]
         assert (g.alpha, len(g.prologue)) == ((0.5, 1) if linear else (1.0, 0))
         (gm,) = lowered
-        assert [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target is not getattr(
-            torch.ops.lrcompile, OP).default].count(kron_two_step) == 0  # the site went into the group
+        assert [
+            n.target
+            for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is not getattr(torch.ops.lrcompile, OP).default
+        ].count(kron_two_step) == 0  # the site went into the group
         assert sum(n.target is getattr(torch.ops.lrcompile, OP).default for n in gm.graph.nodes) == 1
         if runtime.use_triton(x):  # its launcher ran (else: the op's torch reference)
             assert LAUNCHES == [("add_row", "gelu")]
@@ -454,8 +463,10 @@ def test_tuner_times_the_toy_candidates_and_fusion_follows_its_traits(tmp_path, 
 def test_an_adapter_declares_whether_its_base_trains(monkeypatch):
     """`trains_base` decides `Policy.has_adapters` and which base weights `rewrite` leaves trainable, also next
     to a LoRA rule (which freezes what the model had)."""
-    alone = {"defaults": {"min_features": 0},
-             "rules": [{"match": "a", "method": "kron_delta", "terms": 2, "outer": [4, 4]}]}
+    alone = {
+        "defaults": {"min_features": 0},
+        "rules": [{"match": "a", "method": "kron_delta", "terms": 2, "outer": [4, 4]}],
+    }
     with_lora = {**alone, "rules": alone["rules"] + [{"match": "b", "method": "lora", "rank": 2}]}
     x = torch.randn(3, 16)
     for trains in (False, True):

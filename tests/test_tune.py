@@ -1,5 +1,6 @@
 """The autotuner: choices by measurement, the persistent cache (warm, corrupt, concurrent), the `guard: dense`
 contract, the report, and the `warmup` / `cache` commands."""
+
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import all_lowrank, compile_eager
 from torch import nn
 
 import lrcompile.backend as backend
@@ -16,7 +18,6 @@ from lrcompile.cli import main
 from lrcompile.tune import cache, shapelog, timing
 from lrcompile.tune.candidates import DENSE, EXTRA, REFERENCE, Candidate, candidates_for, implementation
 from lrcompile.tune.select import bucket, measure, pick, spec_for
-from conftest import all_lowrank, compile_eager
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,13 +73,17 @@ def test_chosen_implementation_is_what_the_graph_runs(monkeypatch, tmp_path):
     """A cache entry that makes `pretransposed` fastest: the rewrite emits it, the report says so, numbers hold."""
     m, x = mlp(), torch.randn(4, 16, 64)
     for lin in (m[0], m[2]):
-        spec = spec_for("lowrank", _cfg(lin, 10_000), lin.in_features, lin.out_features, True, 64, torch.float32,
-                        "cpu", False)
+        spec = spec_for(
+            "lowrank", _cfg(lin, 10_000), lin.in_features, lin.out_features, True, 64, torch.float32, "cpu", False
+        )
         cache.store({spec.key(): {"ms": {REFERENCE: 3.0, "addmm": 2.0, "pretransposed": 1.0, DENSE: 9.0}}})
     emitted = []
     real = backend.rewrite_graph
-    monkeypatch.setattr(backend, "rewrite_graph",
-                        lambda gm, chosen, **kw: emitted.extend(c[2] for c in chosen) or real(gm, chosen, **kw))
+    monkeypatch.setattr(
+        backend,
+        "rewrite_graph",
+        lambda gm, chosen, **kw: emitted.extend(c[2] for c in chosen) or real(gm, chosen, **kw),
+    )
     before = timing.RUNS
     with torch.no_grad():
         ref = mlp()(x)
@@ -104,8 +109,13 @@ def test_corrupt_cache_is_set_aside_and_rebuilt(damage):
         compile_eager(mlp(), all_lowrank(8))(x)
     f = cache_file()
     text = f.read_text()
-    f.write_text({"truncated": text[: len(text) // 2], "garbage": "\x00\xff not json",
-                  "wrong-schema": json.dumps({"format": 1, "entries": {"k": {"ms": "fast"}}})}[damage])
+    f.write_text(
+        {
+            "truncated": text[: len(text) // 2],
+            "garbage": "\x00\xff not json",
+            "wrong-schema": json.dumps({"format": 1, "entries": {"k": {"ms": "fast"}}}),
+        }[damage]
+    )
     torch._dynamo.reset()
     before = timing.RUNS
     with pytest.warns(UserWarning, match="autotune cache .* is corrupt; moved to .*corrupt and rebuilding"):
@@ -135,8 +145,12 @@ for i in range(60):
 def test_two_processes_writing_at_once_keep_the_union(tmp_path):
     go = tmp_path / "go"
     env = dict(os.environ)
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, name, str(go), str(ROOT)], env=env, stderr=subprocess.PIPE, text=True)
-             for name in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, name, str(go), str(ROOT)], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for name in ("a", "b")
+    ]
     deadline = time.time() + 120
     while not all((tmp_path / f"go.{n}").exists() for n in "ab") and time.time() < deadline:
         time.sleep(0.01)
@@ -188,16 +202,19 @@ def test_pick_honours_the_guard_and_the_noise_margin():
     entry = {"ms": {REFERENCE: 2.0, "addmm": 1.97, DENSE: 1.0}}
     assert pick(entry, dense_why=None)[0] == REFERENCE  # 1.5 % faster is noise: the reference stays
     assert "slower than the dense layer" in pick(entry, dense_why=None)[1]
-    assert pick(entry, dense_why="guard: dense") == (DENSE, "guard: dense: the original layer is faster "
-                                                     "(dense 1 ms, addmm 1.97 ms, functional 2 ms)")
+    assert pick(entry, dense_why="guard: dense") == (
+        DENSE,
+        "guard: dense: the original layer is faster (dense 1 ms, addmm 1.97 ms, functional 2 ms)",
+    )
     assert pick({"ms": {REFERENCE: 2.0, "addmm": 1.5, DENSE: 1.45}}, dense_why="x")[0] == "addmm"  # within margin
 
 
 def test_rule_level_guard_and_adapters_never_fall_back():
     from lrcompile.policy.rules import load_policy
 
-    p = load_policy({"rules": [{"match": "a", "method": "lowrank", "rank": 4, "guard": "dense"},
-                               {"match": "*", "method": "lora"}]})
+    p = load_policy(
+        {"rules": [{"match": "a", "method": "lowrank", "rank": 4, "guard": "dense"}, {"match": "*", "method": "lora"}]}
+    )
     assert p.rules[0].guard == "dense" and p.rules[1].guard is None and p.defaults.guard is None
     assert DENSE not in [c.name for c in candidates_for("lora", 3, "cpu", grad=False)]
 
@@ -218,8 +235,10 @@ def test_adapters_tune_merged_in_inference_and_skip_timing_in_training(tmp_path)
     before = timing.RUNS
     compile_eager(m, lora, report=str(tmp_path / "train.json"))(x)  # gradients on: merged is no candidate
     assert timing.RUNS == before
-    assert all(r["impl"] == REFERENCE and "only implementation" in r["notes"][-1]
-               for r in report_rows(tmp_path / "train.json").values())
+    assert all(
+        r["impl"] == REFERENCE and "only implementation" in r["notes"][-1]
+        for r in report_rows(tmp_path / "train.json").values()
+    )
     with torch.no_grad():
         for lin in (m[0], m[2]):
             lin.lrcompile.lora_B.normal_()  # a non-zero branch, so that merged vs unmerged is a real comparison
@@ -235,8 +254,9 @@ def test_adapters_tune_merged_in_inference_and_skip_timing_in_training(tmp_path)
     assert ((out - ref).norm() / ref.norm()) < 1e-5
 
 
-@pytest.mark.parametrize("family,cfg", [("lowrank", {"rank": 6}), ("lora", {"rank": 4}), ("dora", {"rank": 4}),
-                                        ("vera", {"rank": 4})])
+@pytest.mark.parametrize(
+    "family,cfg", [("lowrank", {"rank": 6}), ("lora", {"rank": 4}), ("dora", {"rank": 4}), ("vera", {"rank": 4})]
+)
 def test_every_lossless_candidate_passes_the_gate(family, cfg):
     from lrcompile.families import FAMILIES
 
@@ -289,8 +309,22 @@ def test_tune_false_skips_timing_but_logs_shapes(tmp_path):
 
 
 def test_cli_warmup_and_cache_commands(tmp_path, capsys):
-    assert main(["warmup", "--policy", json.dumps(all_lowrank(8)), "--model", "test_tune:small_model",
-                 "--shapes", "4x16,1x8", "--budget", "0.05"]) == 0
+    assert (
+        main(
+            [
+                "warmup",
+                "--policy",
+                json.dumps(all_lowrank(8)),
+                "--model",
+                "test_tune:small_model",
+                "--shapes",
+                "4x16,1x8",
+                "--budget",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     assert "4 shapes from test_tune:small_model: 4 measured" in capsys.readouterr().out
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out
@@ -328,8 +362,12 @@ def test_chosen_implementations_survive_inductor():
         torch._dynamo.reset()
         cache.clear()
         for d_in, d_out in ((64, 96), (96, 64)):
-            spec = spec_for("lowrank", _cfg(nn.Linear(d_in, d_out), 8), d_in, d_out, True, 64, torch.float32, "cpu", False)
-            cache.store({spec.key(): {"ms": {REFERENCE: 3.0, "addmm": 3.0, "pretransposed": 3.0, impl: 1.0, DENSE: 9.0}}})
+            spec = spec_for(
+                "lowrank", _cfg(nn.Linear(d_in, d_out), 8), d_in, d_out, True, 64, torch.float32, "cpu", False
+            )
+            cache.store(
+                {spec.key(): {"ms": {REFERENCE: 3.0, "addmm": 3.0, "pretransposed": 3.0, impl: 1.0, DENSE: 9.0}}}
+            )
         m = mlp()
         with torch.no_grad():
             eager = compile_eager(mlp(), all_lowrank(8), tune=False)(x)
@@ -356,8 +394,9 @@ def test_dynamic_sizes_tune_once_per_token_bucket(tmp_path):
 
     def counting(gm, inputs):
         calls.append(any(isinstance(i, torch.SymInt) for i in inputs))
-        return lrcompile_backend(gm, inputs, options={"policy": all_lowrank(8), "inductor": False,
-                                                       "report": str(tmp_path / "r.json")})
+        return lrcompile_backend(
+            gm, inputs, options={"policy": all_lowrank(8), "inductor": False, "report": str(tmp_path / "r.json")}
+        )
 
     c = torch.compile(mlp(), backend=counting)
     before = timing.RUNS
@@ -388,8 +427,15 @@ def test_a_shape_log_line_left_without_newline_does_not_swallow_the_next():
     assert shapelog.read() == [spec.as_dict()]
 
 
-@pytest.mark.parametrize("rank, guard, why", [(128, None, None), (256, None, "the rewrite is exact and saves nothing here"),
-                                              (64, "dense", "guard: dense"), (256, "off", None)])
+@pytest.mark.parametrize(
+    "rank, guard, why",
+    [
+        (128, None, None),
+        (256, None, "the rewrite is exact and saves nothing here"),
+        (64, "dense", "guard: dense"),
+        (256, "off", None),
+    ],
+)
 def test_when_the_dense_layer_may_be_chosen(monkeypatch, rank, guard, why):
     """By default dense is a choice only where the rewrite is exact (full rank 256 on 256×256) — not at rank 128,
     which holds as many parameters but is lossy (a lossy fallback only when asked); `guard: dense` allows it
@@ -414,8 +460,9 @@ def test_a_cached_entry_naming_an_unknown_implementation_is_ignored(tmp_path):
     """An imported cache from other code names an implementation this code lacks: the rest of the entry decides."""
     m, x = mlp(), torch.randn(4, 16, 64)
     for lin in (m[0], m[2]):
-        spec = spec_for("lowrank", _cfg(lin, 8), lin.in_features, lin.out_features, True, 64, torch.float32,
-                        "cpu", False)
+        spec = spec_for(
+            "lowrank", _cfg(lin, 8), lin.in_features, lin.out_features, True, 64, torch.float32, "cpu", False
+        )
         cache.store({spec.key(): {"ms": {REFERENCE: 3.0, "warp_speed": 0.1, "addmm": 2.0, DENSE: 9.0}}})
     with torch.no_grad():
         compile_eager(m, all_lowrank(8), report=str(tmp_path / "r.json"))(x)
@@ -442,7 +489,11 @@ def test_timings_taken_under_a_burst_of_load_are_not_cached(monkeypatch, tmp_pat
 def test_cache_list_survives_fields_of_the_wrong_type(capsys):
     from lrcompile.cli import main
 
-    cache.store({"lowrank|x": {"ms": {REFERENCE: 1.0, "addmm": 0.5}, "spec": ["not", "a", "dict"], "env": [1]},
-                 "lowrank|y": {"ms": {REFERENCE: 1.0}, "spec": {"family": ["l"], "in_features": {"a": 1}}}})
+    cache.store(
+        {
+            "lowrank|x": {"ms": {REFERENCE: 1.0, "addmm": 0.5}, "spec": ["not", "a", "dict"], "env": [1]},
+            "lowrank|y": {"ms": {REFERENCE: 1.0}, "spec": {"family": ["l"], "in_features": {"a": 1}}},
+        }
+    )
     assert main(["cache", "list"]) == 0
     assert "2 entries" in capsys.readouterr().out

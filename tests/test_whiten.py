@@ -1,4 +1,5 @@
 """Activation-aware factorisation (lrcompile.whiten and lowrank's whitened_svd / asvd / compensate)."""
+
 import pytest
 import torch
 
@@ -8,7 +9,9 @@ from lrcompile.families.lowrank import LowRank, LowRankConfig
 
 
 def stats_of(x: torch.Tensor) -> SiteStats:
-    s = SiteStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64), 0)
+    s = SiteStats(
+        torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64), 0
+    )
     s.add(x)
     return s
 
@@ -121,7 +124,9 @@ def test_cross_moment_fits_original_outputs_from_compressed_inputs():
     g = torch.Generator().manual_seed(5)
     W = torch.randn(20, 16, generator=g, dtype=torch.float64)
     x = correlated(400, 16, seed=1)  # the dense model's inputs at this site
-    xt = x + 0.3 * torch.randn(400, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    xt = x + 0.3 * torch.randn(400, 16, generator=g, dtype=torch.float64) @ torch.randn(
+        16, 16, generator=g, dtype=torch.float64
+    )
     st = stats_of(xt)  # inputs the compressed model feeds it, with the cross moment Σ xᵀ x̃
     st.cross = x.T @ xt
 
@@ -163,7 +168,9 @@ def test_compensate_warns_when_redundant_or_without_statistics():
 
 def test_factors_are_balanced():
     W = torch.randn(30, 20, dtype=torch.float64)
-    m = LowRank.from_dense(W, None, LowRankConfig(rank=6, init="whitened_svd", compensate=True), stats_of(correlated(300, 20)))
+    m = LowRank.from_dense(
+        W, None, LowRankConfig(rank=6, init="whitened_svd", compensate=True), stats_of(correlated(300, 20))
+    )
     torch.testing.assert_close(torch.linalg.vector_norm(m.U, dim=0), torch.linalg.vector_norm(m.V, dim=1))
 
 
@@ -190,7 +197,9 @@ def test_lowrank_passes_the_site_statistics_whole():
     g = torch.Generator().manual_seed(7)
     W = torch.randn(20, 16, generator=g, dtype=torch.float64)
     x = correlated(300, 16, seed=2)
-    xt = x + 0.3 * torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    xt = x + 0.3 * torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(
+        16, 16, generator=g, dtype=torch.float64
+    )
     st = stats_of(xt)
     st.cross = x.T @ xt
     target = lambda What: float(torch.linalg.norm(xt @ What.detach().T - x @ W.T))  # noqa: E731
@@ -241,6 +250,9 @@ def test_compensate_without_statistics_warns_naming_the_site():
         def forward(self, x):
             return F.relu(self.fc(x))
 
-    pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 3, "compensate": True}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "rules": [{"match": "*", "method": "lowrank", "rank": 3, "compensate": True}],
+    }
     with pytest.warns(UserWarning, match=r"site 'fc'.*compensate: true has no calibration statistics"):
         lrcompile.rewrite(M(), pol, (torch.randn(2, 10),), progress=False)

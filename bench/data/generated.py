@@ -6,53 +6,247 @@ makes n distinct, grammatical, varied English sentences (statements, questions, 
 code and science talk) with a seeded RNG, so the corpus is the same on every machine. bench/data/text.py's
 held-out sentences are never produced (checked in `calibration_corpus`).
 """
+
 from __future__ import annotations
 
 import random
 
-PEOPLE = ["my sister", "the old fisherman", "our neighbour", "a young doctor", "the new manager", "my grandfather",
-          "the shy student", "a local farmer", "the head chef", "our landlord", "the bus driver", "a retired pilot",
-          "the mayor", "my best friend", "the night nurse", "a tired engineer", "the museum guide", "Anna", "Tomás",
-          "Priya", "Mr Okafor", "Dr Lindqvist", "the twins", "the coach", "a street musician", "the librarian"]
-PLACES = ["the harbour", "the mountain village", "the train station", "the city library", "the corner shop",
-          "the hospital", "the airport", "the riverbank", "the school gym", "the night market", "the old castle",
-          "the office kitchen", "the campsite", "the concert hall", "the laboratory", "the football stadium",
-          "the bakery", "the post office", "the greenhouse", "the parking garage", "Lisbon", "Nairobi", "Osaka",
-          "the Scottish Highlands", "the desert highway", "a quiet suburb"]
-TIMES = ["yesterday", "last winter", "every Sunday", "before dawn", "after lunch", "on Friday evening",
-         "during the storm", "in the spring", "at midnight", "twice a week", "three years ago", "this morning",
-         "over the holidays", "by the end of the month", "during the power cut", "right after the meeting"]
-OBJECTS = ["a wooden chair", "the broken bicycle", "an old photograph", "a bag of oranges", "the heavy suitcase",
-           "a handwritten letter", "the spare key", "a pot of soup", "the laptop charger", "a box of books",
-           "the garden hose", "a cracked mirror", "the tax forms", "a loaf of rye bread", "the first-aid kit",
-           "a pair of hiking boots", "the violin", "a jar of honey", "the weather report", "a paper map"]
-VERBS_PAST = ["repaired", "found", "carried", "sold", "painted", "forgot", "borrowed", "returned", "opened",
-              "wrapped", "cleaned", "measured", "photographed", "delivered", "hid", "dropped", "ordered", "checked"]
-FEELINGS = ["relieved", "nervous", "delighted", "exhausted", "curious", "annoyed", "proud", "confused",
-            "grateful", "surprised", "homesick", "calm"]
-TOPICS = ["climate change", "the local election", "a new vaccine", "quantum computing", "the housing shortage",
-          "renewable energy", "the history of printing", "ocean currents", "childhood nutrition",
-          "the price of coffee", "urban gardening", "ancient Rome", "deep learning", "volcanic islands",
-          "public transport", "sleep and memory", "the stock market", "bird migration", "medieval music",
-          "water purification"]
-ANIMALS = ["the fox", "a stray dog", "the owl", "a herd of goats", "the dolphins", "a tiny spider", "the horse",
-           "two crows", "the tortoise", "a swarm of bees", "the kitten", "the wolves"]
-FOODS = ["lentil soup", "grilled fish", "a lemon tart", "spicy noodles", "roast vegetables", "fresh pasta",
-         "a cheese omelette", "mango chutney", "rice pudding", "garlic bread", "a bean stew", "apple crumble"]
-ADJ = ["quiet", "crowded", "bright", "narrow", "ancient", "muddy", "modern", "chilly", "noisy", "peaceful",
-       "expensive", "colourful", "empty", "slippery", "enormous", "cosy"]
-CODE = ["the parser", "the cache layer", "this unit test", "the login service", "the sorting routine",
-        "the build script", "the database migration", "the API endpoint", "the memory allocator",
-        "the retry loop", "the config loader", "the image resizer"]
-BUGS = ["throws an exception on empty input", "leaks memory under load", "returns stale results",
-        "times out after thirty seconds", "fails when the path contains spaces", "rounds prices incorrectly",
-        "deadlocks when two requests arrive at once", "ignores the timezone", "crashes on Unicode names",
-        "writes the log twice"]
-SCI = ["Light bends when it passes from air into water", "Enzymes speed up chemical reactions in the body",
-       "Glaciers carve deep valleys as they move", "Plants release oxygen as a by-product of photosynthesis",
-       "Sound travels faster through steel than through air", "The moon's gravity drives the ocean tides",
-       "Bacteria can exchange genes with one another", "Hot air rises because it is less dense",
-       "Salt lowers the freezing point of water", "Earthquakes release energy stored in the crust"]
+PEOPLE = [
+    "my sister",
+    "the old fisherman",
+    "our neighbour",
+    "a young doctor",
+    "the new manager",
+    "my grandfather",
+    "the shy student",
+    "a local farmer",
+    "the head chef",
+    "our landlord",
+    "the bus driver",
+    "a retired pilot",
+    "the mayor",
+    "my best friend",
+    "the night nurse",
+    "a tired engineer",
+    "the museum guide",
+    "Anna",
+    "Tomás",
+    "Priya",
+    "Mr Okafor",
+    "Dr Lindqvist",
+    "the twins",
+    "the coach",
+    "a street musician",
+    "the librarian",
+]
+PLACES = [
+    "the harbour",
+    "the mountain village",
+    "the train station",
+    "the city library",
+    "the corner shop",
+    "the hospital",
+    "the airport",
+    "the riverbank",
+    "the school gym",
+    "the night market",
+    "the old castle",
+    "the office kitchen",
+    "the campsite",
+    "the concert hall",
+    "the laboratory",
+    "the football stadium",
+    "the bakery",
+    "the post office",
+    "the greenhouse",
+    "the parking garage",
+    "Lisbon",
+    "Nairobi",
+    "Osaka",
+    "the Scottish Highlands",
+    "the desert highway",
+    "a quiet suburb",
+]
+TIMES = [
+    "yesterday",
+    "last winter",
+    "every Sunday",
+    "before dawn",
+    "after lunch",
+    "on Friday evening",
+    "during the storm",
+    "in the spring",
+    "at midnight",
+    "twice a week",
+    "three years ago",
+    "this morning",
+    "over the holidays",
+    "by the end of the month",
+    "during the power cut",
+    "right after the meeting",
+]
+OBJECTS = [
+    "a wooden chair",
+    "the broken bicycle",
+    "an old photograph",
+    "a bag of oranges",
+    "the heavy suitcase",
+    "a handwritten letter",
+    "the spare key",
+    "a pot of soup",
+    "the laptop charger",
+    "a box of books",
+    "the garden hose",
+    "a cracked mirror",
+    "the tax forms",
+    "a loaf of rye bread",
+    "the first-aid kit",
+    "a pair of hiking boots",
+    "the violin",
+    "a jar of honey",
+    "the weather report",
+    "a paper map",
+]
+VERBS_PAST = [
+    "repaired",
+    "found",
+    "carried",
+    "sold",
+    "painted",
+    "forgot",
+    "borrowed",
+    "returned",
+    "opened",
+    "wrapped",
+    "cleaned",
+    "measured",
+    "photographed",
+    "delivered",
+    "hid",
+    "dropped",
+    "ordered",
+    "checked",
+]
+FEELINGS = [
+    "relieved",
+    "nervous",
+    "delighted",
+    "exhausted",
+    "curious",
+    "annoyed",
+    "proud",
+    "confused",
+    "grateful",
+    "surprised",
+    "homesick",
+    "calm",
+]
+TOPICS = [
+    "climate change",
+    "the local election",
+    "a new vaccine",
+    "quantum computing",
+    "the housing shortage",
+    "renewable energy",
+    "the history of printing",
+    "ocean currents",
+    "childhood nutrition",
+    "the price of coffee",
+    "urban gardening",
+    "ancient Rome",
+    "deep learning",
+    "volcanic islands",
+    "public transport",
+    "sleep and memory",
+    "the stock market",
+    "bird migration",
+    "medieval music",
+    "water purification",
+]
+ANIMALS = [
+    "the fox",
+    "a stray dog",
+    "the owl",
+    "a herd of goats",
+    "the dolphins",
+    "a tiny spider",
+    "the horse",
+    "two crows",
+    "the tortoise",
+    "a swarm of bees",
+    "the kitten",
+    "the wolves",
+]
+FOODS = [
+    "lentil soup",
+    "grilled fish",
+    "a lemon tart",
+    "spicy noodles",
+    "roast vegetables",
+    "fresh pasta",
+    "a cheese omelette",
+    "mango chutney",
+    "rice pudding",
+    "garlic bread",
+    "a bean stew",
+    "apple crumble",
+]
+ADJ = [
+    "quiet",
+    "crowded",
+    "bright",
+    "narrow",
+    "ancient",
+    "muddy",
+    "modern",
+    "chilly",
+    "noisy",
+    "peaceful",
+    "expensive",
+    "colourful",
+    "empty",
+    "slippery",
+    "enormous",
+    "cosy",
+]
+CODE = [
+    "the parser",
+    "the cache layer",
+    "this unit test",
+    "the login service",
+    "the sorting routine",
+    "the build script",
+    "the database migration",
+    "the API endpoint",
+    "the memory allocator",
+    "the retry loop",
+    "the config loader",
+    "the image resizer",
+]
+BUGS = [
+    "throws an exception on empty input",
+    "leaks memory under load",
+    "returns stale results",
+    "times out after thirty seconds",
+    "fails when the path contains spaces",
+    "rounds prices incorrectly",
+    "deadlocks when two requests arrive at once",
+    "ignores the timezone",
+    "crashes on Unicode names",
+    "writes the log twice",
+]
+SCI = [
+    "Light bends when it passes from air into water",
+    "Enzymes speed up chemical reactions in the body",
+    "Glaciers carve deep valleys as they move",
+    "Plants release oxygen as a by-product of photosynthesis",
+    "Sound travels faster through steel than through air",
+    "The moon's gravity drives the ocean tides",
+    "Bacteria can exchange genes with one another",
+    "Hot air rises because it is less dense",
+    "Salt lowers the freezing point of water",
+    "Earthquakes release energy stored in the crust",
+]
 
 TEMPLATES = [
     "{P} {V} {O} at {L} {T}.",
@@ -92,9 +286,24 @@ def _fill(rng: random.Random, t: str) -> str:
     pick = rng.choice
     p, p2 = rng.sample(PEOPLE, 2)
     a, a2 = rng.sample(ADJ, 2)
-    vals = dict(p=p, p2=p2, l=pick(PLACES), t=pick(TIMES), o=pick(OBJECTS), V=pick(VERBS_PAST), F=pick(FEELINGS),
-                a=a, a2=a2, X=pick(TOPICS), z=pick(ANIMALS), d=pick(FOODS), c=pick(CODE), B=pick(BUGS),
-                S=pick(SCI), N=str(rng.choice([2, 3, 5, 7, 12, 15, 20, 30, 45, 60, 90, 120, 250])))
+    vals = dict(
+        p=p,
+        p2=p2,
+        l=pick(PLACES),
+        t=pick(TIMES),
+        o=pick(OBJECTS),
+        V=pick(VERBS_PAST),
+        F=pick(FEELINGS),
+        a=a,
+        a2=a2,
+        X=pick(TOPICS),
+        z=pick(ANIMALS),
+        d=pick(FOODS),
+        c=pick(CODE),
+        B=pick(BUGS),
+        S=pick(SCI),
+        N=str(rng.choice([2, 3, 5, 7, 12, 15, 20, 30, 45, 60, 90, 120, 250])),
+    )
     vals["x"] = vals["X"]
     for k in ("p", "l", "t", "o", "a", "x", "z", "d", "c"):
         v = vals[k]
@@ -139,7 +348,7 @@ def augment(sentences: list[str], n: int, vocab: list[str] = (), p: float = 0.2,
     while len(out) < n:
         a, b = rng.choice(base).split(), rng.choice(base).split()
         if rng.random() < 0.5 and len(a) > 3 and len(b) > 3:
-            a = a[:rng.randint(2, len(a) - 1)] + b[rng.randint(1, len(b) - 2):]
+            a = a[: rng.randint(2, len(a) - 1)] + b[rng.randint(1, len(b) - 2) :]
         words = [rng.choice(pool) if rng.random() < p else w for w in a]
         s = " ".join(words)
         s = s[0].upper() + s[1:]

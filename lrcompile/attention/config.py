@@ -11,6 +11,7 @@
 above min(in, out_total) it is full rank), a float f in (0, 1] gives ⌊f·in·out_total/(in+out_total)⌋. The
 options of a `structure` are the family's, read as over a linear in → out_total.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -3,6 +3,7 @@
 Through views, transposes, RoPE, KV-cache concatenation and GPT-2's split of a fused c_attn, to the first
 linear site on each path (with the rows it contributes when the path went through a split of the last dim).
 """
+
 from __future__ import annotations
 
 import operator
@@ -11,9 +12,9 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..capture.sites import SDPA_TARGETS, Site, _through
 from ..compat import example_value
 from ..passes.projection import Part
-from ..capture.sites import SDPA_TARGETS, Site, _through
 
 _WALK_LIMIT = 400  # nodes visited per operand before giving up (a projection is a few ops away)
 
@@ -48,7 +49,10 @@ def _split_rows(node: fx.Node) -> Optional[tuple[fx.Node, tuple[int, int]]]:
     if not isinstance(src, fx.Node) or src.target not in ("split", "chunk", torch.split, torch.chunk):
         return None
     y = src.args[0]
-    size, dim = _arg(src, 1, "split_size_or_sections" if src.target in ("split", torch.split) else "chunks"), _arg(src, 2, "dim")
+    size, dim = (
+        _arg(src, 1, "split_size_or_sections" if src.target in ("split", torch.split) else "chunks"),
+        _arg(src, 2, "dim"),
+    )
     val = _val(y)
     if val is None or not isinstance(dim, int) or dim % val.ndim != val.ndim - 1:
         return None

@@ -4,6 +4,7 @@ New factors are an `AttnFactors` attached to the attention module (`self_attn.lr
 a `SharedBasis` (fused_qkv with `rank`, shared_kv) or a `StackedStructure` (fused_qkv with `structure`: a linear
 family over the stacked weight). They are parameters of the model, found again by a recompile or another graph.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -13,11 +14,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import fresh
-from ..runtime.attach import Placement, arg_index
-from ..passes.projection import Part
 from ..families.base import Owner, mark_owned
 from ..families.lowrank import truncated_svd
+from ..passes.projection import Part
+from ..runtime import fresh
+from ..runtime.attach import Placement, arg_index
 
 
 class AttnFactors(Owner):
@@ -157,8 +158,9 @@ class AttnFeed:
     linear site's Feed does. Under FSDP2 weights and factors are all-gathered together before each forward, so
     both stamps move and nothing is refit."""
 
-    def __init__(self, struct: AttnFactors, parts: list[Part], owner: Optional[nn.Module] = None,
-                 child: Optional[str] = None):
+    def __init__(
+        self, struct: AttnFactors, parts: list[Part], owner: Optional[nn.Module] = None, child: Optional[str] = None
+    ):
         self.struct = struct
         self.placement = Placement(owner, child)
         self.sources = [(s.weight, s.transposed, ab) for s, ab in parts]

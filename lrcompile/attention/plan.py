@@ -12,6 +12,7 @@ a `SharedBasis` (fused_qkv with `rank`, shared_kv) or a `StackedStructure` (fuse
 family over the stacked weight). They are parameters of the model, found again by a recompile or another graph,
 and `lrcompile.rewrite` makes them before an optimizer, DDP or FSDP2 exists.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,19 +24,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .dataflow import projections
-from .factors import AttnFactors, AttnFeed, SharedBasis, StackedStructure, stacked_weight
+from ..capture.sites import Site
 from ..compat import dynamo_reset, frame_locals, mark_new_input
 from ..errors import SiteError
+from ..families import FAMILIES
+from ..families.lowrank import resolve_rank
 from ..passes import fused_qkv as fused_pass
 from ..passes import shared_kv as shared_pass
 from ..passes.projection import Part
 from ..passes.rewrite import _copy, _safe
 from ..passes.sdpa import rewrite_sdpa
 from ..plan.report import SiteRow
-from ..capture.sites import Site
-from ..families import FAMILIES
-from ..families.lowrank import resolve_rank
+from .dataflow import projections
+from .factors import AttnFactors, AttnFeed, SharedBasis, StackedStructure, stacked_weight
 
 CHILD = {"fused_qkv": "lrcompile_qkv", "shared_kv": "lrcompile_kv"}
 ROLES = {"fused_qkv": fused_pass.ROLES, "shared_kv": shared_pass.ROLES}
@@ -58,9 +59,14 @@ def _fail(site, rule, policy, method, reason) -> SiteRow:
     return SiteRow(fqn=site.fqn, kind="attention", method=method, status="failed", reason=reason, rule=where)
 
 
-def plan_attention(sites: list[Site], policy, module_of: Callable[[Site], Optional[nn.Module]], orphans: dict,
-                   on_new: Optional[Callable[[str], None]] = None, attached: tuple = ()
-                   ) -> tuple[list[AttnPlan], list[SiteRow]]:
+def plan_attention(
+    sites: list[Site],
+    policy,
+    module_of: Callable[[Site], Optional[nn.Module]],
+    orphans: dict,
+    on_new: Optional[Callable[[str], None]] = None,
+    attached: tuple = (),
+) -> tuple[list[AttnPlan], list[SiteRow]]:
     """Decide every attention site of a graph. Returns the plans and rows for every site: the attention rows
     and, for projections an attention rewrite claims, their linear rows.
 
@@ -78,17 +84,39 @@ def plan_attention(sites: list[Site], policy, module_of: Callable[[Site], Option
         rule = policy.match(site.fqn, "attention") if policy is not None else None
         if rule is None or rule.method == "dense":
             if site.fqn not in owners:
-                rows.append(SiteRow(fqn=site.fqn, kind="attention", method="dense", status="dense",
-                                    reason=f"{site.form} attention; " + (f"{rule.label} keeps it dense" if rule else "no attention rule matches"),
-                                    rule=policy.where(rule) if rule else None))
+                rows.append(
+                    SiteRow(
+                        fqn=site.fqn,
+                        kind="attention",
+                        method="dense",
+                        status="dense",
+                        reason=f"{site.form} attention; "
+                        + (f"{rule.label} keeps it dense" if rule else "no attention rule matches"),
+                        rule=policy.where(rule) if rule else None,
+                    )
+                )
             continue
         where = policy.where(rule)
         if rule.method == "sdpa":
             if site.form == "sdpa":
-                rows.append(SiteRow(fqn=site.fqn, kind="attention", method="sdpa", status="dense", rule=where,
-                                    reason="already scaled_dot_product_attention"))
+                rows.append(
+                    SiteRow(
+                        fqn=site.fqn,
+                        kind="attention",
+                        method="sdpa",
+                        status="dense",
+                        rule=where,
+                        reason="already scaled_dot_product_attention",
+                    )
+                )
             else:
-                plans.append(AttnPlan(site, "sdpa", SiteRow(fqn=site.fqn, kind="attention", method="sdpa", status="rewritten", rule=where)))
+                plans.append(
+                    AttnPlan(
+                        site,
+                        "sdpa",
+                        SiteRow(fqn=site.fqn, kind="attention", method="sdpa", status="rewritten", rule=where),
+                    )
+                )
                 rows.append(plans[-1].row)
             continue
         parts, why = projections(site, ROLES[rule.method], by_node)
@@ -133,7 +161,7 @@ def attached_bases(root: Optional[nn.Module], orphans: dict) -> list[tuple[AttnF
 def _source(proj_fqn: str, rows: tuple[int, int], site_fqn: str, owned: bool) -> tuple[str, tuple, bool]:
     """A projection's entry in AttnFactors.sources: relative to the attention module when it lies under it."""
     if owned and (not site_fqn or proj_fqn.startswith(site_fqn + ".")):
-        return proj_fqn[len(site_fqn) + 1 if site_fqn else 0:], rows, True
+        return proj_fqn[len(site_fqn) + 1 if site_fqn else 0 :], rows, True
     return proj_fqn, rows, False
 
 
@@ -160,14 +188,26 @@ def _groups(struct: AttnFactors, owner: Optional[str], linear: list[Site]):
 
 def _row(fqn: str, method: str, where: Optional[str], parts: list[Part]) -> SiteRow:
     in_f = parts[0][0].in_features
-    names = ", ".join(f"{r}={s.fqn}" + ("" if ab == (0, s.out_features) else f"[{ab[0]}:{ab[1]}]")
-                      for r, (s, ab) in zip(ROLES[method], parts))
+    names = ", ".join(
+        f"{r}={s.fqn}" + ("" if ab == (0, s.out_features) else f"[{ab[0]}:{ab[1]}]")
+        for r, (s, ab) in zip(ROLES[method], parts)
+    )
     weights = sum(b - a for _, (a, b) in parts) * in_f
     bias = sum(b - a for s, (a, b) in parts if s.bias is not None)
-    row = SiteRow(fqn=fqn, kind="attention", method=method, status="rewritten", rule=where, in_features=in_f,
-                  out_features=sum(b - a for _, (a, b) in parts), params_before=weights + bias,
-                  params_after=weights + bias, flops_before=2 * weights, flops_after=2 * weights,
-                  notes=[f"projections: {names}"])
+    row = SiteRow(
+        fqn=fqn,
+        kind="attention",
+        method=method,
+        status="rewritten",
+        rule=where,
+        in_features=in_f,
+        out_features=sum(b - a for _, (a, b) in parts),
+        params_before=weights + bias,
+        params_after=weights + bias,
+        flops_before=2 * weights,
+        flops_after=2 * weights,
+        notes=[f"projections: {names}"],
+    )
     return row
 
 
@@ -182,8 +222,11 @@ def _account(row: SiteRow, struct: AttnFactors, parts: list[Part]) -> None:
 
 def _options(cfg) -> str:
     """The config's shape options: rank and blocks, and whatever else differs from the family's defaults."""
-    return ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                     if f.name in ("rank", "blocks") or getattr(cfg, f.name) != f.default)
+    return ", ".join(
+        f"{f.name}={getattr(cfg, f.name)}"
+        for f in dataclasses.fields(cfg)
+        if f.name in ("rank", "blocks") or getattr(cfg, f.name) != f.default
+    )
 
 
 def _wanted(cfg, in_f: int, out: int) -> tuple:
@@ -228,8 +271,10 @@ def _plan_projection(site, rule, policy, parts, module_of, orphans, on_new):
         struct = prev  # made by this session, a recompile, or lrcompile.rewrite; other factors: used as they are
         if prev.spec() != spec:
             row.status = "installed"
-            row.notes.append(f"factors attached earlier ({_describe_spec(prev.spec())}; the rule asks "
-                             f"{_describe_spec(spec)}): used as they are")
+            row.notes.append(
+                f"factors attached earlier ({_describe_spec(prev.spec())}; the rule asks "
+                f"{_describe_spec(spec)}): used as they are"
+            )
         else:
             row.notes.append("factors reused")
     else:
@@ -287,10 +332,20 @@ def _claimed_rows(plan: AttnPlan) -> list[SiteRow]:
         r = rows.get(id(s))
         if r is None:
             fl = 2 * s.in_features * s.out_features
-            r = rows[id(s)] = SiteRow(fqn=s.fqn, kind="linear", method=plan.method, status="rewritten",
-                                      in_features=s.in_features, out_features=s.out_features, params_before=s.params,
-                                      params_after=s.params, flops_before=fl, flops_after=fl, rank=plan.row.rank,
-                                      reason=f"projection of attention site {plan.row.fqn or '<root>'} ({plan.method})")
+            r = rows[id(s)] = SiteRow(
+                fqn=s.fqn,
+                kind="linear",
+                method=plan.method,
+                status="rewritten",
+                in_features=s.in_features,
+                out_features=s.out_features,
+                params_before=s.params,
+                params_after=s.params,
+                flops_before=fl,
+                flops_after=fl,
+                rank=plan.row.rank,
+                reason=f"projection of attention site {plan.row.fqn or '<root>'} ({plan.method})",
+            )
         if plan.struct is not None:
             r.params_after += params[i] - (b - a) * s.in_features
             r.flops_after += flops[i] - 2 * (b - a) * s.in_features
@@ -342,9 +397,9 @@ def install_attention(model: nn.Module, policy, example_inputs) -> tuple[list[Si
     The dense weights that a low-rank rewrite fully replaces are frozen (the compiled graph no longer reads
     them, and DDP would otherwise wait for their gradients). Returns the report rows and the claimed linear
     site FQNs (no linear rule may rewrite those)."""
-    from ..capture.trace import call_model
     from ..capture.resolve import root_module, site_module
     from ..capture.sites import find_sites
+    from ..capture.trace import call_model
 
     rows: list[SiteRow] = []
     claimed: set = set()
@@ -354,8 +409,9 @@ def install_attention(model: nn.Module, policy, example_inputs) -> tuple[list[Si
         sites = find_sites(gm, inputs)
         f_locals = frame_locals()
         root = root_module(sites, f_locals) or model
-        plans, got = plan_attention(sites, policy, lambda s: site_module(s, root, f_locals) if s.module_expr else root,
-                                    orphans)
+        plans, got = plan_attention(
+            sites, policy, lambda s: site_module(s, root, f_locals) if s.module_expr else root, orphans
+        )
         rows.extend(got)
         for p in plans:
             if p.method == "sdpa":  # a graph-level rewrite: nothing to install, it happens under compile

@@ -5,6 +5,7 @@ Dynamo names modules and parameters by expressions over the compiled frame's loc
 backend call runs (the frame's translator is still current), evaluate its root against the frame's locals
 (compat.frame_locals).
 """
+
 from __future__ import annotations
 
 import re

@@ -4,6 +4,7 @@ The backend receives only the graph; Dynamo names modules by expressions over th
 (`L['self'].encoder.layer.0`, `L['args'][0].model`). While the backend runs, the frame's translator is still
 current, so its locals resolve those expressions to the real objects.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,8 @@ from typing import Optional
 
 from torch import nn
 
-from ..compat import placeholder_source
 from .. import compat
+from ..compat import placeholder_source
 from .names import eval_root, strip_root
 from .sites import Site
 
@@ -88,15 +89,23 @@ def relative_names(site: Site) -> tuple:
 
 
 def prefixed(site: Site, prefix: str) -> Site:
-    return dataclasses.replace(site, fqn=prefix + site.fqn if site.fqn else prefix[:-1],
-                               weight_path=prefix + site.weight_path if site.weight_path else None)
+    return dataclasses.replace(
+        site,
+        fqn=prefix + site.fqn if site.fqn else prefix[:-1],
+        weight_path=prefix + site.weight_path if site.weight_path else None,
+    )
 
 
 def remapped(site: Site, vm: dict) -> Site:
     """The site with its nodes in the attention pass's copy of the graph."""
     get = lambda n: vm[n] if n is not None else None  # noqa: E731
-    return dataclasses.replace(site, node=vm[site.node], input_node=get(site.input_node),
-                               weight_node=get(site.weight_node), bias_node=get(site.bias_node))
+    return dataclasses.replace(
+        site,
+        node=vm[site.node],
+        input_node=get(site.input_node),
+        weight_node=get(site.weight_node),
+        bias_node=get(site.bias_node),
+    )
 
 
 def caller_locals(skip: int = 1):

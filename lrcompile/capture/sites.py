@@ -6,6 +6,7 @@ A linear site is a call that applies a 2-D parameter W as y = x Wᵀ (+ b):
   matmul/mm(x, P)            a bare parameter as right operand, W = Pᵀ (or P itself when written P.t() / P.T)
 Attention sites are scaled_dot_product_attention calls and hand-written softmax(Q Kᵀ) V chains.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,8 @@ import torch.fx as fx
 from torch import nn
 
 from ..compat import LINEAR_OPS, SDPA_OPS, frame_locals, is_fake, placeholder_example, placeholder_source
-from .names import eval_root, source_path, strip_root
 from ..families import Structure, is_owned
+from .names import eval_root, source_path, strip_root
 
 LINEAR_TARGETS = set(LINEAR_OPS)
 ADDMM_TARGETS = {torch.addmm, torch.ops.aten.addmm.default}
@@ -26,10 +27,30 @@ MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.mm, torch.ops.aten.mm.def
 SDPA_TARGETS = set(SDPA_OPS)
 SOFTMAX_TARGETS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
 # Ops that may sit between QKᵀ and softmax, or between softmax and the V matmul, in hand-written attention.
-PASSTHROUGH = {operator.truediv, operator.mul, operator.add, torch.div, torch.mul, torch.add, torch.where,
-               torch.nn.functional.dropout, torch.masked_fill, torch.Tensor.masked_fill}
-PASSTHROUGH_METHODS = {"masked_fill", "to", "type", "type_as", "float", "div", "mul", "add", "__truediv__", "contiguous"}
-
+PASSTHROUGH = {
+    operator.truediv,
+    operator.mul,
+    operator.add,
+    torch.div,
+    torch.mul,
+    torch.add,
+    torch.where,
+    torch.nn.functional.dropout,
+    torch.masked_fill,
+    torch.Tensor.masked_fill,
+}
+PASSTHROUGH_METHODS = {
+    "masked_fill",
+    "to",
+    "type",
+    "type_as",
+    "float",
+    "div",
+    "mul",
+    "add",
+    "__truediv__",
+    "contiguous",
+}
 
 
 @dataclasses.dataclass
@@ -201,12 +222,22 @@ def _linear_site(node: fx.Node, real: dict) -> Optional[Site]:
     wpath = source_path(src) if src is not None else w_src.name
     expr, mtype = innermost_module(node)
     fqn = strip_root(expr) if expr is not None else _strip_weight(wpath)
-    installed = (bool(mtype is not None and issubclass(mtype, Structure)) or is_owned(weight)
-                 or _owned_by_record(src))
+    installed = bool(mtype is not None and issubclass(mtype, Structure)) or is_owned(weight) or _owned_by_record(src)
     return Site(
-        fqn=fqn, kind="linear", node=node, form=form, module_expr=expr, module_type=mtype, input_node=x,
-        weight_node=w_src, bias_node=b_node if isinstance(b_node, fx.Node) else None, weight=weight, bias=bias,
-        transposed=transposed, weight_path=wpath, installed=installed,
+        fqn=fqn,
+        kind="linear",
+        node=node,
+        form=form,
+        module_expr=expr,
+        module_type=mtype,
+        input_node=x,
+        weight_node=w_src,
+        bias_node=b_node if isinstance(b_node, fx.Node) else None,
+        weight=weight,
+        bias=bias,
+        transposed=transposed,
+        weight_path=wpath,
+        installed=installed,
     )
 
 

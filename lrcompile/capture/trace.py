@@ -11,6 +11,7 @@ names them (backend._Instances).
 A `Recorder` can also instrument its graphs: a call inserted before each linear site hands the site's input rows
 to an observer as the graph runs (calibration statistics for sites that module hooks cannot see).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,6 +40,7 @@ class CapturedSite:
 @dataclasses.dataclass
 class Call:
     """Positional and keyword arguments of one call (what a compiled model was called with)."""
+
     args: tuple
     kwargs: dict
 
@@ -81,6 +83,7 @@ def _example_value(node):
 @dataclasses.dataclass
 class _Graph:
     """One recorded graph: its sites named for the frame's own instance, and what renames them for another."""
+
     entries: list  # [(site, module, rel fqn, rel module path, rel weight path, weight index, bias index)]
     prefix: str  # the frame's module path in the model, with a trailing dot ('' for the model itself)
     anchor: Optional[tuple]  # (input index, rel path) of a parameter whose path in the model gives the prefix
@@ -95,8 +98,14 @@ class Recorder:
     input of each installed lrcompile structure, under its module path (a compressed model calibrated against
     its reference)."""
 
-    def __init__(self, model: nn.Module, observe: Optional[Callable] = None, *, structures: bool = False,
-                 keep_calls: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        observe: Optional[Callable] = None,
+        *,
+        structures: bool = False,
+        keep_calls: bool = False,
+    ):
         self.model = model
         self.observe = observe
         self.structures = structures
@@ -134,8 +143,9 @@ class Recorder:
             rel = (s.fqn, strip_root(s.module_expr) if s.module_expr else "", s.weight_path)
             wi = index.get(id(s.weight)) if s.weight is not None else None
             bi = index.get(id(s.bias)) if s.bias is not None else None
-            named = dataclasses.replace(s, fqn=_named(prefix, s.fqn),
-                                        weight_path=prefix + s.weight_path if s.weight_path else None)
+            named = dataclasses.replace(
+                s, fqn=_named(prefix, s.fqn), weight_path=prefix + s.weight_path if s.weight_path else None
+            )
             entries.append([named, module, *rel, wi, bi])
             if anchor is None and wi is not None and s.weight_path and self._holds(prefix + s.weight_path, s.weight):
                 anchor = (wi, s.weight_path)
@@ -194,10 +204,18 @@ class Recorder:
                 continue
             inside = set(nodes)
             for n in nodes:
-                x = next((a for a in n.all_input_nodes if a not in inside and a.op != "get_attr"
-                          and not isinstance(_example_value(a), nn.Parameter)
-                          and getattr(_example_value(a), "shape", (None,))[-1:] == (mod.in_features,)
-                          and not _is_param_input(a)), None)
+                x = next(
+                    (
+                        a
+                        for a in n.all_input_nodes
+                        if a not in inside
+                        and a.op != "get_attr"
+                        and not isinstance(_example_value(a), nn.Parameter)
+                        and getattr(_example_value(a), "shape", (None,))[-1:] == (mod.in_features,)
+                        and not _is_param_input(a)
+                    ),
+                    None,
+                )
                 if x is not None:
                     out[x] = (n, strip_root(expr))
                     break
@@ -230,18 +248,23 @@ class Recorder:
         for p in self._paths.get(id(param), ()):
             if p == rel or p.endswith("." + rel):
                 return p[: len(p) - len(rel)]
-        raise RuntimeError(f"lrcompile: a graph ran with a parameter that is not {type(self.model).__name__}'s "
-                           f"(expected one at ….{rel}): its sites cannot be named")
+        raise RuntimeError(
+            f"lrcompile: a graph ran with a parameter that is not {type(self.model).__name__}'s "
+            f"(expected one at ….{rel}): its sites cannot be named"
+        )
 
     def _rebind(self, e: list, prefix: str, own: str, args) -> CapturedSite:
         site, module, rel_fqn, rel_module, rel_weight, wi, bi = e
         if prefix == own:
             return CapturedSite(site, module)
         inst = self.model.get_submodule(prefix[:-1]) if prefix else self.model
-        s = dataclasses.replace(site, fqn=_named(prefix, rel_fqn),
-                                weight_path=prefix + rel_weight if rel_weight else None,
-                                weight=args[wi] if wi is not None else site.weight,
-                                bias=args[bi] if bi is not None else site.bias)
+        s = dataclasses.replace(
+            site,
+            fqn=_named(prefix, rel_fqn),
+            weight_path=prefix + rel_weight if rel_weight else None,
+            weight=args[wi] if wi is not None else site.weight,
+            bias=args[bi] if bi is not None else site.bias,
+        )
         try:
             module = inst.get_submodule(rel_module) if rel_module else inst
         except AttributeError:

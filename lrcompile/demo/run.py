@@ -1,4 +1,5 @@
 """`lrcompile demo`: the bundled transformer, dense vs compiled with the demo policy, side by side."""
+
 from __future__ import annotations
 
 import copy
@@ -42,23 +43,44 @@ def run_demo(d=512, layers=4, batch=8, seq=128, reps=10, report=None) -> dict:
         out = lrc(ids)
         compile_s = time.perf_counter() - t0
         ind(ids)
-        times = {"eager dense": _median_ms(lambda: dense(ids), reps),
-                 "inductor dense": _median_ms(lambda: ind(ids), reps),
-                 "lrcompile": _median_ms(lambda: lrc(ids), reps)}
+        times = {
+            "eager dense": _median_ms(lambda: dense(ids), reps),
+            "inductor dense": _median_ms(lambda: ind(ids), reps),
+            "lrcompile": _median_ms(lambda: lrc(ids), reps),
+        }
     cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).mean().item()
     rel = ((out - ref).norm() / ref.norm()).item()
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     n_dense = sum(p.numel() for p in dense.parameters())
     n_run = sum(p.numel() for n, p in model.named_parameters() if not _shadowed(model, n))
     rows = [
-        ["eager dense", f"{times['eager dense']:.1f}", f"{times['inductor dense'] / times['eager dense']:.2f}×", f"{n_dense:,}", "-", "-", "-"],
+        [
+            "eager dense",
+            f"{times['eager dense']:.1f}",
+            f"{times['inductor dense'] / times['eager dense']:.2f}×",
+            f"{n_dense:,}",
+            "-",
+            "-",
+            "-",
+        ],
         ["inductor dense", f"{times['inductor dense']:.1f}", "1.00×", f"{n_dense:,}", "-", "-", "-"],
-        ["lrcompile", f"{times['lrcompile']:.1f}", f"{times['inductor dense'] / times['lrcompile']:.2f}×", f"{n_run:,}",
-         f"{rel:.3f}", f"{cos:.4f}", f"{agree:.1%}"],
+        [
+            "lrcompile",
+            f"{times['lrcompile']:.1f}",
+            f"{times['inductor dense'] / times['lrcompile']:.2f}×",
+            f"{n_run:,}",
+            f"{rel:.3f}",
+            f"{cos:.4f}",
+            f"{agree:.1%}",
+        ],
     ]
     print()
-    print(tabulate(rows, headers=["model", "ms/forward", "speed vs inductor", "params used", "rel. error",
-                                  "cosine", "top-1 agree"]))
+    print(
+        tabulate(
+            rows,
+            headers=["model", "ms/forward", "speed vs inductor", "params used", "rel. error", "cosine", "top-1 agree"],
+        )
+    )
     print(f"\nfirst lrcompile call (factorise + compile): {compile_s:.1f} s")
     return {"times_ms": times, "cosine": cos, "rel_error": rel, "top1": agree}
 

@@ -4,6 +4,7 @@ Its weights are random with power-law singular spectra (σ_k ∝ k^-0.7), the sh
 transformer weights have; plain Gaussian weights would have flat spectra that no low-rank method can
 compress, which would make the demo meaningless.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,9 @@ class Block(nn.Module):
 
 
 class TinyTransformer(nn.Module):
-    def __init__(self, vocab: int = 1000, d: int = 256, heads: int = 4, layers: int = 4, max_len: int = 256, seed: int = 0):
+    def __init__(
+        self, vocab: int = 1000, d: int = 256, heads: int = 4, layers: int = 4, max_len: int = 256, seed: int = 0
+    ):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.embed = nn.Embedding(vocab, d)

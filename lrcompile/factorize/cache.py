@@ -12,6 +12,7 @@ used only if the checksum of its tensors (names, dtypes, shapes, bytes) matches 
 caller checks the shapes against the family's. A bad, unreadable or unwritable entry is a miss with one warning,
 and a bad entry is removed so it is rebuilt. Temp files of killed writers are removed after an hour.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,6 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from ..cache_dir import cache_path
-
 
 # A strided (e.g. Conv1D's transposed) or non-CPU weight is hashed one slice of rows at a time, so computing the
 # key never holds a second full copy of the weight; the byte stream, and so the digest, is the same either way.
@@ -75,8 +75,8 @@ def code_version(family: str) -> str:
         from ..families import FAMILIES
 
         mods = [sys.modules[FAMILIES[family].__module__]] if family in FAMILIES else []
-        from . import svd, whiten
         from ..families import whitening_blocks
+        from . import svd, whiten
 
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{lrcompile.__version__} {torch.__version__}".encode())

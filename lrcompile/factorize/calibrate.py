@@ -16,6 +16,7 @@ model serves, and for right-padded batches they would dominate short sentences.
 The statistics also keep the site list itself (`index`: each site's weight path and layout), so that a budget
 planned from them (`budget.plan_model`) counts the same sites without another trace.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,6 @@ from torch import nn
 
 from .. import compat
 from ..capture.trace import Recorder, call_model, model_sites, recording
-
 from .stats import FORMAT, CalibrationStats, SiteStats  # noqa: F401  (the statistics it makes)
 
 
@@ -40,14 +40,16 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, m in model.named_modules():
         if isinstance(m, Structure):
             continue  # installed by lrcompile: never a site for another rewrite
-        if isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None
-                                         and m.weight.dim() == 2):
+        if isinstance(m, nn.Linear) or (
+            type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+        ):
             found[name] = m
     return found
 
 
-def module_sites(model: nn.Module, example_inputs=None, stats: Optional[CalibrationStats] = None, *,
-                 nested: bool = False) -> list[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
+def module_sites(
+    model: nn.Module, example_inputs=None, stats: Optional[CalibrationStats] = None, *, nested: bool = False
+) -> list[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
     """(fqn, dense weight (out, in), bias) of every linear site of `model` as the backend enumerates and names them
     (nn.Linear, Conv1D and functional sites): from the site list of `stats` (`calibrate` records it), else a
     trace of `model(example_inputs)` (`nested`: from inside a backend call). With neither, only nn.Linear /
@@ -59,10 +61,15 @@ def module_sites(model: nn.Module, example_inputs=None, stats: Optional[Calibrat
         return [(s.fqn, s.dense_weight, s.bias) for s in model_sites(model, example_inputs, nested=nested)]
     mods = _linear_modules(model)
     if any(p.dim() == 2 and not any(p is m.weight for m in mods.values()) for p in model.parameters()):
-        warnings.warn("lrcompile: sites listed from nn.Linear / Conv1D modules only (no example inputs or indexed "
-                      "calibration statistics to trace the model with): functional sites are left out", stacklevel=2)
-    return [(name, m.weight if isinstance(m, nn.Linear) else m.weight.T, getattr(m, "bias", None))
-            for name, m in mods.items()]
+        warnings.warn(
+            "lrcompile: sites listed from nn.Linear / Conv1D modules only (no example inputs or indexed "
+            "calibration statistics to trace the model with): functional sites are left out",
+            stacklevel=2,
+        )
+    return [
+        (name, m.weight if isinstance(m, nn.Linear) else m.weight.T, getattr(m, "bias", None))
+        for name, m in mods.items()
+    ]
 
 
 def _wanted(policy, fqn: str) -> bool:
@@ -93,8 +100,15 @@ def apply_mask(x: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Ten
     return x, False
 
 
-def calibrate(model: nn.Module, batches: Iterable, policy=None, *, reference: Optional[nn.Module] = None,
-              sensitivity_batches: int = 2, progress: bool = True) -> CalibrationStats:
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    policy=None,
+    *,
+    reference: Optional[nn.Module] = None,
+    sensitivity_batches: int = 2,
+    progress: bool = True,
+) -> CalibrationStats:
     """Run `batches` (tensors, tuples of args or dicts of kwargs) through `model` and collect statistics.
 
     The model runs through Dynamo with a recording backend (eval mode, no grad; Dynamo is reset before and
@@ -113,8 +127,9 @@ def calibrate(model: nn.Module, batches: Iterable, policy=None, *, reference: Op
     if budget and budget.get("allocate") == "sensitivity" and reference is None:
         from .sensitivity import measure_sensitivity
 
-        stats.sensitivity = measure_sensitivity(model, list(batches)[:max(1, sensitivity_batches)], stats, pol,
-                                                progress=progress)
+        stats.sensitivity = measure_sensitivity(
+            model, list(batches)[: max(1, sensitivity_batches)], stats, pol, progress=progress
+        )
     return stats
 
 
@@ -181,8 +196,10 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
                 queue = ref_rows.get(n)
                 ref = queue.pop(0) if queue else None
                 if ref is None or ref.shape != x.shape:
-                    raise ValueError(f"lrcompile.calibrate: site {n!r} sees {tuple(x.shape)} in the model but "
-                                     f"{None if ref is None else tuple(ref.shape)} in the reference")
+                    raise ValueError(
+                        f"lrcompile.calibrate: site {n!r} sees {tuple(x.shape)} in the model but "
+                        f"{None if ref is None else tuple(ref.shape)} in the reference"
+                    )
             s = stats.sites.get(n)
             if s is None:
                 s = stats.sites[n] = SiteStats.empty(x.shape[-1], x.device, cross=reference is not None)
@@ -200,10 +217,16 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
     for net in nets:
         net.eval()
     try:
-        with recording(model, rec, dynamic=dynamic) as compiled, \
-                (recording(reference, ref_rec, dynamic=dynamic, nested=True) if reference is not None
-                 else contextlib.nullcontext()) as ref_compiled, \
-                compat.fail_on_recompile_limit(), torch.no_grad():
+        with (
+            recording(model, rec, dynamic=dynamic) as compiled,
+            (
+                recording(reference, ref_rec, dynamic=dynamic, nested=True)
+                if reference is not None
+                else contextlib.nullcontext()
+            ) as ref_compiled,
+            compat.fail_on_recompile_limit(),
+            torch.no_grad(),
+        ):
             total = len(batches) if hasattr(batches, "__len__") else None
             for batch in tqdm(batches, total=total, desc="lrcompile calibrate", disable=not progress):
                 rows.mask = _mask_of(batch)
@@ -214,23 +237,32 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
                 call_model(compiled, batch)
                 if missing:
                     names = sorted(missing)
-                    raise ValueError(f"lrcompile.calibrate: reference has no linear site {names[0]!r} "
-                                     f"({len(names)} of {len(seen)} sites unmatched)")
+                    raise ValueError(
+                        f"lrcompile.calibrate: reference has no linear site {names[0]!r} "
+                        f"({len(names)} of {len(seen)} sites unmatched)"
+                    )
                 if rec.observed == before and stats.sites:
-                    raise RuntimeError("lrcompile.calibrate: a batch ran without the instrumented graphs (Dynamo "
-                                       "ran the model uncompiled): its statistics would be missing")
+                    raise RuntimeError(
+                        "lrcompile.calibrate: a batch ran without the instrumented graphs (Dynamo "
+                        "ran the model uncompiled): its statistics would be missing"
+                    )
     except compat.recompile_limit_error() as e:
-        raise RuntimeError(f"lrcompile.calibrate: Dynamo reached its recompile limit on these batches; past it the "
-                           f"model would run uncompiled and its statistics be skipped ({e})") from None
+        raise RuntimeError(
+            f"lrcompile.calibrate: Dynamo reached its recompile limit on these batches; past it the "
+            f"model would run uncompiled and its statistics be skipped ({e})"
+        ) from None
     finally:
         rows.mask = None
         for m, training in modes.items():
             m.training = training
     if rows.unmasked:
         names = sorted(rows.unmasked)
-        warnings.warn(f"lrcompile.calibrate: attention_mask could not be applied at {len(names)} site(s) "
-                      f"(e.g. {names[0]} with input rows {rows.unmasked[names[0]]}): their statistics include "
-                      f"padded positions", stacklevel=2)
+        warnings.warn(
+            f"lrcompile.calibrate: attention_mask could not be applied at {len(names)} site(s) "
+            f"(e.g. {names[0]} with input rows {rows.unmasked[names[0]]}): their statistics include "
+            f"padded positions",
+            stacklevel=2,
+        )
     # the site list a budget plans over: with `reference=`, the dense reference's (the statistics factorise its
     # weights; the model's installed structures are no sites of it)
     stats.index = _index(reference, ref_rec.sites) if reference is not None else _index(model, rec.sites)
@@ -252,6 +284,9 @@ def _index(model: nn.Module, sites: dict) -> dict:
         w = paths.get(id(s.weight))
         if w is None:
             continue  # not the model's own parameter: the budget could not find it again
-        out[fqn] = {"weight": w, "transposed": bool(s.transposed),
-                    "bias": paths.get(id(s.bias)) if s.bias is not None else None}
+        out[fqn] = {
+            "weight": w,
+            "transposed": bool(s.transposed),
+            "bias": paths.get(id(s.bias)) if s.bias is not None else None,
+        }
     return out

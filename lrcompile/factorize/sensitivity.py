@@ -1,5 +1,6 @@
 """End-to-end sensitivity curves: each site compressed alone at a few ranks, the model's output drop measured on
 calibration batches. `budget: {allocate: sensitivity}` allocates ranks by them."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -7,9 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .stats import CalibrationStats, SiteStats
 from ..capture.trace import call_model, model_sites
-
+from .stats import CalibrationStats, SiteStats
 
 SENSITIVITY_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9)
 
@@ -18,12 +18,16 @@ def _site_init(pol, fqn: str):
     """(init, damping, alpha) the policy's low-rank rule will factorise this site with."""
     rule = pol.match(fqn, "linear") if pol is not None else None
     cfg = getattr(rule, "config", None)
-    return (getattr(cfg, "init", "whitened_svd") or "whitened_svd", getattr(cfg, "damping", 0.01),
-            getattr(cfg, "asvd_alpha", 0.5))
+    return (
+        getattr(cfg, "init", "whitened_svd") or "whitened_svd",
+        getattr(cfg, "damping", 0.01),
+        getattr(cfg, "asvd_alpha", 0.5),
+    )
 
 
-def factorised(W: torch.Tensor, s: Optional[SiteStats], init: str = "whitened_svd", damping: float = 0.01,
-               alpha: float = 0.5):
+def factorised(
+    W: torch.Tensor, s: Optional[SiteStats], init: str = "whitened_svd", damping: float = 0.01, alpha: float = 0.5
+):
     """rank -> Ŵ (float64) for one site: one SVD, sliced per rank (the same math as the low-rank inits)."""
     from . import whiten
 
@@ -39,8 +43,15 @@ def factorised(W: torch.Tensor, s: Optional[SiteStats], init: str = "whitened_sv
     return lambda r: (P[:, :r] * S[:r]) @ post(Qh[:r])
 
 
-def measure_sensitivity(model: nn.Module, batches, stats: CalibrationStats, policy=None, *,
-                        fractions=SENSITIVITY_FRACTIONS, progress: bool = True) -> dict[str, dict[int, float]]:
+def measure_sensitivity(
+    model: nn.Module,
+    batches,
+    stats: CalibrationStats,
+    policy=None,
+    *,
+    fractions=SENSITIVITY_FRACTIONS,
+    progress: bool = True,
+) -> dict[str, dict[int, float]]:
     """Each site compressed alone at ranks fractions × break-even, the rest dense: {fqn: {rank: loss}} with loss
     = 1 − cosine of the mask-weighted mean-pooled outputs against the dense model's (lrcompile.heal's loss, no
     token term), averaged over `batches`. The budget allocator reads these as measured error curves: unlike a
@@ -70,8 +81,9 @@ def measure_sensitivity(model: nn.Module, batches, stats: CalibrationStats, poli
                         r = max(1, int(f * in_f * out_f / (in_f + out_f)))
                         Wr = approx(r).to(saved.dtype)
                         weight.copy_(Wr.T if conv else Wr)
-                        curve[r] = sum(float(loss_of(_hidden(call_model(model, b)), t, b, 0.0))
-                                       for b, t in zip(batches, refs)) / len(batches)
+                        curve[r] = sum(
+                            float(loss_of(_hidden(call_model(model, b)), t, b, 0.0)) for b, t in zip(batches, refs)
+                        ) / len(batches)
                 finally:
                     weight.copy_(saved)
                 curves[fqn] = curve
@@ -86,8 +98,10 @@ def _site_weights(model: nn.Module, stats: CalibrationStats, example) -> dict:
     else from a trace of `model(example)` (statistics saved before they kept one)."""
     if all(f in stats.index for f in stats.sites):
         try:
-            return {f: (model.get_parameter(stats.index[f]["weight"]), bool(stats.index[f]["transposed"]))
-                    for f in stats.sites}
+            return {
+                f: (model.get_parameter(stats.index[f]["weight"]), bool(stats.index[f]["transposed"]))
+                for f in stats.sites
+            }
         except AttributeError:
             pass
     return {s.fqn: (s.weight, s.transposed) for s in model_sites(model, example) if s.fqn in stats.sites}

@@ -1,5 +1,6 @@
 """Calibration statistics: per-site activation moments (SiteStats), keyed by site FQN (CalibrationStats), and
 their file format. `lrcompile.calibrate` collects them; factorisation, budgets and the factor cache read them."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -119,9 +120,16 @@ class CalibrationStats:
             tokens[str(i)] = [fqn, s.tokens]
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
-        save_file(tensors, str(path), metadata={"format": FORMAT, "sites": json.dumps(tokens),
-                                                "sensitivity": json.dumps(self._curves()),
-                                                "index": json.dumps(self.index)})
+        save_file(
+            tensors,
+            str(path),
+            metadata={
+                "format": FORMAT,
+                "sites": json.dumps(tokens),
+                "sensitivity": json.dumps(self._curves()),
+                "index": json.dumps(self.index),
+            },
+        )
 
     @classmethod
     def load(cls, path) -> "CalibrationStats":
@@ -139,11 +147,15 @@ class CalibrationStats:
                 for i, (fqn, tokens) in json.loads(meta["sites"]).items():
                     cross = f.get_tensor(f"{i}.cross") if f"{i}.cross" in names else None
                     sites[fqn] = SiteStats(f.get_tensor(f"{i}.xtx"), f.get_tensor(f"{i}.abs_sum"), int(tokens), cross)
-                curves = {fqn: {int(r): float(e) for r, e in c.items()}
-                          for fqn, c in json.loads(meta.get("sensitivity", "{}")).items()}
+                curves = {
+                    fqn: {int(r): float(e) for r, e in c.items()}
+                    for fqn, c in json.loads(meta.get("sensitivity", "{}")).items()
+                }
                 index = json.loads(meta.get("index", "{}"))  # absent in files written before it existed
         except Exception:
-            raise ValueError(f"lrcompile: {path} is not an lrcompile calibration file (expected {FORMAT} safetensors)") from None
+            raise ValueError(
+                f"lrcompile: {path} is not an lrcompile calibration file (expected {FORMAT} safetensors)"
+            ) from None
         return cls(sites, curves, index)
 
     def site_list(self, model: nn.Module) -> Optional[list]:

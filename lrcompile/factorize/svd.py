@@ -12,6 +12,7 @@ Its answer is accepted only when its Frobenius error is within `tol` (1%) of the
 
 Work happens on the weight's device, in float32 (float64 stays float64); residual bookkeeping is in float64.
 """
+
 from __future__ import annotations
 
 import math

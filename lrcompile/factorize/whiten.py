@@ -12,6 +12,7 @@ dense site saw x. Minimising ‖Ŵ X̃ᵀ − W Xᵀ‖ (reproduce the *original
 has the closed form Ŵ = trunc_r(W K L̃⁻ᵀ) L̃⁻¹ with C̃ = X̃ᵀX̃ = L̃ L̃ᵀ and K = XᵀX̃; with x̃ = x it is SVD-LLM.
 The inits accept a SiteStats (for the cross moment) or a bare second-moment tensor.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -31,8 +32,10 @@ def _moments(stats) -> tuple[Optional[Tensor], Optional[Tensor]]:
     if stats.tokens <= 0:
         fqn = getattr(stats, "fqn", None)
         where = f"site {fqn!r}" if fqn else f"a {stats.in_features}-input site"
-        warnings.warn(f"lrcompile: calibration statistics for {where} saw no tokens (every row masked?): "
-                      f"treated as missing", stacklevel=3)
+        warnings.warn(
+            f"lrcompile: calibration statistics for {where} saw no tokens (every row masked?): treated as missing",
+            stacklevel=3,
+        )
         return None, None
     return stats.cov, getattr(stats, "cross_mean", None)
 
@@ -53,7 +56,9 @@ _TINY = torch.finfo(torch.float64).eps ** 0.5
 
 def usable(cov: Optional[Tensor]) -> bool:
     """Statistics that carry information: finite and not all zero."""
-    return cov is not None and cov.numel() > 0 and bool(torch.isfinite(cov).all()) and float(torch.diagonal(cov).max()) > 0
+    return (
+        cov is not None and cov.numel() > 0 and bool(torch.isfinite(cov).all()) and float(torch.diagonal(cov).max()) > 0
+    )
 
 
 class Whitener:
@@ -148,7 +153,9 @@ def asvd_scale(abs_mean: Tensor, alpha: float = 0.5) -> Tensor:
     s = abs_mean.to(torch.float64).clamp_min(0) ** alpha
     top = float(s.max()) if s.numel() else 0.0
     if not top > 0 or not bool(torch.isfinite(s).all()):
-        warnings.warn("lrcompile: asvd channel scales are all zero or non-finite (no tokens seen?): plain SVD", stacklevel=3)
+        warnings.warn(
+            "lrcompile: asvd channel scales are all zero or non-finite (no tokens seen?): plain SVD", stacklevel=3
+        )
         return torch.ones_like(s)
     return s.clamp_min(top * 1e-6)  # dead channels: keep them invertible
 
@@ -168,8 +175,9 @@ def compensate(W: Tensor, U: Tensor, V: Tensor, cov, damping: float = 1e-2) -> T
     that changes nothing (whitened_svd at the same damping is already this optimum) is warned as redundant."""
     cov_, cross = _moments(cov)
     if not usable(cov_):
-        warnings.warn("lrcompile: compensate has no usable calibration statistics for this site; factors unchanged",
-                      stacklevel=2)
+        warnings.warn(
+            "lrcompile: compensate has no usable calibration statistics for this site; factors unchanged", stacklevel=2
+        )
         return U.to(torch.float64)
     c = damped(cov_, damping)
     k = c if cross is None else damped(cross, damping, like=cov_)
@@ -185,9 +193,12 @@ def compensate(W: Tensor, U: Tensor, V: Tensor, cov, damping: float = 1e-2) -> T
         return U.to(torch.float64)
     U0 = U.to(torch.float64)
     if float(torch.linalg.norm(U_new - U0)) <= 1e-6 * float(torch.linalg.norm(U0)):
-        warnings.warn("lrcompile: compensate changed nothing: these factors are already the least-squares fit "
-                      "(whitened_svd at the same damping); it helps after svd/asvd, or with statistics from a "
-                      "compressed model (calibrate(..., reference=dense))", stacklevel=2)
+        warnings.warn(
+            "lrcompile: compensate changed nothing: these factors are already the least-squares fit "
+            "(whitened_svd at the same damping); it helps after svd/asvd, or with statistics from a "
+            "compressed model (calibrate(..., reference=dense))",
+            stacklevel=2,
+        )
     return U_new
 
 

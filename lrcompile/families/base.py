@@ -7,6 +7,7 @@ A family is an nn.Module that replaces or augments one linear map y = x Wᵀ + b
   - the tests, against `to_dense()`.
 `weight` is the site's dense weight (out, in); compressing families ignore it, adapters add to it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,11 +42,14 @@ def register(cls: type["Structure"]) -> type["Structure"]:
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     problems = [
         f"budget_knob {cls.budget_knob!r} is not a field of {cls.Config.__name__}"
-        if cls.budget_knob is not None and cls.budget_knob not in fields else None,
-        "candidates must be a tuple of Candidate" if not (isinstance(cls.candidates, tuple) and all(
-            isinstance(c, Candidate) for c in cls.candidates)) else None,
-        f"kernel must be an op name or None, got {cls.kernel!r}" if not (
-            cls.kernel is None or (isinstance(cls.kernel, str) and cls.kernel)) else None,
+        if cls.budget_knob is not None and cls.budget_knob not in fields
+        else None,
+        "candidates must be a tuple of Candidate"
+        if not (isinstance(cls.candidates, tuple) and all(isinstance(c, Candidate) for c in cls.candidates))
+        else None,
+        f"kernel must be an op name or None, got {cls.kernel!r}"
+        if not (cls.kernel is None or (isinstance(cls.kernel, str) and cls.kernel))
+        else None,
         "budget_error without a budget_knob" if cls.budget_error is not None and cls.budget_knob is None else None,
     ]
     problems = [p for p in problems if p]

@@ -17,6 +17,7 @@ improved by less than TOL (relative) over the last CHECK iterations; a progress 
 maps V_j back by L_j⁻ᵀ: right-multiplying column block j keeps the form U_i diag(s_ij) V_jᵀ, so the result is
 the fit of the activation-weighted objective under the block-diagonal approximation of the statistics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,9 @@ SEED = 0
 SLOW_S = 2.0  # show a progress bar when a fit is projected to take longer than this
 
 
-def blast_matmul(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, s: torch.Tensor,
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+def blast_matmul(
+    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, s: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
     """x (..., b₂·q), U (b₁, p, r), V (b₂, q, r), s (b₁, b₂, r) -> (..., b₁·p)."""
     lead, in_f = x.shape[:-1], x.shape[-1]
     b1, p, r = U.shape
@@ -65,8 +67,11 @@ def blast_matmul(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, s: torch.Ten
 def _blocks(value) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value, value
-    if (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):
         return int(value[0]), int(value[1])
     raise ValueError(f"blast blocks must be an int b >= 1 or a pair [b1, b2], got {value!r}")
 
@@ -125,8 +130,17 @@ def balance_channels(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, to
     return Ub.reshape(U.shape), Vb.T.reshape(V.shape)
 
 
-def fit_blast(weight: torch.Tensor, b1: int, b2: int, r: int, iters: int = ITERS, tol: float = TOL,
-              delta: float = DELTA, seed: int = SEED, progress: Optional[bool] = None) -> BlastFit:
+def fit_blast(
+    weight: torch.Tensor,
+    b1: int,
+    b2: int,
+    r: int,
+    iters: int = ITERS,
+    tol: float = TOL,
+    delta: float = DELTA,
+    seed: int = SEED,
+    progress: Optional[bool] = None,
+) -> BlastFit:
     """U (b₁,p,r), V (b₂,q,r), s (b₁,b₂,r) approximating `weight` (out, in); see the module doc."""
     W = weight.detach()
     W = W.double() if W.dtype == torch.float64 else W.float()
@@ -195,8 +209,9 @@ def fit_blast(weight: torch.Tensor, b1: int, b2: int, r: int, iters: int = ITERS
             bar.update(1)
             bar.set_postfix(rel_err=f"{math.sqrt(lf / float(norm2)):.3g}")
         rel = math.sqrt(lf / max(float(norm2), 1e-300))
-        if rel < EXACT or (len(history) > CHECK and
-                           math.sqrt(history[-CHECK - 1] / max(float(norm2), 1e-300)) - rel < tol * rel):
+        if rel < EXACT or (
+            len(history) > CHECK and math.sqrt(history[-CHECK - 1] / max(float(norm2), 1e-300)) - rel < tol * rel
+        ):
             break
     if bar is not None:
         bar.close()

@@ -6,6 +6,7 @@ of the (n, k·c) result directly (BLAS takes the row stride): in eager inference
 tracing / autograd as a `cat` of the GEMMs, which Inductor lowers the same way (each mm realised into its slice
 of the cat buffer, no copy).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -48,11 +49,11 @@ def column_blocks(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]
     if not isinstance(k, int) or k > MAX_BLOCKS:  # symbolic block counts (dynamic shapes): one bmm
         y = torch.bmm(a, b) if bias is None else torch.baddbmm(bias.view(k, 1, c), a, b)
         return y.transpose(0, 1).reshape(n, k * c)
-    bias_j = (lambda j: None) if bias is None else (lambda j: bias[j * c:(j + 1) * c])  # noqa: E731
+    bias_j = (lambda j: None) if bias is None else (lambda j: bias[j * c : (j + 1) * c])  # noqa: E731
     if eager_inference(a, b, bias):
         out = a.new_empty(n, k * c, dtype=torch.result_type(a, b))
         for j in range(k):
-            cols = out[:, j * c:(j + 1) * c]
+            cols = out[:, j * c : (j + 1) * c]
             if bias is None:
                 torch.mm(a[j], b[j], out=cols)
             else:

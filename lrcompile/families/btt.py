@@ -9,6 +9,7 @@ entries of W1/W2, so this is the Frobenius-optimal projection, exact on matrices
 `init: whitened_svd` whitens each input block with its own square root of the calibration second moment
 (whitening_blocks.py: block-diagonal, so the result stays in the family).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +23,8 @@ from torch import nn
 
 from ..factorize import whiten
 from .base import Structure, mark_owned, register
-from .blockmm import eager_inference, column_blocks, swap_block_axes
+from .blockmm import column_blocks, eager_inference, swap_block_axes
 from .whitening_blocks import BlockWhitener, StructuredConfig, block_whitener
-
 
 # --- the shared forward ---------------------------------------------------------------------------------------
 # Row tiles of the eager forward: BTT's intermediate z has a₁·c₀·t values per row — more than its output row at a
@@ -35,8 +35,9 @@ from .whitening_blocks import BlockWhitener, StructuredConfig, block_whitener
 TILE_BYTES = 2 << 20
 
 
-def btt_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Optional[torch.Tensor],
-               out_features: int) -> torch.Tensor:
+def btt_matmul(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Optional[torch.Tensor], out_features: int
+) -> torch.Tensor:
     """x (..., in) with in ≤ a₁·a₀ (zero-padded up), W1 (a₁, a₀, c₀, t), W2 (c₀, a₁, t, c₁) -> (..., out_features).
 
     Layout: the first bmm reads x's blocks through a strided view (BLAS takes the row stride, no copy) and
@@ -49,8 +50,13 @@ def btt_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Option
     x2 = x.reshape(-1, in_f)
     z_row = a1 * c0 * t
     tile = max(16, TILE_BYTES // (z_row * w1.element_size()))
-    if z_row > out_features and isinstance(x2.shape[0], int) and x2.shape[0] >= 2 * tile and eager_inference(x2, w1, w2, bias):
-        y = torch.cat([_btt_rows(x2[i:i + tile], w1, w2, bias, out_features) for i in range(0, x2.shape[0], tile)])
+    if (
+        z_row > out_features
+        and isinstance(x2.shape[0], int)
+        and x2.shape[0] >= 2 * tile
+        and eager_inference(x2, w1, w2, bias)
+    ):
+        y = torch.cat([_btt_rows(x2[i : i + tile], w1, w2, bias, out_features) for i in range(0, x2.shape[0], tile)])
     else:
         y = _btt_rows(x2, w1, w2, bias, out_features)
     return y.view(*lead, out_features)
@@ -73,8 +79,9 @@ def _btt_rows(x2, w1, w2, bias, out_features):
     return y
 
 
-def blockwise_svd(weight: torch.Tensor, a1: int, a0: int, c0: int, c1: int, t: int,
-                  whitener: Optional[BlockWhitener] = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def blockwise_svd(
+    weight: torch.Tensor, a1: int, a0: int, c0: int, c1: int, t: int, whitener: Optional[BlockWhitener] = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(W1, W2, kept energy) for an (out, in) weight, zero-padded up to (c₀·c₁, a₁·a₀): see the module doc.
 
     With a whitener (one L_j per input block, whitening_blocks.py) each sub-block W_blk is replaced by
@@ -191,8 +198,11 @@ class TwoCore(Structure):
 def _pair(value, what: str) -> Optional[tuple[int, int]]:
     if value is None:
         return None
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+    ):
         raise ValueError(f"{what} must be a pair of positive ints [outer, inner], got {value!r}")
     return int(value[0]), int(value[1])
 
@@ -201,8 +211,10 @@ def even_split(n: int, what: str) -> tuple[int, int]:
     """n = small·large with the factors as close to √n as possible (small first)."""
     small = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
     if small == 1 and n > 1:
-        raise ValueError(f"{what} {n} is prime: BTT needs a factorization (give {what.split('_')[0]}_factors, "
-                         "or use monarch, which pads)")
+        raise ValueError(
+            f"{what} {n} is prime: BTT needs a factorization (give {what.split('_')[0]}_factors, "
+            "or use monarch, which pads)"
+        )
     return small, n // small
 
 
@@ -216,7 +228,9 @@ class BTTConfig(StructuredConfig):
     def validate(self) -> None:
         super().validate()
         if isinstance(self.cores, bool) or self.cores != 2 or not isinstance(self.cores, int):
-            raise ValueError(f"btt cores must be 2 (only the two-core block tensor-train is implemented), got {self.cores!r}")
+            raise ValueError(
+                f"btt cores must be 2 (only the two-core block tensor-train is implemented), got {self.cores!r}"
+            )
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"btt rank is the tensor-train rank, an int >= 1, got {self.rank!r}")
         _pair(self.in_factors, "in_factors")

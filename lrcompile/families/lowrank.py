@@ -4,6 +4,7 @@ From dense by truncated SVD with the singular values split evenly (U = P√S, V 
 train well under Adam (unbalanced whitened factors wrecked a healing run). Activation-aware inits
 (`whitened_svd`, `asvd`) and the least-squares `compensate` step live in lrcompile/whiten.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,6 @@ from torch import nn
 
 from ..factorize import svd, whiten
 from .base import Candidate, MethodConfig, Structure, mark_owned, register, site_label
-
 
 RANK_MULTIPLE = 8
 
@@ -168,8 +168,9 @@ class LowRank(Structure):
             kept = float(S.double().square().sum()) / total if total > 0 else 1.0  # ‖W‖_F² = Σ σ²
         if cfg.compensate:
             if stats is None:  # asked for and impossible: say so rather than return unrefitted factors quietly
-                warnings.warn(f"lrcompile: {where}: lowrank compensate: true has {why}; factors not refitted",
-                              stacklevel=3)
+                warnings.warn(
+                    f"lrcompile: {where}: lowrank compensate: true has {why}; factors not refitted", stacklevel=3
+                )
             else:
                 U, V = whiten.balance(whiten.compensate(weight, U, V, stats, cfg.damping), V)
         m = cls(in_f, out_f, cfg, dtype=weight.dtype, device=weight.device)

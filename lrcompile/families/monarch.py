@@ -9,6 +9,7 @@ square n×n map that is 2n²/b parameters (b = 4 keeps 50%), as in the papers. T
 forward, the projection (per-sub-block truncated SVD: optimal, exact on Monarch matrices) and the μP init are
 TwoCore's.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -14,6 +14,7 @@ multiplied back by blockdiag(L_j⁻¹), is optimal for the approximated objectiv
 blocks are uncorrelated — and costs one small Cholesky per block. Cross-block correlations are ignored.
 Damping is the whole-matrix one of lrcompile.whiten (λ·mean(diag C), applied before the blocks are cut).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,7 +57,7 @@ class BlockWhitener:
         eye = torch.eye(k, dtype=torch.float64, device=c.device)
         Ls, Linvs = [], []
         for j in range(n):
-            wh = whiten.Whitener(c[j * k:(j + 1) * k, j * k:(j + 1) * k], damping=0.0)  # already damped
+            wh = whiten.Whitener(c[j * k : (j + 1) * k, j * k : (j + 1) * k], damping=0.0)  # already damped
             Ls.append(wh.right(eye))
             Linvs.append(wh.unright(eye))
         self.L = torch.stack(Ls)  # (n, k, k)
@@ -71,8 +72,9 @@ class BlockWhitener:
         return blocks @ self.Linv.to(blocks.dtype)
 
 
-def block_whitener(family: str, cfg: StructuredConfig, stats, weight: torch.Tensor, n: int, k: int
-                   ) -> tuple[Optional[BlockWhitener], str]:
+def block_whitener(
+    family: str, cfg: StructuredConfig, stats, weight: torch.Tensor, n: int, k: int
+) -> tuple[Optional[BlockWhitener], str]:
     """(whitener or None, the init actually used). Without usable statistics `whitened_svd` falls back to plain
     `svd`, with a warning (as for lowrank). Only the second moment C is used: a cross
     moment (statistics taken on a compressed model) is not, so the target is W's own activation-weighted fit."""
@@ -82,8 +84,11 @@ def block_whitener(family: str, cfg: StructuredConfig, stats, weight: torch.Tens
     if not whiten.usable(cov):
         out_f, in_f = weight.shape
         why = "no calibration statistics" if stats is None else "calibration statistics that carry nothing"
-        warnings.warn(f"lrcompile: {family} init 'whitened_svd' has {why} for "
-                      f"{site_label(stats, 'this site')} ({out_f}x{in_f} weight); "
-                      "using plain svd", stacklevel=4)
+        warnings.warn(
+            f"lrcompile: {family} init 'whitened_svd' has {why} for "
+            f"{site_label(stats, 'this site')} ({out_f}x{in_f} weight); "
+            "using plain svd",
+            stacklevel=4,
+        )
         return None, "svd"
     return BlockWhitener(cov, n, k, cfg.damping), "whitened_svd"

@@ -6,6 +6,7 @@ declarations (family -> op). Every module of this package is imported (so a new 
 Importing needs only torch: triton is imported when a kernel first launches (runtime.py), so without triton
 (or without a GPU and TRITON_INTERPRET=1) every op runs its torch implementation, fused groups included.
 """
+
 import importlib
 import pkgutil
 
@@ -31,5 +32,7 @@ def op_of(family: str):
     if name not in OPS:
         importlib.import_module(kernel_module(family))
     if name not in OPS:
-        raise KeyError(f"lrcompile: family {family!r} names kernel {name!r}, which {kernel_module(family)} does not define")
+        raise KeyError(
+            f"lrcompile: family {family!r} names kernel {name!r}, which {kernel_module(family)} does not define"
+        )
     return OPS[name]

@@ -5,12 +5,13 @@ row (x's b-th block: column b·AKOFF + k, masked past AKLIM: implicit zero paddi
 lands at n // T · SCN_HI + n % T · SCN_LO (a shuffle written by the store) and is global column b·CNOFF + n for
 the epilogue and the N_OUT mask. The structured families (twocore.py, blast.py) are built from it.
 """
+
 from __future__ import annotations
 
 from . import epilogue as epi
 from . import runtime
 
-TEMPLATE = '''
+TEMPLATE = """
 import triton
 import triton.language as tl
 {DOT}
@@ -38,28 +39,76 @@ def bgemm_kernel(a, b, c, alpha, M, N, K, N_OUT, AKOFF, AKLIM, CNOFF, T,
 {EPILOGUE}
     out = c + bat * scb + rm[:, None] * scm + (rl[None, :] // T) * scn_hi + (rl[None, :] % T) * scn_lo
     tl.store(out, acc.to(c.dtype.element_ty), mask=mask)
-'''
+"""
 
-CONFIGS = [({"BM": bm, "BN": bn, "BK": bk}, w, s)
-           for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
-                                    (128, 32, 64, 4, 4)]]
+CONFIGS = [
+    ({"BM": bm, "BN": bn, "BK": bk}, w, s)
+    for bm, bn, bk, w, s in [
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 3),
+        (128, 32, 64, 4, 4),
+    ]
+]
 SMALL = {"BM": 16, "BN": 16, "BK": 16}
 
 
-def bgemm(a, a_strides, b, b_strides, c, c_strides, *, batch: int, m: int, n: int, k: int, n_out: int,
-          akoff: int = 0, aklim: int = 2**31 - 1, cnoff: int = 0, t: int = 2**31 - 1, steps=(), operands=(),
-          alpha: float = 1.0) -> None:
+def bgemm(
+    a,
+    a_strides,
+    b,
+    b_strides,
+    c,
+    c_strides,
+    *,
+    batch: int,
+    m: int,
+    n: int,
+    k: int,
+    n_out: int,
+    akoff: int = 0,
+    aklim: int = 2**31 - 1,
+    cnoff: int = 0,
+    t: int = 2**31 - 1,
+    steps=(),
+    operands=(),
+    alpha: float = 1.0,
+) -> None:
     """Writes into `c`. *_strides: (batch, row, col) of A and B; c_strides: (batch, row, col_hi, col_lo)."""
     if m == 0 or batch == 0:
         return
     views = epi.operand_views(operands, steps, m, n_out)
     src = TEMPLATE.format(DOT=runtime.DOT_SOURCE, EPI_ARGS=epi.signature(steps), EPILOGUE=epi.source(steps))
-    args = (a, b, c, float(alpha), m, n, k, n_out, akoff, aklim, cnoff, t, *a_strides, *b_strides, *c_strides,
-            *epi.operand_args(views))
+    args = (
+        a,
+        b,
+        c,
+        float(alpha),
+        m,
+        n,
+        k,
+        n_out,
+        akoff,
+        aklim,
+        cnoff,
+        t,
+        *a_strides,
+        *b_strides,
+        *c_strides,
+        *epi.operand_args(views),
+    )
 
     def grid(meta):
         return (runtime.cdiv(m, meta["BM"]), runtime.cdiv(n, meta["BN"]), batch)
 
-    runtime.launch(runtime.load("bgemm", src), "bgemm_kernel", grid, args, runtime.dot_flags(b.dtype), CONFIGS,
-                   ["M", "N", "K"], SMALL)
-
+    runtime.launch(
+        runtime.load("bgemm", src),
+        "bgemm_kernel",
+        grid,
+        args,
+        runtime.dot_flags(b.dtype),
+        CONFIGS,
+        ["M", "N", "K"],
+        SMALL,
+    )

@@ -4,6 +4,7 @@ Right factors: z_j = x_j V_j for every column block (bgemm, x's blocks read in p
 (block row i, tile): the coupling w_i = Σ_j s_ij ⊙ z_j is formed on chip, chunk by chunk of the rank, and fed
 straight into w_i U_iᵀ with the epilogue — the (b₁, N, r) mixed tensor never reaches memory.
 """
+
 from __future__ import annotations
 
 from ..families.blast import blast_matmul
@@ -12,7 +13,7 @@ from . import runtime
 from .bgemm import bgemm
 from .op import define, flat
 
-TEMPLATE = '''
+TEMPLATE = """
 import triton
 import triton.language as tl
 {DOT}
@@ -40,10 +41,12 @@ def blast_kernel(z, s, u, c, alpha, M, N_OUT, P, R, B2, szb, szm, szr, ssi, ssj,
     mask = (rm[:, None] < M) & (rp[None, :] < P)
 {EPILOGUE}
     tl.store(c + rm[:, None] * scm + rn[None, :] * scn, acc.to(c.dtype.element_ty), mask=mask)
-'''
+"""
 
-CONFIGS = [({"BM": bm, "BN": bn, "BK": bk}, w, s)
-           for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3), (128, 64, 64, 4, 3)]]
+CONFIGS = [
+    ({"BM": bm, "BN": bn, "BK": bk}, w, s)
+    for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3), (128, 64, 64, 4, 3)]
+]
 SMALL = {"BM": 16, "BN": 16, "BK": 16}
 
 
@@ -54,22 +57,63 @@ def launch(x, tensors, operands, steps, alpha, out_dtype):
     x2 = flat(x)
     m = x2.shape[0]
     z = runtime.alloc((b2, m, r), V.dtype, x.device)
-    bgemm(x2, (q * x2.stride(1), x2.stride(0), x2.stride(1)), V, (V.stride(0), V.stride(1), V.stride(2)),
-          z, (z.stride(0), z.stride(1), 0, z.stride(2)), batch=b2, m=m, n=r, k=q, n_out=r, t=r)
+    bgemm(
+        x2,
+        (q * x2.stride(1), x2.stride(0), x2.stride(1)),
+        V,
+        (V.stride(0), V.stride(1), V.stride(2)),
+        z,
+        (z.stride(0), z.stride(1), 0, z.stride(2)),
+        batch=b2,
+        m=m,
+        n=r,
+        k=q,
+        n_out=r,
+        t=r,
+    )
     y = runtime.alloc((m, b1 * p), runtime.out_dtype_of(U.dtype, out_dtype), x.device)
     if m == 0:
         return y.view(*x.shape[:-1], b1 * p)
     views = epi.operand_views(operands, steps, m, b1 * p)
     src = TEMPLATE.format(DOT=runtime.DOT_SOURCE, EPI_ARGS=epi.signature(steps), EPILOGUE=epi.source(steps))
-    args = (z, s, U, y, float(alpha), m, b1 * p, p, r, b2, z.stride(0), z.stride(1), z.stride(2),
-            s.stride(0), s.stride(1), s.stride(2), U.stride(0), U.stride(1), U.stride(2), y.stride(0), y.stride(1),
-            *epi.operand_args(views))
+    args = (
+        z,
+        s,
+        U,
+        y,
+        float(alpha),
+        m,
+        b1 * p,
+        p,
+        r,
+        b2,
+        z.stride(0),
+        z.stride(1),
+        z.stride(2),
+        s.stride(0),
+        s.stride(1),
+        s.stride(2),
+        U.stride(0),
+        U.stride(1),
+        U.stride(2),
+        y.stride(0),
+        y.stride(1),
+        *epi.operand_args(views),
+    )
 
     def grid(meta):
         return (runtime.cdiv(m, meta["BM"]), runtime.cdiv(p, meta["BN"]), b1)
 
-    runtime.launch(runtime.load("blast", src), "blast_kernel", grid, args, runtime.dot_flags(U.dtype), CONFIGS,
-                   ["M", "P", "R", "B2"], SMALL)
+    runtime.launch(
+        runtime.load("blast", src),
+        "blast_kernel",
+        grid,
+        args,
+        runtime.dot_flags(U.dtype),
+        CONFIGS,
+        ["M", "P", "R", "B2"],
+        SMALL,
+    )
     return y.view(*x.shape[:-1], b1 * p)
 
 

@@ -1,6 +1,7 @@
 """Fused DoRA: the fused LoRA product with the magnitude column scale g = m / ‖W + s·BA‖_row as the first
 epilogue step, so y = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b is one output pass. g is an (out,) vector computed in torch
 (the detached norm needs W Aᵀ and B A Aᵀ: O(out·in·r), small next to the GEMM)."""
+
 from __future__ import annotations
 
 from ..families.adapters.dora import DoRA, dora_row_norm

@@ -7,6 +7,7 @@ An epilogue is a comma-separated list of steps, applied in order:
 The same string drives the torch reference (`apply`) and the Triton code generator (`source`), so the two
 cannot disagree about order. Operands are consumed left to right by the steps that take one.
 """
+
 from __future__ import annotations
 
 import torch
@@ -87,14 +88,18 @@ def source(steps, indent: str = "    ") -> str:
             lines.append("acc = acc + _e[None, :]" if s == "add_row" else "acc = acc * _e[None, :]")
             i += 1
         elif s in ("add", "mul"):
-            lines.append(f"_e = tl.load(e{i}_ptr + rm[:, None] * e{i}_sm + rn[None, :] * e{i}_sn, mask=mask, "
-                         "other=0.0).to(tl.float32)")
+            lines.append(
+                f"_e = tl.load(e{i}_ptr + rm[:, None] * e{i}_sm + rn[None, :] * e{i}_sn, mask=mask, "
+                "other=0.0).to(tl.float32)"
+            )
             lines.append("acc = acc + _e" if s == "add" else "acc = acc * _e")
             i += 1
         elif s == "gelu":
             lines.append("acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))")
         elif s == "gelu_tanh":  # tanh(z) = 2·sigmoid(2z) − 1: tl has no portable tanh
-            lines.append("acc = 0.5 * acc * (2.0 * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)))")
+            lines.append(
+                "acc = 0.5 * acc * (2.0 * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)))"
+            )
         elif s == "silu":
             lines.append("acc = acc * tl.sigmoid(acc)")
         elif s == "relu":

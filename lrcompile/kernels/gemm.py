@@ -5,6 +5,7 @@ same accumulator, so the branch never makes its own pass over the (M, N) output.
 converted to B's on load (an absorbed input cast); `s` is an optional scalar read from memory (LoRA's scaling is
 a tensor so that hot-swapping alpha recompiles nothing).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -14,7 +15,7 @@ import torch
 from . import epilogue as epi
 from . import runtime
 
-TEMPLATE = '''
+TEMPLATE = """
 import triton
 import triton.language as tl
 {DOT}
@@ -54,11 +55,19 @@ def gemm_kernel(a1, b1, a2, b2, c, s_ptr, alpha, M, N_OUT, K1, K2,
     mask = (rm[:, None] < M) & (rn[None, :] < N_OUT)
 {EPILOGUE}
     tl.store(c + rm[:, None] * scm + rn[None, :] * scn, acc.to(c.dtype.element_ty), mask=mask)
-'''
+"""
 
-CONFIGS = [({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, w, s)
-           for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-                                    (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]]
+CONFIGS = [
+    ({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, w, s)
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+    ]
+]
 SMALL = {"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 4}
 
 
@@ -67,9 +76,17 @@ def module(steps):
     return runtime.load("gemm", src)
 
 
-def gemm(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
-         steps=(), operands=(), alpha: float = 1.0, s: Optional[torch.Tensor] = None,
-         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def gemm(
+    a1: torch.Tensor,
+    b1: torch.Tensor,
+    a2: Optional[torch.Tensor] = None,
+    b2: Optional[torch.Tensor] = None,
+    steps=(),
+    operands=(),
+    alpha: float = 1.0,
+    s: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """a1 (M, K1), b1 (N, K1), a2 (M, K2), b2 (N, K2): 2-D strided views; returns (M, N) in out_dtype or b1's."""
     m, k1 = a1.shape
     n = b1.shape[0]
@@ -79,9 +96,30 @@ def gemm(a1: torch.Tensor, b1: torch.Tensor, a2: Optional[torch.Tensor] = None, 
     has2 = a2 is not None
     a2_, b2_ = (a2, b2) if has2 else (a1, b1)
     views = epi.operand_views(operands, steps, m, n)
-    args = (a1, b1, a2_, b2_, c, s if s is not None else c, float(alpha), m, n, k1, a2.shape[1] if has2 else 0,
-            a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2_.stride(0), a2_.stride(1),
-            b2_.stride(0), b2_.stride(1), c.stride(0), c.stride(1), *epi.operand_args(views))
+    args = (
+        a1,
+        b1,
+        a2_,
+        b2_,
+        c,
+        s if s is not None else c,
+        float(alpha),
+        m,
+        n,
+        k1,
+        a2.shape[1] if has2 else 0,
+        a1.stride(0),
+        a1.stride(1),
+        b1.stride(0),
+        b1.stride(1),
+        a2_.stride(0),
+        a2_.stride(1),
+        b2_.stride(0),
+        b2_.stride(1),
+        c.stride(0),
+        c.stride(1),
+        *epi.operand_args(views),
+    )
     consts = {"HAS_A2": has2, "HAS_S": s is not None, **runtime.dot_flags(b1.dtype)}
 
     def grid(meta):

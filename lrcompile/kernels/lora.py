@@ -3,6 +3,7 @@
 The expand is folded into the base GEMM as a second K loop (concatenated K): the branch adds r/in to the base
 GEMM's work and never re-reads or re-writes the (M, out) output. s is read from memory inside the shrink.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,9 @@ from .op import define, flat
 def fused(x2, W, A, B, s, steps, operands, alpha, out_dtype, head=(), head_operands=()):
     """The LoRA product with `head` steps (DoRA's column scale) before the user's epilogue."""
     h = gemm(x2, A, s=s)
-    return gemm(x2, W, h, B, steps=(*head, *steps), operands=[*head_operands, *operands], alpha=alpha,
-                out_dtype=out_dtype)
+    return gemm(
+        x2, W, h, B, steps=(*head, *steps), operands=[*head_operands, *operands], alpha=alpha, out_dtype=out_dtype
+    )
 
 
 def launch(x, tensors, operands, steps, alpha, out_dtype):
@@ -37,8 +39,12 @@ def grads(x, tensors, g, need_x, need_t):
     h = x @ A.t() if need_B or need_s else None
     gx = torch.addmm(g @ W, gb * s, A) if need_x else None
     gs = (gb.float() * h.float()).sum().reshape(s.shape).to(s.dtype) if need_s else None
-    return gx, [g.t() @ x if need_W else None, (gb * s).t() @ x if need_A else None,
-                (g.t() @ h) * s if need_B else None, gs]
+    return gx, [
+        g.t() @ x if need_W else None,
+        (gb * s).t() @ x if need_A else None,
+        (g.t() @ h) * s if need_B else None,
+        gs,
+    ]
 
 
 lora = define("lora", core, launch, lambda t: t[0].shape[0], grads)

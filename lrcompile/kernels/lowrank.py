@@ -5,6 +5,7 @@ to the compute dtype (as the unfused graph stores it), then sweeps the output co
 tile. Ranks above CHAIN_MAX_R would not fit in registers: two launches of the shared GEMM (h goes through memory,
 the epilogue still rides the second).
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,7 @@ from .op import define, flat
 
 CHAIN_MAX_R = 128
 
-TEMPLATE = '''
+TEMPLATE = """
 import triton
 import triton.language as tl
 {DOT}
@@ -44,10 +45,12 @@ def chain_kernel(x, v, u, c, alpha, M, N_OUT, K, R, sxm, sxk, svr, svk, sun, sur
         mask = (rm[:, None] < M) & (rn[None, :] < N_OUT)
 {EPILOGUE}
         tl.store(c + rm[:, None] * scm + rn[None, :] * scn, acc.to(c.dtype.element_ty), mask=mask)
-'''
+"""
 
-CONFIGS = [({"BM": bm, "BN": bn, "BK": bk}, w, s)
-           for bm, bn, bk, w, s in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3)]]
+CONFIGS = [
+    ({"BM": bm, "BN": bn, "BK": bk}, w, s)
+    for bm, bn, bk, w, s in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3)]
+]
 SMALL = {"BM": 16, "BN": 16, "BK": 16}
 
 
@@ -59,11 +62,37 @@ def chain(x2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, steps, operands, a
         return c
     views = epi.operand_views(operands, steps, m, n)
     src = TEMPLATE.format(DOT=runtime.DOT_SOURCE, EPI_ARGS=epi.signature(steps), EPILOGUE=epi.source(steps, " " * 8))
-    args = (x2, V, U, c, float(alpha), m, n, k, r, x2.stride(0), x2.stride(1), V.stride(0), V.stride(1),
-            U.stride(0), U.stride(1), c.stride(0), c.stride(1), *epi.operand_args(views))
+    args = (
+        x2,
+        V,
+        U,
+        c,
+        float(alpha),
+        m,
+        n,
+        k,
+        r,
+        x2.stride(0),
+        x2.stride(1),
+        V.stride(0),
+        V.stride(1),
+        U.stride(0),
+        U.stride(1),
+        c.stride(0),
+        c.stride(1),
+        *epi.operand_args(views),
+    )
     consts = {"BR": runtime.pow2(r), **runtime.dot_flags(U.dtype)}
-    runtime.launch(runtime.load("lowrank", src), "chain_kernel", lambda meta: (runtime.cdiv(m, meta["BM"]),),
-                   args, consts, CONFIGS, ["M", "N_OUT", "K", "R"], SMALL)
+    runtime.launch(
+        runtime.load("lowrank", src),
+        "chain_kernel",
+        lambda meta: (runtime.cdiv(m, meta["BM"]),),
+        args,
+        consts,
+        CONFIGS,
+        ["M", "N_OUT", "K", "R"],
+        SMALL,
+    )
     return c
 
 

@@ -6,6 +6,7 @@ the base GEMM as a second K loop (gemm.py). alpha (an absorbed input scale) is a
 is not linear in x. Ranks whose (BM × r) tile would not fit on chip (above MAX_R) form h in torch; the expand
 and the epilogue still ride the base GEMM.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,7 @@ from .op import define, flat, partial_vjp
 
 MAX_R = 128
 
-TEMPLATE = '''
+TEMPLATE = """
 import triton
 import triton.language as tl
 {DOT}
@@ -46,7 +47,7 @@ def cosnet_kernel(x, down, db, w1, p1, mid, mb, w2, p2, h, M, K, R, sxm, sxk, sd
     c2 = tl.cos(tl.load(w2 + rr, mask=rmask, other=0.0).to(tl.float32)[None, :] * g
                 + tl.load(p2 + rr, mask=rmask, other=0.0).to(tl.float32)[None, :])
     tl.store(h + rm[:, None] * shm + rr[None, :] * shr, c2.to(h.dtype.element_ty), mask=(rm[:, None] < M) & rmask[None, :])
-'''
+"""
 
 CONFIGS = [({"BM": bm, "BK": bk}, w, s) for bm, bk, w, s in [(64, 64, 4, 3), (128, 64, 8, 3), (32, 128, 4, 3)]]
 SMALL = {"BM": 16, "BK": 16}
@@ -70,12 +71,41 @@ def cosnet(x2: torch.Tensor, down, down_bias, omega1, phi1, mid, mid_bias, omega
     h = runtime.alloc((m, r), down.dtype, x2.device)
     if m == 0:
         return h
-    args = (x2, down, down_bias, omega1, phi1, mid, mid_bias, omega2, phi2, h, m, k, r, x2.stride(0), x2.stride(1),
-            down.stride(0), down.stride(1), mid.stride(0), mid.stride(1), h.stride(0), h.stride(1))
+    args = (
+        x2,
+        down,
+        down_bias,
+        omega1,
+        phi1,
+        mid,
+        mid_bias,
+        omega2,
+        phi2,
+        h,
+        m,
+        k,
+        r,
+        x2.stride(0),
+        x2.stride(1),
+        down.stride(0),
+        down.stride(1),
+        mid.stride(0),
+        mid.stride(1),
+        h.stride(0),
+        h.stride(1),
+    )
     consts = {"BR": runtime.pow2(r), **runtime.dot_flags(down.dtype)}
     src = TEMPLATE.format(DOT=runtime.DOT_SOURCE)
-    runtime.launch(runtime.load("noble", src), "cosnet_kernel", lambda meta: (runtime.cdiv(m, meta["BM"]),),
-                   args, consts, CONFIGS, ["M", "K", "R"], SMALL)
+    runtime.launch(
+        runtime.load("noble", src),
+        "cosnet_kernel",
+        lambda meta: (runtime.cdiv(m, meta["BM"]),),
+        args,
+        consts,
+        CONFIGS,
+        ["M", "K", "R"],
+        SMALL,
+    )
     return h
 
 

@@ -12,6 +12,7 @@ need a gradient (a frozen base weight costs no dW GEMM):
   - the core's: the family's `grads` (closed form: no forward recompute), else the reference's vjp taken only
     with respect to the inputs that need a gradient.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -89,11 +90,19 @@ def define(name: str, core: Callable, launch: Callable, out_features: Callable, 
     core_grads = grads or vjp_grads(core)
 
     @torch.library.custom_op(f"lrcompile::{name}", mutates_args=())
-    def op(x: torch.Tensor, tensors: list[torch.Tensor], operands: list[torch.Tensor], epilogue: str,
-           alpha: float, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    def op(
+        x: torch.Tensor,
+        tensors: list[torch.Tensor],
+        operands: list[torch.Tensor],
+        epilogue: str,
+        alpha: float,
+        out_dtype: Optional[torch.dtype],
+    ) -> torch.Tensor:
         steps = epi.parse(epilogue)
         if len(operands) != epi.n_operands(steps):
-            raise ValueError(f"lrcompile::{name}: epilogue {epilogue!r} takes {epi.n_operands(steps)} operands, got {len(operands)}")
+            raise ValueError(
+                f"lrcompile::{name}: epilogue {epilogue!r} takes {epi.n_operands(steps)} operands, got {len(operands)}"
+            )
         if runtime.use_triton(x):
             return launch(x, list(tensors), list(operands), steps, alpha, out_dtype)
         return reference(core, x, tensors, operands, epilogue, alpha, out_dtype).contiguous()
@@ -112,11 +121,11 @@ def define(name: str, core: Callable, launch: Callable, out_features: Callable, 
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         nt = ctx.n_tensors
-        x, tensors, operands = saved[0], list(saved[1:1 + nt]), list(saved[1 + nt:])
+        x, tensors, operands = saved[0], list(saved[1 : 1 + nt]), list(saved[1 + nt :])
         epilogue, alpha, out_dtype = ctx.meta
         # flat whatever the nesting torch gives it: x, each tensor, each operand, then the non-tensor arguments
         needs = _leaves(ctx.needs_input_grad)
-        need_x, need_t, need_o = needs[0], needs[1:1 + nt], needs[1 + nt:1 + nt + len(operands)]
+        need_x, need_t, need_o = needs[0], needs[1 : 1 + nt], needs[1 + nt : 1 + nt + len(operands)]
         steps = epi.parse(epilogue)
         cd = tensors[0].dtype
         g_ops: list = [None] * len(operands)

@@ -7,6 +7,7 @@ then imported from there. Never from the shared cache directory: a file there ma
 importing it would run it. The interpreter flag is part of the in-process key because `triton.jit` picks
 interpreted or compiled at decoration time.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -54,9 +55,11 @@ def interpreting() -> bool:
         return True
     if not _late_warned:
         _late_warned = True
-        warnings.warn("lrcompile: TRITON_INTERPRET=1 was set after triton was imported; the Triton interpreter "
-                      "cannot take effect, so kernels run their torch implementations (set it before any import)",
-                      stacklevel=2)
+        warnings.warn(
+            "lrcompile: TRITON_INTERPRET=1 was set after triton was imported; the Triton interpreter "
+            "cannot take effect, so kernels run their torch implementations (set it before any import)",
+            stacklevel=2,
+        )
     return False
 
 
@@ -112,14 +115,14 @@ def dot_flags(dtype: torch.dtype) -> dict:
 
 
 # The dot every template uses, with the flags above as constexprs.
-DOT_SOURCE = '''
+DOT_SOURCE = """
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
-'''
+"""
 
 
 def _version(v: str) -> tuple:
@@ -135,9 +138,11 @@ def check_interpreter_numpy() -> None:
     if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
         from ..errors import LrcompileError
 
-        raise LrcompileError(f"lrcompile: the Triton interpreter of triton {triton.__version__} does not run with "
-                             f"numpy {numpy.__version__}; install numpy<2.4 (pip install 'lrcompile[triton36]') "
-                             "or triton>=3.7")
+        raise LrcompileError(
+            f"lrcompile: the Triton interpreter of triton {triton.__version__} does not run with "
+            f"numpy {numpy.__version__}; install numpy<2.4 (pip install 'lrcompile[triton36]') "
+            "or triton>=3.7"
+        )
 
 
 def pow2(n: int, lo: int = 16) -> int:
@@ -158,8 +163,9 @@ def launch(mod, name: str, grid, args: tuple, consts: dict, configs: list, key: 
     tuned_name = f"_tuned_{name}"
     tuned = getattr(mod, tuned_name, None)
     if tuned is None:
-        tuned = triton.autotune(configs=[triton.Config(c, num_warps=w, num_stages=s) for c, w, s in configs],
-                                key=key)(fn)
+        tuned = triton.autotune(configs=[triton.Config(c, num_warps=w, num_stages=s) for c, w, s in configs], key=key)(
+            fn
+        )
         setattr(mod, tuned_name, tuned)
     tuned[grid](*args, **consts)
 

@@ -15,6 +15,7 @@ in_features by the load mask) and the store scatters the (c, τ) columns straigh
 stage 2 reads contiguously; stage 2, per output block c: y[:, c·c₁:(c+1)·c₁] = z[c] · W2[c] with the epilogue on
 global columns, masked past out_features (Monarch's padding).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,7 @@ from .op import define, flat
 ONE_MAX_C1 = 128  # BM × c₁ fp32 accumulator plus the BM × t tile of z stay in registers
 ONE_MAX_T = 64
 
-TEMPLATE = '''
+TEMPLATE = """
 import triton
 import triton.language as tl
 {DOT}
@@ -64,10 +65,11 @@ def btt_kernel(x, w1, w2, c, alpha, M, IN, N_OUT, A1, A0, C0, T, C1, sxm, sxk, s
     mask = (rm[:, None] < M) & (rj[None, :] < C1) & (rn[None, :] < N_OUT)
 {EPILOGUE}
     tl.store(c + rm[:, None] * scm + rn[None, :] * scn, acc.to(c.dtype.element_ty), mask=mask)
-'''
+"""
 
-CONFIGS = [({"BM": bm, "BK": bk}, w, s) for bm, bk, w, s in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4),
-                                                              (32, 64, 4, 3)]]
+CONFIGS = [
+    ({"BM": bm, "BK": bk}, w, s) for bm, bk, w, s in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (32, 64, 4, 3)]
+]
 SMALL = {"BM": 16, "BK": 16}
 
 
@@ -89,15 +91,43 @@ def one_kernel(x2, W1, W2, n_out, steps, operands, alpha, out_dtype) -> torch.Te
         return y
     views = epi.operand_views(operands, steps, m, n_out)
     src = TEMPLATE.format(DOT=runtime.DOT_SOURCE, EPI_ARGS=epi.signature(steps), EPILOGUE=epi.source(steps))
-    args = (x2, W1, W2, y, float(alpha), m, in_f, n_out, a1, a0, c0, t, c1, x2.stride(0), x2.stride(1),
-            *W1.stride(), *W2.stride(), y.stride(0), y.stride(1), *epi.operand_args(views))
+    args = (
+        x2,
+        W1,
+        W2,
+        y,
+        float(alpha),
+        m,
+        in_f,
+        n_out,
+        a1,
+        a0,
+        c0,
+        t,
+        c1,
+        x2.stride(0),
+        x2.stride(1),
+        *W1.stride(),
+        *W2.stride(),
+        y.stride(0),
+        y.stride(1),
+        *epi.operand_args(views),
+    )
     consts = {"BT": runtime.pow2(t), "BC": runtime.pow2(c1), **runtime.dot_flags(W1.dtype)}
 
     def grid(meta):
         return (c0 * runtime.cdiv(m, meta["BM"]),)
 
-    runtime.launch(runtime.load("btt", src), "btt_kernel", grid, args, consts, CONFIGS,
-                   ["M", "IN", "N_OUT", "A1", "T", "C1"], SMALL)
+    runtime.launch(
+        runtime.load("btt", src),
+        "btt_kernel",
+        grid,
+        args,
+        consts,
+        CONFIGS,
+        ["M", "IN", "N_OUT", "A1", "T", "C1"],
+        SMALL,
+    )
     return y
 
 
@@ -107,13 +137,41 @@ def two_launch(x2, W1, W2, n_out, steps, operands, alpha, out_dtype) -> torch.Te
     c1 = W2.shape[-1]
     m, in_f = x2.shape
     z = runtime.alloc((c0, m, a1 * t), W1.dtype, x2.device)
-    bgemm(x2, (a0 * x2.stride(1), x2.stride(0), x2.stride(1)), W1, (W1.stride(0), W1.stride(1), W1.stride(3)),
-          z, (t * z.stride(2), z.stride(1), z.stride(0), z.stride(2)),
-          batch=a1, m=m, n=c0 * t, k=a0, n_out=c0 * t, akoff=a0, aklim=in_f, t=t)
+    bgemm(
+        x2,
+        (a0 * x2.stride(1), x2.stride(0), x2.stride(1)),
+        W1,
+        (W1.stride(0), W1.stride(1), W1.stride(3)),
+        z,
+        (t * z.stride(2), z.stride(1), z.stride(0), z.stride(2)),
+        batch=a1,
+        m=m,
+        n=c0 * t,
+        k=a0,
+        n_out=c0 * t,
+        akoff=a0,
+        aklim=in_f,
+        t=t,
+    )
     y = runtime.alloc((m, n_out), runtime.out_dtype_of(W1.dtype, out_dtype), x2.device)
-    bgemm(z, (z.stride(0), z.stride(1), z.stride(2)), W2, (W2.stride(0), W2.stride(2), W2.stride(3)),
-          y, (c1 * y.stride(1), y.stride(0), 0, y.stride(1)),
-          batch=c0, m=m, n=c1, k=a1 * t, n_out=n_out, cnoff=c1, t=c1, steps=steps, operands=operands, alpha=alpha)
+    bgemm(
+        z,
+        (z.stride(0), z.stride(1), z.stride(2)),
+        W2,
+        (W2.stride(0), W2.stride(2), W2.stride(3)),
+        y,
+        (c1 * y.stride(1), y.stride(0), 0, y.stride(1)),
+        batch=c0,
+        m=m,
+        n=c1,
+        k=a1 * t,
+        n_out=n_out,
+        cnoff=c1,
+        t=c1,
+        steps=steps,
+        operands=operands,
+        alpha=alpha,
+    )
     return y
 
 

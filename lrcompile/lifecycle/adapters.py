@@ -13,15 +13,16 @@ back to every name of its target and copies into the existing tensors in place â
 zero-padded to the installed one, the scaling comes from the saved value â€” so a compiled model recompiles
 nothing (the tensors are graph inputs).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..runtime import attach as store
 from ..errors import LrcompileError
 from ..families.adapters.lora import Adapter
 from ..families.adapters.vera import own_projections
+from ..runtime import attach as store
 
 
 def _is_swappable_adapter(mod) -> bool:
@@ -70,12 +71,16 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict, strict: bool = T
     targets = _adapter_tensors(model)
     unexpected = [k for k in state_dict if k not in targets]
     if unexpected:
-        raise LrcompileError(f"load_adapter_state_dict: no adapter tensor named {unexpected[0]!r} in the model "
-                             f"({len(unexpected)} unexpected)")
+        raise LrcompileError(
+            f"load_adapter_state_dict: no adapter tensor named {unexpected[0]!r} in the model "
+            f"({len(unexpected)} unexpected)"
+        )
     groups = _aliases(targets)
     missing = [names[0] for names in groups if not any(k in state_dict for k in names)]
     if strict and missing:
-        raise LrcompileError(f"load_adapter_state_dict: {missing[0]!r} missing from the state dict ({len(missing)} missing)")
+        raise LrcompileError(
+            f"load_adapter_state_dict: {missing[0]!r} missing from the state dict ({len(missing)} missing)"
+        )
     with torch.no_grad():
         for names in groups:
             given = [k for k in names if k in state_dict]
@@ -84,14 +89,18 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict, strict: bool = T
             k, src = given[0], state_dict[given[0]]
             for other in given[1:]:
                 if not torch.equal(state_dict[other], src):
-                    raise LrcompileError(f"load_adapter_state_dict: {k!r} and {other!r} are one tensor in the model "
-                                         "but differ in the state dict")
+                    raise LrcompileError(
+                        f"load_adapter_state_dict: {k!r} and {other!r} are one tensor in the model "
+                        "but differ in the state dict"
+                    )
             dst = targets[k]
             try:
                 dst.copy_(zero_pad(src.to(device=dst.device), dst.shape))
             except ValueError:
-                raise LrcompileError(f"load_adapter_state_dict: {k}: saved shape {tuple(src.shape)} does not fit the "
-                                     f"installed {tuple(dst.shape)} (a larger rank cannot be loaded)") from None
+                raise LrcompileError(
+                    f"load_adapter_state_dict: {k}: saved shape {tuple(src.shape)} does not fit the "
+                    f"installed {tuple(dst.shape)} (a larger rank cannot be loaded)"
+                ) from None
     return model
 
 

@@ -6,6 +6,7 @@ all-reduce their gradients and the ranks would silently drift apart. So under an
 model managed by FSDP2, the backend refuses to make new factors and says what to do instead; factors that
 `lrcompile.rewrite` installed before wrapping are found and used as they are.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -15,8 +16,10 @@ from torch import nn
 from ..compat import active_ddp_module
 from ..errors import LrcompileError
 
-ADVICE = ("call lrcompile.rewrite(model, policy, example_inputs) before wrapping the model in "
-          "DistributedDataParallel / fully_shard, then compile the wrapped model")
+ADVICE = (
+    "call lrcompile.rewrite(model, policy, example_inputs) before wrapping the model in "
+    "DistributedDataParallel / fully_shard, then compile the wrapped model"
+)
 
 
 def active_wrapper(root: Optional[nn.Module]) -> Optional[str]:
@@ -35,5 +38,7 @@ def active_wrapper(root: Optional[nn.Module]) -> Optional[str]:
 def check_new_factors(what: str, root: Optional[nn.Module]) -> None:
     wrapper = active_wrapper(root)
     if wrapper is not None:
-        raise LrcompileError(f"lrcompile: {what}: the backend cannot add new parameters under {wrapper} "
-                             f"(their gradients would not be synchronised); {ADVICE}")
+        raise LrcompileError(
+            f"lrcompile: {what}: the backend cannot add new parameters under {wrapper} "
+            f"(their gradients would not be synchronised); {ADVICE}"
+        )

@@ -7,6 +7,7 @@ mode; optionally the outputs of chosen submodules (each transformer block) are m
 works on balanced factors (U·√S, √S·V, equal norms) with a small Adam learning rate; an MSE loss on hidden
 states with unbalanced factors wrecked the model.
 """
+
 from __future__ import annotations
 
 import math
@@ -125,10 +126,22 @@ def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0 - frac
 
 
-def heal(model: nn.Module, teacher: nn.Module, batches: Iterable, *, steps: int = 200, lr: float = 2e-5,
-         token_weight: float = 0.1, layers=(), layer_weight: float = 0.1, layer_loss: str = "cos",
-         warmup: int = 0, schedule: str = "linear", train_also: Iterable[str] = (),
-         progress: bool = True) -> nn.Module:
+def heal(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable,
+    *,
+    steps: int = 200,
+    lr: float = 2e-5,
+    token_weight: float = 0.1,
+    layers=(),
+    layer_weight: float = 0.1,
+    layer_loss: str = "cos",
+    warmup: int = 0,
+    schedule: str = "linear",
+    train_also: Iterable[str] = (),
+    progress: bool = True,
+) -> nn.Module:
     """Distil `model`'s lrcompile factors toward `teacher` (the dense original) on `batches`; returns `model`.
 
     `layers`: submodule paths (the same in both models, e.g. each transformer block) whose outputs are matched

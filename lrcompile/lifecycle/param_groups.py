@@ -6,6 +6,7 @@ them. Every other trainable parameter gets `base_lr`.
 
     opt = torch.optim.AdamW(lrcompile.param_groups(model, 3e-4), weight_decay=0.1)
 """
+
 from __future__ import annotations
 
 from torch import nn

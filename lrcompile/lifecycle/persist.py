@@ -10,6 +10,7 @@ the weights and restores every parameter's `requires_grad`.
 A family adds what else its sites need through `Structure.plan_extra` / `config_from_plan` (VeRA numbers its
 shared projection pairs, so sites that shared one when saved share one again after `load`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,12 +20,12 @@ import os
 import torch
 from torch import nn
 
-from ..runtime import attach as store
-from ..plan.rewrite import _replace_module, layout_of
 from ..attention.factors import AttnFactors, SharedBasis, StackedStructure
 from ..errors import PlanError
-from ..plan.build import first_line
 from ..families import FAMILIES, Structure
+from ..plan.build import first_line
+from ..plan.rewrite import _replace_module, layout_of
+from ..runtime import attach as store
 
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
@@ -46,15 +47,26 @@ def _entries(model: nn.Module) -> list[dict]:
         if not isinstance(mod, Structure):
             continue
         owner, _, leaf = path.rpartition(".")
-        entry = {"path": path, "family": mod.name, "config": dataclasses.asdict(mod.cfg),
-                 "in_features": mod.in_features, "out_features": mod.out_features,
-                 "bias": mod.bias is not None, "dtype": _dtype(mod.tensors()[0]),
-                 "policy": getattr(mod, "policy_digest", None)}
+        entry = {
+            "path": path,
+            "family": mod.name,
+            "config": dataclasses.asdict(mod.cfg),
+            "in_features": mod.in_features,
+            "out_features": mod.out_features,
+            "bias": mod.bias is not None,
+            "dtype": _dtype(mod.tensors()[0]),
+            "policy": getattr(mod, "policy_digest", None),
+        }
         entry.update(mod.plan_extra(shared))
         if leaf.startswith(store.PREFIX):
             found = store.base_weight(model.get_submodule(owner) if owner else model, leaf)
-            entry.update(placement="attached", owner=owner, child=leaf, weight=found[0] if found else None,
-                         transposed=getattr(mod, "base_transposed", None))
+            entry.update(
+                placement="attached",
+                owner=owner,
+                child=leaf,
+                weight=found[0] if found else None,
+                transposed=getattr(mod, "base_transposed", None),
+            )
         else:
             entry.update(placement="module")
         out.append(entry)
@@ -64,10 +76,19 @@ def _entries(model: nn.Module) -> list[dict]:
 def _attention_entry(path: str, mod: AttnFactors) -> dict:
     """An attention rule's factors, attached to the attention module (lrcompile.attention)."""
     owner, _, leaf = path.rpartition(".")
-    entry = {"path": path, "placement": "attached", "owner": owner, "child": leaf, "method": mod.method,
-             "in_features": mod.in_features, "sizes": list(mod.sizes), "dtype": _dtype(mod.tensors()[0]),
-             "site_fqn": mod.site_fqn, "sources": [[src[0], list(src[1]), *src[2:]] for src in mod.sources],
-             "policy": getattr(mod, "policy_digest", None)}
+    entry = {
+        "path": path,
+        "placement": "attached",
+        "owner": owner,
+        "child": leaf,
+        "method": mod.method,
+        "in_features": mod.in_features,
+        "sizes": list(mod.sizes),
+        "dtype": _dtype(mod.tensors()[0]),
+        "site_fqn": mod.site_fqn,
+        "sources": [[src[0], list(src[1]), *src[2:]] for src in mod.sources],
+        "policy": getattr(mod, "policy_digest", None),
+    }
     if isinstance(mod, StackedStructure):
         entry.update(family=STACKED, structure=mod.family.name, config=dataclasses.asdict(mod.cfg))
     else:
@@ -80,9 +101,13 @@ def save(model: nn.Module, directory: str) -> None:
 
     os.makedirs(directory, exist_ok=True)
     sites = _entries(model)
-    plan = {"format": FORMAT, "torch": torch.__version__,
-            "policies": sorted({e["policy"] for e in sites if e.get("policy")}),
-            "frozen": [n for n, p in model.named_parameters() if not p.requires_grad], "sites": sites}
+    plan = {
+        "format": FORMAT,
+        "torch": torch.__version__,
+        "policies": sorted({e["policy"] for e in sites if e.get("policy")}),
+        "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+        "sites": sites,
+    }
     with open(os.path.join(directory, PLAN), "w") as f:
         json.dump(plan, f, indent=1)
     save_model(model, os.path.join(directory, WEIGHTS))
@@ -186,8 +211,11 @@ def _check_policy(plan: dict, policy, plan_path: str) -> None:
     pol = load_policy(policy)
     saved = plan.get("policies") or []
     if saved and pol.digest not in saved:
-        warnings.warn(f"lrcompile: {plan_path} was saved from policy {', '.join(saved)}, not from {pol.source} "
-                      f"({pol.digest}); loading the saved plan as it is", stacklevel=3)
+        warnings.warn(
+            f"lrcompile: {plan_path} was saved from policy {', '.join(saved)}, not from {pol.source} "
+            f"({pol.digest}); loading the saved plan as it is",
+            stacklevel=3,
+        )
 
 
 def _check_shapes(model: nn.Module, weights: str) -> None:
@@ -202,12 +230,16 @@ def _check_shapes(model: nn.Module, weights: str) -> None:
                 if key in expected:
                     got = tuple(f.get_slice(key).get_shape())
                     if got != tuple(expected[key].shape):
-                        raise PlanError(f"{weights}: '{key}' has shape {got}, the rebuilt model expects "
-                                        f"{tuple(expected[key].shape)}")
+                        raise PlanError(
+                            f"{weights}: '{key}' has shape {got}, the rebuilt model expects "
+                            f"{tuple(expected[key].shape)}"
+                        )
     except Exception as e:  # noqa: BLE001 - a truncated header reads as safetensors' own error type
         if isinstance(e, PlanError):
             raise
-        raise PlanError(f"{weights}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise PlanError(
+            f"{weights}: cannot read the weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
 
 def _owner(model: nn.Module, entry: dict, directory: str) -> nn.Module:
@@ -288,8 +320,9 @@ def _rebuild(model: nn.Module, entry: dict, directory: str, shared: dict, undo: 
     cls.config_from_plan(cfg, entry, shared)
     in_f, out_f = entry["in_features"], entry["out_features"]
     if not all(type(v) is int and v > 0 for v in (in_f, out_f)):
-        _fail(directory, entry, f"bad entry (in_features and out_features must be positive ints, got {in_f!r}, "
-                                f"{out_f!r})")
+        _fail(
+            directory, entry, f"bad entry (in_features and out_features must be positive ints, got {in_f!r}, {out_f!r})"
+        )
     dtype = _dtype_of(entry, directory)
     if entry["placement"] == "attached":
         if not isinstance(entry.get("weight"), str) or not isinstance(entry.get("child"), str):

@@ -13,6 +13,7 @@ keep the last dim, eval-mode dropout). Everything else stays with Inductor. A no
     graph condensed by the groups, per step and once more over the whole partition).
 Shapes come from fake-tensor propagation; a node without them ends its group.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,15 +26,19 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..compat import (GELU_OPS, example_value, fake_in, fake_mode_of, new_fake_mode, statically_known_true,
-                      to_fake)
+from ..compat import GELU_OPS, example_value, fake_in, fake_mode_of, new_fake_mode, statically_known_true, to_fake
 from ..families import FAMILIES, FamilyView
 
 ADD = {operator.add, torch.add}
 MUL = {operator.mul, torch.mul}
 DIV = {operator.truediv, torch.div}
-ACT_FUNCS = {torch.nn.functional.silu: "silu", torch.nn.functional.relu: "relu", torch.relu: "relu",
-             torch.tanh: "tanh", torch.nn.functional.tanh: "tanh"}
+ACT_FUNCS = {
+    torch.nn.functional.silu: "silu",
+    torch.nn.functional.relu: "relu",
+    torch.relu: "relu",
+    torch.tanh: "tanh",
+    torch.nn.functional.tanh: "tanh",
+}
 GELU = set(GELU_OPS)
 ACT_METHODS = {"relu": "relu", "tanh": "tanh"}
 CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
@@ -72,8 +77,10 @@ def _val(node) -> Optional[torch.Tensor]:
 def _same(a, b) -> bool:
     if len(a) != len(b):
         return False
-    return all(statically_known_true(x == y) if not (isinstance(x, int) and isinstance(y, int)) else x == y
-               for x, y in zip(a, b))
+    return all(
+        statically_known_true(x == y) if not (isinstance(x, int) and isinstance(y, int)) else x == y
+        for x, y in zip(a, b)
+    )
 
 
 def propagate(gm: fx.GraphModule, inputs) -> bool:
@@ -181,8 +188,12 @@ def _activation(n: fx.Node, cur: fx.Node) -> Optional[str]:
     if n.op == "call_function" and n.args[:1] == (cur,):
         if n.target in GELU and len(n.args) == 1 and set(n.kwargs) <= {"approximate"}:
             return {"none": "gelu", "tanh": "gelu_tanh"}.get(n.kwargs.get("approximate", "none"))
-        if n.target in ACT_FUNCS and len(n.args) == 1 and not n.kwargs.get("inplace", False) \
-                and set(n.kwargs) <= {"inplace"}:
+        if (
+            n.target in ACT_FUNCS
+            and len(n.args) == 1
+            and not n.kwargs.get("inplace", False)
+            and set(n.kwargs) <= {"inplace"}
+        ):
             return ACT_FUNCS[n.target]
     if n.op == "call_method" and n.target in ACT_METHODS and n.args == (cur,) and not n.kwargs:
         return ACT_METHODS[n.target]

@@ -5,6 +5,7 @@ keep training, nothing new is stored), outputs split back. Low rank (`rank`): [W
 x·Vᵀ is computed once and one matmul with U gives Q, K and V. Structured (`structure`): the stacked weight as
 a linear family (e.g. Monarch), one call of its functional gives Q, K and V.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,7 +23,11 @@ def refuse(parts: list[Part], low_rank: bool) -> Optional[str]:
     if not low_rank and len(sites) == 1:
         s, _ = parts[0]
         covered = sorted(ab for _, ab in parts)
-        if covered[0][0] == 0 and covered[-1][1] == s.out_features and all(x[1] == y[0] for x, y in zip(covered, covered[1:])):
+        if (
+            covered[0][0] == 0
+            and covered[-1][1] == s.out_features
+            and all(x[1] == y[0] for x, y in zip(covered, covered[1:]))
+        ):
             return f"q, k and v already come from one projection ({s.fqn})"
     return None
 

@@ -5,6 +5,7 @@ followed by the group's own views (the op returns (..., out) in x's leading shap
 only regroup rows, and every epilogue step is elementwise, so replaying them on the result is exact). The call is
 inserted just before the group's last node, after every operand it reads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,12 +27,26 @@ def lower(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
         out_dtype = last.meta["val"].dtype
         compute = g.tensors[0].meta["val"].dtype
         with graph.inserting_before(last):
-            node = graph.call_function(op, (new(g.x), [new(t) for t in g.tensors], [new(o) for o, _ in g.operands], ",".join(g.steps),
-                                            float(g.alpha), None if out_dtype == compute else out_dtype))
-            node.meta = {k: v for k, v in g.site.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+            node = graph.call_function(
+                op,
+                (
+                    new(g.x),
+                    [new(t) for t in g.tensors],
+                    [new(o) for o, _ in g.operands],
+                    ",".join(g.steps),
+                    float(g.alpha),
+                    None if out_dtype == compute else out_dtype,
+                ),
+            )
+            node.meta = {
+                k: v for k, v in g.site.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")
+            }
             for v in g.views:
-                node = graph.call_method(v.target, (node, *v.args[1:]), dict(v.kwargs)) if v.op == "call_method" \
+                node = (
+                    graph.call_method(v.target, (node, *v.args[1:]), dict(v.kwargs))
+                    if v.op == "call_method"
                     else graph.call_function(v.target, (node, *v.args[1:]), dict(v.kwargs))
+                )
         last.replace_all_uses_with(node)
         done[last] = node
         for n in reversed(g.members):

@@ -6,6 +6,7 @@ in the graph: they keep training) or through the factors' own `project` (low ran
 with the stacked U; a structured family: its functional) — and each site node is replaced by its rows of the
 result; rows of a site that no part claims stay dense.
 """
+
 from __future__ import annotations
 
 import operator
@@ -83,7 +84,9 @@ def stack_projection(gm: fx.GraphModule, vm: dict, parts: list[Part], project: O
             pieces, at = [], 0
             for (a, b), c in mine + [((site.out_features, site.out_features), None)]:
                 if a > at:  # rows no part claims (GPT-2's Q rows under shared_kv) stay dense
-                    pieces.append(graph.call_function(F.linear, (x, _rows(graph, vm, site, at, a), _bias(graph, vm, site, at, a))))
+                    pieces.append(
+                        graph.call_function(F.linear, (x, _rows(graph, vm, site, at, a), _bias(graph, vm, site, at, a)))
+                    )
                 if c is not None:
                     pieces.append(c)
                 at = b
@@ -93,4 +96,3 @@ def stack_projection(gm: fx.GraphModule, vm: dict, parts: list[Part], project: O
             graph.erase_node(node)
             replaced[node] = out
     return replaced
-

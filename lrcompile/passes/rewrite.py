@@ -3,6 +3,7 @@
 Dynamo's own graph is never mutated (it reads its placeholders' metadata after the backend returns): the pass
 copies the graph and rewrites the copy.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,8 +38,9 @@ def add_bias_after_gemm(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return (y.unsqueeze(0) + bias.to(y.dtype)).squeeze(0)
 
 
-def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple], bias_epilogue: bool = False
-                  ) -> tuple[fx.GraphModule, list[Structure]]:
+def rewrite_graph(
+    gm: fx.GraphModule, chosen: list[tuple], bias_epilogue: bool = False
+) -> tuple[fx.GraphModule, list[Structure]]:
     """`chosen`: (site, structure) or (site, structure, fn), fn an implementation of the family's `functional`
     (the autotuner's choice). With `bias_epilogue` (Inductor on CPU), a site's bias is added after its GEMMs
     (`add_bias_after_gemm`). Returns the rewritten copy and the structures whose tensors the new trailing inputs

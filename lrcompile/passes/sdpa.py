@@ -19,6 +19,7 @@ Precision: SDPA runs in the dtype the chain's softmax runs in. Llama's `softmax(
 half-precision scores makes q, k and v float32 (softmax, QKᵀ and PV then run in float32, at least as precise as
 the chain); a softmax narrower than q is refused.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ NEG_FILL = -1e4  # a finite fill at or below this acts as -inf after softmax (HF
 class _Chain:
     """A matched chain: its operands by role (q, k, t0, t1, v, dim, dtype, and where present scale, mask | bmask |
     keep with fill, p with training) and its own nodes, scores first, the P·V matmul (`out`) last."""
+
     kw: dict
     nodes: list
     scale_op: Optional[fx.Node] = None
@@ -72,8 +74,12 @@ def _scores(s) -> Optional[tuple[dict, list]]:
     if not (_inner(s) and _fn(s, MATMUL) and len(s.args) == 2 and not s.kwargs):
         return None
     q, kt = s.args
-    if not (_inner(kt) and (_meth(kt, ("transpose",)) or _fn(kt, (torch.transpose,)))
-            and len(kt.args) == 3 and not kt.kwargs):
+    if not (
+        _inner(kt)
+        and (_meth(kt, ("transpose",)) or _fn(kt, (torch.transpose,)))
+        and len(kt.args) == 3
+        and not kt.kwargs
+    ):
         return None
     k, t0, t1 = kt.args
     return {"q": q, "k": k, "t0": t0, "t1": t1}, [kt, s]
@@ -188,7 +194,9 @@ def _compute_dtype(chain: _Chain) -> tuple[Optional[torch.dtype], Optional[str]]
         return None, "the dtypes of the chain are unknown"
     if work == q.dtype:
         return work, None
-    if not (work.is_floating_point and q.dtype.is_floating_point and torch.finfo(work).bits > torch.finfo(q.dtype).bits):
+    if not (
+        work.is_floating_point and q.dtype.is_floating_point and torch.finfo(work).bits > torch.finfo(q.dtype).bits
+    ):
         return None, f"softmax in {work} is narrower than q ({q.dtype})"
     return work, None
 
@@ -212,7 +220,11 @@ def _interpret(chain: _Chain) -> tuple[Optional[dict], Optional[str]]:
     """The SDPA call's arguments for a matched chain, or (None, why not)."""
     kw = chain.kw
     ndim = getattr(_val(kw["q"]), "ndim", None)
-    dims = {d % ndim for d in (kw["t0"], kw["t1"])} if ndim and isinstance(kw["t0"], int) and isinstance(kw["t1"], int) else None
+    dims = (
+        {d % ndim for d in (kw["t0"], kw["t1"])}
+        if ndim and isinstance(kw["t0"], int) and isinstance(kw["t1"], int)
+        else None
+    )
     if ndim is None or ndim < 3 or dims != {ndim - 2, ndim - 1}:
         return None, "Kᵀ is not a transpose of the last two dims"
     if not isinstance(kw["dim"], int) or kw["dim"] % ndim != ndim - 1:
@@ -250,9 +262,16 @@ def _replace(graph: fx.Graph, chain: _Chain, args: dict) -> fx.Node:
     upcast = dtype != _val(kw["q"]).dtype
     with graph.inserting_before(out):
         q, k, v = (graph.call_method("to", (kw[n], dtype)) if upcast else kw[n] for n in "qkv")
-        new = graph.call_function(F.scaled_dot_product_attention, (q, k, v),
-                                  {"attn_mask": _mask(graph, args.get("mask"), dtype), "dropout_p": 0.0,
-                                   "is_causal": False, "scale": args["scale"]})
+        new = graph.call_function(
+            F.scaled_dot_product_attention,
+            (q, k, v),
+            {
+                "attn_mask": _mask(graph, args.get("mask"), dtype),
+                "dropout_p": 0.0,
+                "is_causal": False,
+                "scale": args["scale"],
+            },
+        )
         o_val = _val(out)
         if o_val is not None and o_val.dtype != dtype:  # the chain's casts
             new = graph.call_method("to", (new, o_val.dtype))
@@ -298,8 +317,11 @@ def rewrite_sdpa(gm: fx.GraphModule, softmax_nodes: dict, replaced: Optional[dic
             continue
         replaced[chain.out] = _replace(gm.graph, chain, args)
         upcast = args["dtype"] != _val(chain.kw["q"]).dtype
-        results[key] = ("rewritten", "softmax(QKᵀ)V -> scaled_dot_product_attention" + (
-            f" (q, k, v upcast to {args['dtype']}: the chain's softmax runs in {args['dtype']})" if upcast else ""))
+        results[key] = (
+            "rewritten",
+            "softmax(QKᵀ)V -> scaled_dot_product_attention"
+            + (f" (q, k, v upcast to {args['dtype']}: the chain's softmax runs in {args['dtype']})" if upcast else ""),
+        )
     for key in softmax_nodes.values():
         results.setdefault(key, ("failed", "no supported softmax(QKᵀ)V chain around this softmax"))
     return results

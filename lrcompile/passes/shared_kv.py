@@ -4,6 +4,7 @@ h = x·Vᵀ is computed once; one matmul with the stacked [U_k; U_v] gives K and
 U_v applied separately, in one GEMM). Q is untouched; for a fused QKV projection (GPT-2's c_attn) only its K
 and V rows are replaced and the Q rows stay dense.
 """
+
 from __future__ import annotations
 
 import torch.fx as fx

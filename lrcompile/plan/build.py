@@ -3,6 +3,7 @@
 `decide` is pure (no factorisation); `build` makes the family module from the dense weight and measures its
 error; both the backend and the eager `rewrite` go through them, so the two paths cannot disagree.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,13 +13,13 @@ from typing import Optional
 
 import torch
 
-from ..factorize import cache as factor_cache
-from ..errors import SiteError
-from ..policy.rules import KEEP, Policy, Rule
-from .report import SiteRow
 from ..capture.sites import Site
+from ..errors import SiteError
+from ..factorize import cache as factor_cache
 from ..families import FAMILIES, Structure
 from ..families.base import dense_flops, site_label, site_scope
+from ..policy.rules import KEEP, Policy, Rule
+from .report import SiteRow
 
 
 @dataclasses.dataclass
@@ -41,46 +42,77 @@ def _row(site: Site, method: str, status: str, **kw) -> SiteRow:
     if site.kind != "linear":
         return SiteRow(fqn=site.fqn, kind=site.kind, method=method, status=status, **kw)
     fl = dense_flops(site.in_features, site.out_features, tokens=1)
-    return SiteRow(fqn=site.fqn, kind=site.kind, method=method, status=status, in_features=site.in_features,
-                   out_features=site.out_features, params_before=site.params, params_after=site.params,
-                   flops_before=fl, flops_after=fl, **kw)
+    return SiteRow(
+        fqn=site.fqn,
+        kind=site.kind,
+        method=method,
+        status=status,
+        in_features=site.in_features,
+        out_features=site.out_features,
+        params_before=site.params,
+        params_after=site.params,
+        flops_before=fl,
+        flops_after=fl,
+        **kw,
+    )
 
 
 def decide(site: Site, policy: Optional[Policy], ranks: Optional[dict] = None) -> Decision:
     """`ranks`: the budget's allocation (lrcompile.budget.plan_ranks), FQN -> the family's knob value (rank) or
     None (stay dense)."""
     if site.installed:
-        return Decision(site.fqn, None, site.module_type.name if _is_structure(site.module_type) else "installed",
-                        "installed", reason="installed by lrcompile")
+        return Decision(
+            site.fqn,
+            None,
+            site.module_type.name if _is_structure(site.module_type) else "installed",
+            "installed",
+            reason="installed by lrcompile",
+        )
     rule = policy.match(site.fqn, site.kind) if policy is not None else None
     if rule is None:
         return Decision(site.fqn, None, KEEP, "dense", reason="no rule matches" if policy else "no policy")
     if rule.method == KEEP:
         return Decision(site.fqn, rule, KEEP, "dense", reason=f"{rule.label} keeps it dense")
     if site.kind != "linear":
-        return Decision(site.fqn, rule, rule.method, "failed", reason=f"method {rule.method} does not apply to {site.kind}")
+        return Decision(
+            site.fqn, rule, rule.method, "failed", reason=f"method {rule.method} does not apply to {site.kind}"
+        )
     cls = FAMILIES[rule.method]
     min_features = rule.min_features if rule.min_features is not None else policy.defaults.min_features
     if cls.compressing and min(site.in_features, site.out_features) < min_features:
-        return Decision(site.fqn, rule, rule.method, "skipped",
-                        reason=f"min(in, out) = {min(site.in_features, site.out_features)} < min_features {min_features}")
+        return Decision(
+            site.fqn,
+            rule,
+            rule.method,
+            "skipped",
+            reason=f"min(in, out) = {min(site.in_features, site.out_features)} < min_features {min_features}",
+        )
     cfg, allocated = rule.config, None
     planned = ranks is not None and site.fqn in ranks
     knob = cls.budget_knob
     if knob is not None and (planned or getattr(cfg, knob) is None):
         if not planned:
-            return Decision(site.fqn, rule, rule.method, "skipped", reason=f"no {knob}: the budget planned none for this site")
+            return Decision(
+                site.fqn, rule, rule.method, "skipped", reason=f"no {knob}: the budget planned none for this site"
+            )
         if ranks[site.fqn] is None:  # unprofitable: "skipped", not a rule's "dense"
-            return Decision(site.fqn, rule, rule.method, "skipped",
-                            reason=f"the budget keeps it dense ({rule.method} saves too little)")
+            return Decision(
+                site.fqn,
+                rule,
+                rule.method,
+                "skipped",
+                reason=f"the budget keeps it dense ({rule.method} saves too little)",
+            )
         allocated = int(ranks[site.fqn])
         cfg = cls.with_size(cfg, allocated)
     try:  # a shape the family cannot take (e.g. BLAST blocks that do not divide) keeps the site dense
         cfg = cfg.resolve(site.in_features, site.out_features) if hasattr(cfg, "resolve") else cfg
     except ValueError as e:
         if policy.defaults.strict:
-            raise SiteError(f"{policy.where(rule)}: {site.fqn or '<root>'}: {rule.method} cannot take {site.in_features}→"
-                            f"{site.out_features} ({e})") from None
+            raise SiteError(
+                f"{policy.where(rule)}: {site.fqn or '<root>'}: {rule.method} cannot take {site.in_features}→"
+                f"{site.out_features} ({e})"
+            ) from None
         return Decision(site.fqn, rule, rule.method, "failed", reason=str(e))
     d = Decision(site.fqn, rule, rule.method, "rewritten", config=cfg, allocated_rank=allocated)
     if cls.compressing and cls.param_count(site.in_features, site.out_features, cfg) >= site.weight.numel():
@@ -117,8 +149,11 @@ def from_dense_cached(cls, weight: torch.Tensor, cfg, stats, use_cache: bool) ->
         hit = factor_cache.lookup(k)
         struct = cls(weight.shape[1], weight.shape[0], cfg, dtype=weight.dtype, device=weight.device) if hit else None
         if hit is not None and not _fits(struct, cls, hit.tensors):
-            warnings.warn(f"lrcompile: factor cache entry {k} does not fit {cls.name} {tuple(weight.shape)} "
-                          "(other tensors or shapes); computing the factors instead", stacklevel=3)
+            warnings.warn(
+                f"lrcompile: factor cache entry {k} does not fit {cls.name} {tuple(weight.shape)} "
+                "(other tensors or shapes); computing the factors instead",
+                stacklevel=3,
+            )
             factor_cache.evict(k)
             hit = None
         if hit is not None:
@@ -143,8 +178,11 @@ def from_dense_cached(cls, weight: torch.Tensor, cfg, stats, use_cache: bool) ->
     for w in caught:  # given now as they would have been (the user's filters apply), and kept for later hits
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     label = site_label(stats, "")
-    said = [str(w.message).replace(label, SITE_MARK) if label else str(w.message)
-            for w in caught if issubclass(w.category, UserWarning)]
+    said = [
+        str(w.message).replace(label, SITE_MARK) if label else str(w.message)
+        for w in caught
+        if issubclass(w.category, UserWarning)
+    ]
     meta = {n: getattr(struct, n) for n in FACTOR_STATS if getattr(struct, n, None) is not None}
     factor_cache.store(k, {n: getattr(struct, n) for n in cls.tensor_names}, {**meta, "warnings": said})
     return struct, False
@@ -167,8 +205,11 @@ def _warn_fallback(cls, struct: Structure, cfg, weight: torch.Tensor) -> None:
         struct.init_used = used
     if used is not None and used != init:
         where = site_label(None, f"this {weight.shape[0]}x{weight.shape[1]} weight")
-        warnings.warn(f"lrcompile: {where}: {cls.name} init {init!r} has no calibration statistics; using plain "
-                      f"{used} (factors from cache)", stacklevel=4)
+        warnings.warn(
+            f"lrcompile: {where}: {cls.name} init {init!r} has no calibration statistics; using plain "
+            f"{used} (factors from cache)",
+            stacklevel=4,
+        )
 
 
 def first_line(e: BaseException) -> str:
@@ -183,13 +224,15 @@ TIE_NOTE = "tied weight: this site now has its own factors (tie broken)"
 def tie_broken(site: Site, root=None) -> bool:
     """The site's weight is reachable outside the site's module (an embedding reused by the head): factors made
     for the site are its own, the partner keeps the dense weight. `root`: also look for aliases on the model."""
+
     def outside(path: str) -> bool:
         return bool(site.fqn) and path != site.fqn and not path.startswith(site.fqn + ".")
 
     if site.weight_path and outside(site.weight_path):
         return True
-    return root is not None and any(p is site.weight and outside(n)
-                                    for n, p in root.named_parameters(remove_duplicate=False))
+    return root is not None and any(
+        p is site.weight and outside(n) for n, p in root.named_parameters(remove_duplicate=False)
+    )
 
 
 def _take_residual(site: Site, struct: Structure) -> None:
@@ -206,12 +249,18 @@ def _take_residual(site: Site, struct: Structure) -> None:
         site.dense_weight.copy_(res)
 
 
-def build(site: Site, decision: Decision, policy: Policy, stats=None, use_cache: bool = True
-          ) -> tuple[Optional[Structure], SiteRow]:
+def build(
+    site: Site, decision: Decision, policy: Policy, stats=None, use_cache: bool = True
+) -> tuple[Optional[Structure], SiteRow]:
     """Factorise one site. A failure or an error over `max_error` keeps it dense (raises under `strict`)."""
     if not decision.rewrites:
-        row = _row(site, decision.method, decision.status, reason=decision.reason,
-                   rule=policy.where(decision.rule) if decision.rule and policy else None)
+        row = _row(
+            site,
+            decision.method,
+            decision.status,
+            reason=decision.reason,
+            rule=policy.where(decision.rule) if decision.rule and policy else None,
+        )
         return None, row
     cls = FAMILIES[decision.method]
     where = policy.where(decision.rule)
@@ -234,14 +283,29 @@ def build(site: Site, decision: Decision, policy: Policy, stats=None, use_cache:
         if policy.defaults.strict:
             raise SiteError(f"{where}: {msg}")
         warnings.warn(f"lrcompile: {msg}", stacklevel=2)
-        return None, _row(site, decision.method, "skipped", rel_error=err, reason=f"rel_error {err:.3g} > max_error {limit}",
-                          rule=where)
+        return None, _row(
+            site,
+            decision.method,
+            "skipped",
+            rel_error=err,
+            reason=f"rel_error {err:.3g} > max_error {limit}",
+            rule=where,
+        )
     notes = list(decision.notes) + (["factors from cache"] if cached else [])
     from ..factorize.whiten import site_quality
 
-    return struct, site_row(site, struct, "rewritten", rel_error=err, rule=where, notes=notes, seconds=seconds,
-                            allocated_rank=decision.allocated_rank, svd=getattr(struct, "svd_algorithm", None),
-                            **site_quality(struct, site.dense_weight, stats, notes))
+    return struct, site_row(
+        site,
+        struct,
+        "rewritten",
+        rel_error=err,
+        rule=where,
+        notes=notes,
+        seconds=seconds,
+        allocated_rank=decision.allocated_rank,
+        svd=getattr(struct, "svd_algorithm", None),
+        **site_quality(struct, site.dense_weight, stats, notes),
+    )
 
 
 def site_row(site: Site, struct: Structure, status: str, **kw) -> SiteRow:
@@ -253,5 +317,6 @@ def site_row(site: Site, struct: Structure, status: str, **kw) -> SiteRow:
     row = _row(site, struct.name, status, rank=getattr(struct.cfg, struct.budget_knob or "rank", None), **kw)
     row.params_after = after
     row.flops_after = struct.flops_per_token(struct.in_features, struct.out_features, struct.cfg) + (
-        0 if struct.compressing else row.flops_before)
+        0 if struct.compressing else row.flops_before
+    )
     return row

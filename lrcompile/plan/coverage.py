@@ -5,6 +5,7 @@ An attention rule that matches a module whose graph holds a softmax but no atten
 (another formulation: a fused baddbmm, a soft-capped score, a custom autograd function) leaves that module as it
 is: it gets a `failed` report row and one warning, instead of an output bit-identical to dense.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -14,8 +15,8 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture.names import strip_root
-from .report import SiteRow
 from ..capture.sites import SOFTMAX_TARGETS, Site, innermost_module
+from .report import SiteRow
 
 
 def candidate_names(model: nn.Module) -> set[str]:
@@ -81,9 +82,15 @@ def unrecognised_attention(gm: fx.GraphModule, sites: list[Site], policy, prefix
         rule = policy.match(path, "attention")
         if rule is None or rule.method == "dense":
             continue
-        rows[path] = SiteRow(fqn=path, kind="attention", method=rule.method, status="failed", rule=policy.where(rule),
-                             reason="a softmax here is no attention lrcompile recognises (SDPA or softmax(QKᵀ)V); "
-                                    "the module runs as it is")
+        rows[path] = SiteRow(
+            fqn=path,
+            kind="attention",
+            method=rule.method,
+            status="failed",
+            rule=policy.where(rule),
+            reason="a softmax here is no attention lrcompile recognises (SDPA or softmax(QKᵀ)V); "
+            "the module runs as it is",
+        )
     return list(rows.values())
 
 

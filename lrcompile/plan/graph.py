@@ -3,6 +3,7 @@
 The same `decide` and `build` (lrcompile.plan) serve `lrcompile.rewrite`; what differs here is where factors go
 (attached beside the user's module, which stays as it is) and that factors already on the model are reused.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,15 +12,15 @@ import warnings
 import weakref
 from typing import Optional
 
-from ..runtime import attach as store
-from ..runtime import fresh
-from ..lifecycle.distributed import check_new_factors
-from .build import TIE_NOTE, Decision, build, decide, rel_error, site_row, tie_broken
-from .report import SiteRow
 from ..capture.resolve import site_module
-from ..runtime.session import Session
 from ..capture.sites import Site
 from ..families import FAMILIES, Structure
+from ..lifecycle.distributed import check_new_factors
+from ..runtime import attach as store
+from ..runtime import fresh
+from ..runtime.session import Session
+from .build import TIE_NOTE, Decision, build, decide, rel_error, site_row, tie_broken
+from .report import SiteRow
 
 
 def plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool = True):
@@ -69,8 +70,9 @@ def plan_graph(sites: list[Site], session: Session, root, f_locals, tune: bool =
         if struct is not None:
             chosen.append((site, struct, tuned.fn if tuned is not None else type(struct).functional))
             if id(struct) not in feeds:
-                feeds[id(struct)] = store.Feed(struct, site.weight, site.transposed, stats_for(session, site),
-                                               owner=module)
+                feeds[id(struct)] = store.Feed(
+                    struct, site.weight, site.transposed, stats_for(session, site), owner=module
+                )
     bar.close()
     return chosen, feeds
 
@@ -88,14 +90,21 @@ def _superseded(site: Site, prev: Structure, decision: Decision, session: Sessio
     this policy would not make, are removed (a `dense` rule runs the dense weight again; another family or rank
     gets new factors). Factors that `rewrite` or `load` installed are the user's and are never replaced."""
     policy = session.policy
-    if (policy is None or module is None or getattr(prev, "_lrc_origin", None) != "backend"
-            or prev.policy_digest == policy.digest):
+    if (
+        policy is None
+        or module is None
+        or getattr(prev, "_lrc_origin", None) != "backend"
+        or prev.policy_digest == policy.digest
+    ):
         return False
     if decision.rewrites and store.same_config(prev, FAMILIES[decision.method], decision.config):
         return False
     if fresh.is_recorded(prev) and fresh.stamp(prev.tensors()) != prev._lrc_factors:
-        warnings.warn(f"lrcompile: {site.fqn}: trained {prev.name} factors of an earlier compile are dropped: this "
-                      "policy asks for something else (save them first with lrcompile.save)", stacklevel=4)
+        warnings.warn(
+            f"lrcompile: {site.fqn}: trained {prev.name} factors of an earlier compile are dropped: this "
+            "policy asks for something else (save them first with lrcompile.save)",
+            stacklevel=4,
+        )
     store.detach(module, site.weight)
     return True
 
@@ -130,8 +139,13 @@ def reused_row(site: Site, prev: Structure, decision: Decision, session: Session
     if same and (site.kind, site.fqn) in session.report.rows:
         return session.report.rows[(site.kind, site.fqn)]
     status = "rewritten" if same else "installed"
-    row = site_row(site, prev, status, rel_error=rel_error(prev, site.dense_weight) if prev.compressing else None,
-                   rule=session.policy.where(decision.rule) if same else None)
+    row = site_row(
+        site,
+        prev,
+        status,
+        rel_error=rel_error(prev, site.dense_weight) if prev.compressing else None,
+        rule=session.policy.where(decision.rule) if same else None,
+    )
     row.notes.append("factors reused" if same else "factors attached earlier (rewrite, load or a previous compile)")
     return row
 
@@ -153,11 +167,19 @@ def report_installed(site: Site, session: Session, root, f_locals, module=None) 
         module = site_module(site, root, f_locals) if root is not None else None
     if not isinstance(module, Structure):
         return  # an lrcompile parameter used functionally: its owner module reports it
-    row = SiteRow(fqn=site.fqn, kind="linear", method=module.name, status="installed",
-                  in_features=module.in_features, out_features=module.out_features,
-                  rank=getattr(module.cfg, "rank", None), params_after=module.params(),
-                  params_before=module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0),
-                  flops_before=2 * module.in_features * module.out_features,
-                  flops_after=module.flops_per_token(module.in_features, module.out_features, module.cfg),
-                  reason="installed by lrcompile.rewrite/load")
+    row = SiteRow(
+        fqn=site.fqn,
+        kind="linear",
+        method=module.name,
+        status="installed",
+        in_features=module.in_features,
+        out_features=module.out_features,
+        rank=getattr(module.cfg, "rank", None),
+        params_after=module.params(),
+        params_before=module.in_features * module.out_features
+        + (module.bias.numel() if module.bias is not None else 0),
+        flops_before=2 * module.in_features * module.out_features,
+        flops_after=module.flops_per_token(module.in_features, module.out_features, module.cfg),
+        reason="installed by lrcompile.rewrite/load",
+    )
     session.report.add(row)

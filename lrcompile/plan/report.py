@@ -3,6 +3,7 @@
 The JSON schema is {"sites": [{fqn, kind, method, status, rank, params_before,
 params_after, flops_before, flops_after, rel_error, ...}]}; flops are per token (multiply-adds counted twice).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,8 +68,12 @@ class Report:
         after = sum(r.params_after if r.params_after is not None else r.params_before for r in lin)
         return {
             "sites": [r.as_dict() for r in rows],
-            "summary": {"linear_sites": len(lin), "params_before": before, "params_after": after,
-                        "rewritten": sum(r.status == "rewritten" for r in rows)},
+            "summary": {
+                "linear_sites": len(lin),
+                "params_before": before,
+                "params_after": after,
+                "rewritten": sum(r.status == "rewritten" for r in rows),
+            },
         }
 
     def write(self, path: str) -> None:
@@ -93,13 +98,27 @@ def format_table(report: dict) -> str:
         flops = _ratio(r.get("flops_before"), r.get("flops_after"))
         err = f"{r['rel_error']:.3g}" if r.get("rel_error") is not None else ""
         note = "; ".join(filter(None, [r.get("reason"), *r.get("notes", [])]))
-        body.append([r["fqn"] or "<root>", r["kind"], r["method"], r["status"], shape, r.get("rank", ""), params,
-                     flops, err, note])
+        body.append(
+            [
+                r["fqn"] or "<root>",
+                r["kind"],
+                r["method"],
+                r["status"],
+                shape,
+                r.get("rank", ""),
+                params,
+                flops,
+                err,
+                note,
+            ]
+        )
     s = report.get("summary")
     out = tabulate(body, headers=headers)
     if s and s["params_before"]:
-        out += (f"\n{s['rewritten']} sites rewritten; linear parameters {s['params_before']:,} → {s['params_after']:,}"
-                f" ({s['params_after'] / s['params_before']:.1%})")
+        out += (
+            f"\n{s['rewritten']} sites rewritten; linear parameters {s['params_before']:,} → {s['params_after']:,}"
+            f" ({s['params_after'] / s['params_before']:.1%})"
+        )
     return out
 
 

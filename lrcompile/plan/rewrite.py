@@ -6,6 +6,7 @@ as the backend does, and run factored under `torch.compile(backend="lrcompile")`
 compressed functional site stays, frozen). Budgets are planned by `budget.plan_model` over the captured sites,
 as in the backend.
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,14 +18,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..runtime import attach as store
+from ..attention.factors import AttnFactors
 from ..attention.plan import install_attention
 from ..capture.trace import CapturedSite, capture_sites
-from ..attention.factors import AttnFactors
-from .build import TIE_NOTE, build, decide, tie_broken
-from ..policy.rules import load_policy
-from .report import Report
 from ..families import Structure
+from ..policy.rules import load_policy
+from ..runtime import attach as store
+from .build import TIE_NOTE, build, decide, tie_broken
+from .report import Report
 
 
 def _swappable(module: Optional[nn.Module], site) -> bool:
@@ -47,14 +48,16 @@ def _computes_linear(module: nn.Linear) -> bool:
             want = torch.nn.functional.linear(x, w, module.bias)
     except Exception:  # noqa: BLE001 - a forward that cannot run alone is no plain linear
         return False
-    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=1e-4,
-                                                                                          atol=1e-5)
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def layout_of(module: nn.Module, transposed: bool) -> tuple:
     """(class, constructor-free attributes, weight stored (in, out)) of a module a structure replaces."""
-    attrs = {k: v for k, v in vars(module).items()
-             if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, tuple))}
+    attrs = {
+        k: v
+        for k, v in vars(module).items()
+        if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool, tuple))
+    }
     return type(module), attrs, bool(transposed)
 
 
@@ -101,8 +104,16 @@ def _plan_budget(pol, model: nn.Module, stats, captured):
     return plan_model(pol, model, stats, sites=captured)
 
 
-def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, report: Optional[str] = None,
-            verbose: bool = False, progress: Optional[bool] = None) -> nn.Module:
+def rewrite(
+    model: nn.Module,
+    policy,
+    example_inputs,
+    calibration=None,
+    *,
+    report: Optional[str] = None,
+    verbose: bool = False,
+    progress: Optional[bool] = None,
+) -> nn.Module:
     """Apply `policy` to `model` in place and return it. `example_inputs`: tuple of args or dict of kwargs."""
     pol = load_policy(policy)
     stats = _load_stats(calibration)
@@ -110,8 +121,9 @@ def rewrite(model: nn.Module, policy, example_inputs, calibration=None, *, repor
     # weak: swapped-out dense weights must be free to go (a WeakSet would compare tensors with ==)
     before = weakref.WeakValueDictionary((id(p), p) for p in model.parameters())
     # attention rules first: their factors are attached and the projections they claim leave the linear rules
-    attn_rows, claimed = (install_attention(model, pol, example_inputs) if any(r.kind == "attention" for r in pol.rules)
-                          else ([], set()))
+    attn_rows, claimed = (
+        install_attention(model, pol, example_inputs) if any(r.kind == "attention" for r in pol.rules) else ([], set())
+    )
     captured = capture_sites(model, example_inputs)
     rep = Report()
     for row in attn_rows:
@@ -170,8 +182,11 @@ def _install(model: nn.Module, c: CapturedSite, struct: Structure, row) -> None:
         struct.original_layout = layout_of(module, site.transposed)  # merge gives this module type back
         struct.bias = module.bias
         if not struct.compressing:
-            struct.weight = site.weight if not site.transposed else nn.Parameter(
-                site.dense_weight.detach().contiguous(), requires_grad=site.weight.requires_grad)
+            struct.weight = (
+                site.weight
+                if not site.transposed
+                else nn.Parameter(site.dense_weight.detach().contiguous(), requires_grad=site.weight.requires_grad)
+            )
         tied = struct.compressing and tie_broken(site, model)
         _replace_module(model, module, struct)
         if tied:

@@ -16,6 +16,7 @@ model (lowrank's spectrum, BTT's blockwise spectra) is allocated jointly with th
 but no error model (BLAST) gets F of its own dense cost at each site; one without a knob counts at the fixed cost
 its rule gives.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -26,8 +27,8 @@ from typing import Callable, Mapping, Optional, Union
 
 import torch
 
-from ..factorize import whiten
 from ..errors import PlanError, SiteError
+from ..factorize import whiten
 
 ErrorCurve = Union[Callable[[int], float], Mapping[int, float]]
 
@@ -149,9 +150,16 @@ def _options(c: Candidate, kind: str, step: int, err: Callable[[int], float], fi
     return opts, dense
 
 
-def allocate(candidates: list[Candidate], budget: dict, stats=None, *, step: int = 1,
-             errors: Optional[Mapping[str, ErrorCurve]] = None, reserved: tuple[float, float] = (0.0, 0.0),
-             damping: float = 1e-2) -> dict[str, Optional[int]]:
+def allocate(
+    candidates: list[Candidate],
+    budget: dict,
+    stats=None,
+    *,
+    step: int = 1,
+    errors: Optional[Mapping[str, ErrorCurve]] = None,
+    reserved: tuple[float, float] = (0.0, 0.0),
+    damping: float = 1e-2,
+) -> dict[str, Optional[int]]:
     """Ranks per site FQN (None = stay dense) meeting `budget` within one rank step per site.
 
     Minimises Σ error over sites subject to Σ cost ≤ F·dense: each site starts at its lowest rank, then
@@ -181,8 +189,11 @@ def allocate(candidates: list[Candidate], budget: dict, stats=None, *, step: int
         spent += opts[0][0]
     target = frac * dense_total - float(reserved[1])
     if spent > target + 1e-9:
-        warnings.warn(f"lrcompile: budget {kind}={frac} is below the minimum rank of every site "
-                      f"({spent:.4g} > {target:.4g}); using the minimum ranks", stacklevel=2)
+        warnings.warn(
+            f"lrcompile: budget {kind}={frac} is below the minimum rank of every site "
+            f"({spent:.4g} > {target:.4g}); using the minimum ranks",
+            stacklevel=2,
+        )
 
     def ratio(s, j):
         (c0, e0, _), (c1, e1, _) = s["opts"][s["at"]], s["opts"][j]
@@ -237,10 +248,16 @@ ALLOCATORS = ("spectrum", "sensitivity")
 def _check_budget(budget) -> tuple[str, float]:
     """(kind, F) of `{params|flops: F[, allocate: spectrum|sensitivity]}`."""
     kinds = [k for k in (budget if isinstance(budget, dict) else ()) if k in ("params", "flops")]
-    if (not isinstance(budget, dict) or len(kinds) != 1 or set(budget) - {kinds[0], "allocate"}
-            or budget.get("allocate", "spectrum") not in ALLOCATORS):
-        raise PlanError(f"budget must be {{params: F}} or {{flops: F}} (optionally allocate: spectrum | sensitivity), "
-                        f"got {budget!r}")
+    if (
+        not isinstance(budget, dict)
+        or len(kinds) != 1
+        or set(budget) - {kinds[0], "allocate"}
+        or budget.get("allocate", "spectrum") not in ALLOCATORS
+    ):
+        raise PlanError(
+            f"budget must be {{params: F}} or {{flops: F}} (optionally allocate: spectrum | sensitivity), "
+            f"got {budget!r}"
+        )
     return kinds[0], budget[kinds[0]]
 
 
@@ -278,8 +295,10 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
     if errors is None and policy.budget.get("allocate") == "sensitivity":
         errors = getattr(stats, "sensitivity", None)
         if not errors:
-            raise PlanError(f"{policy.source}: budget allocate: sensitivity needs calibration statistics with "
-                            f"sensitivity curves: lrcompile.calibrate(model, batches, policy) with this policy")
+            raise PlanError(
+                f"{policy.source}: budget allocate: sensitivity needs calibration statistics with "
+                f"sensitivity curves: lrcompile.calibrate(model, batches, policy) with this policy"
+            )
     cands, uniform, res_dense, res_spent = [], [], 0.0, 0.0
     for fqn, w, b in sites:
         rule = policy.match(fqn, "linear")
@@ -306,7 +325,9 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
             continue
         try:
             cfg = rule.config.resolve(in_f, out_f) if hasattr(rule.config, "resolve") else rule.config
-            fixed = (cls.param_count(in_f, out_f, cfg) + nb) if kind == "params" else cls.flops_per_token(in_f, out_f, cfg)
+            fixed = (
+                (cls.param_count(in_f, out_f, cfg) + nb) if kind == "params" else cls.flops_per_token(in_f, out_f, cfg)
+            )
         except (ValueError, TypeError, ZeroDivisionError) as e:
             _cannot_take(policy, rule, fqn, in_f, out_f, e)
             continue
@@ -338,14 +359,15 @@ def uniform_ranks(candidates: list[Candidate], budget: dict) -> dict[str, Option
     return out
 
 
-def plan_model(policy, model, stats=None, errors=None, *, example_inputs=None, sites=None,
-               nested: bool = False) -> dict[str, Optional[int]]:
+def plan_model(
+    policy, model, stats=None, errors=None, *, example_inputs=None, sites=None, nested: bool = False
+) -> dict[str, Optional[int]]:
     """`plan_ranks` over every linear site of `model` as the backend enumerates and names them — nn.Linear, Conv1D
     and functional sites: the one site list that the backend (once per session), `rewrite` and `calibrate` share,
     so all give the same ranks. `sites`: the sites already captured (Site objects, e.g. `rewrite`'s); else the
     list `calibrate` recorded in `stats`, else a trace of `model(example_inputs)` (calibrate.module_sites)."""
-    from ..factorize.calibrate import module_sites
     from ..capture.trace import linear_sites
+    from ..factorize.calibrate import module_sites
 
     if sites is not None:
         listed = [(s.fqn, s.dense_weight, s.bias) for s in linear_sites(sites)]

@@ -2,6 +2,7 @@
 
 Errors are one line: `policy.yaml:12: rule 3 (match '*.mlp.*'): unknown option 'rnak' (did you mean 'rank'?)`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,10 +17,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from ..attention.config import ATTENTION_CONFIGS
 from ..errors import PolicyError
 from ..families import FAMILIES, FamilyView, parse_config
 from ..families.base import MethodConfig
-from ..attention.config import ATTENTION_CONFIGS
 
 TOP_KEYS = ("version", "defaults", "rules", "budget")
 DEFAULT_KEYS = ("min_features", "max_error", "strict", "guard")
@@ -142,8 +143,10 @@ def _check_tree(root, source: str) -> None:
             for k, v in n.value:
                 if isinstance(k, yaml.ScalarNode):
                     if k.value in keys:
-                        raise PolicyError(f"{source}:{k.start_mark.line + 1}: duplicate key '{_short(k.value)}' "
-                                          f"(first at line {keys[k.value]})")
+                        raise PolicyError(
+                            f"{source}:{k.start_mark.line + 1}: duplicate key '{_short(k.value)}' "
+                            f"(first at line {keys[k.value]})"
+                        )
                     keys[k.value] = k.start_mark.line + 1
                 stack.extend((k, v))
         elif isinstance(n, yaml.SequenceNode):
@@ -239,8 +242,11 @@ def _validate(data: Any, node, source: str) -> Policy:
         bline = line_of(top_nodes.get("budget"))
         kinds = [k for k in budget if k in ("params", "flops")] if isinstance(budget, dict) else []
         if len(kinds) != 1 or set(budget) - {kinds[0], "allocate"}:
-            err(bline, "budget must be {params: F} or {flops: F} with F in (0, 1], optionally with allocate: "
-                       "spectrum | sensitivity")
+            err(
+                bline,
+                "budget must be {params: F} or {flops: F} with F in (0, 1], optionally with allocate: "
+                "spectrum | sensitivity",
+            )
         if budget.get("allocate", "spectrum") not in ("spectrum", "sensitivity"):
             err(bline, f"budget allocate must be spectrum or sensitivity, got {budget['allocate']!r}")
         f = budget[kinds[0]]
@@ -255,10 +261,13 @@ def _validate(data: Any, node, source: str) -> Policy:
         err(line_of(rnode), "rules must be a list of mappings")
     rule_nodes = rnode.value if isinstance(rnode, yaml.SequenceNode) else [None] * len(rules_data)
     rules = [
-        _rule(i + 1, r, n, source, budget is not None, err, line_of) for i, (r, n) in enumerate(zip(rules_data, rule_nodes))
+        _rule(i + 1, r, n, source, budget is not None, err, line_of)
+        for i, (r, n) in enumerate(zip(rules_data, rule_nodes))
     ]
     digest = hashlib.sha256(
-        json.dumps({"rules": rules_data, "defaults": data.get("defaults"), "budget": budget}, sort_keys=True, default=str).encode()
+        json.dumps(
+            {"rules": rules_data, "defaults": data.get("defaults"), "budget": budget}, sort_keys=True, default=str
+        ).encode()
     ).hexdigest()[:16]
     return Policy(rules=rules, defaults=defaults, budget=budget, source=source, digest=digest)
 
@@ -266,8 +275,11 @@ def _validate(data: Any, node, source: str) -> Policy:
 def _check_default(key, value, fail):
     if key == "min_features" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         fail(f"min_features must be a non-negative int, got {value!r}")
-    if key == "max_error" and value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
+    if (
+        key == "max_error"
+        and value is not None
+        and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0)
+    ):
         fail(f"max_error must be a non-negative number, got {value!r}")
     if key == "strict" and not isinstance(value, bool):
         fail(f"strict must be true or false, got {value!r}")
@@ -299,8 +311,11 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
         except re.error as e:
             fail("match", f"bad regex {match[3:]!r}: {e}")
         if nested_repeat(match[3:]):
-            fail("match", f"regex {match[3:]!r} repeats a repeated group (like (a+)+): it can backtrack without "
-                          "bound; write it without nesting")
+            fail(
+                "match",
+                f"regex {match[3:]!r} repeats a repeated group (like (a+)+): it can backtrack without "
+                "bound; write it without nesting",
+            )
     kind = data.get("kind", "linear")
     if kind not in KINDS:
         fail("kind", f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
@@ -310,9 +325,16 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
         fail("method", f"missing 'method' (known: {', '.join(known)})")
     if method not in known:
         near = difflib.get_close_matches(str(method), known, n=1)
-        fail("method", f"unknown method {method!r}" + (f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(known)})"))
+        fail(
+            "method",
+            f"unknown method {method!r}"
+            + (f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(known)})"),
+        )
     if kind == "attention" and method not in ATTENTION_METHODS:
-        fail("method", f"method {method!r} does not apply to attention sites (kind: attention takes: {', '.join(ATTENTION_METHODS)})")
+        fail(
+            "method",
+            f"method {method!r} does not apply to attention sites (kind: attention takes: {', '.join(ATTENTION_METHODS)})",
+        )
     if kind == "linear" and method in ATTENTION_CONFIGS:
         fail("method", f"method {method!r} applies to attention sites only (add 'kind: attention')")
     for key in ("max_error", "min_features"):
@@ -333,16 +355,29 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
             msg = str(e).lstrip(": ")
             # point at the offending key's line: the first option the message names
             named = re.search(r"unknown option '([^']+)'", msg)
-            bad = named.group(1) if named and named.group(1) in data else next(
-                (k for k in data if k not in ("match", "method") and re.search(rf"\b{re.escape(str(k))}\b", msg)), None)
+            bad = (
+                named.group(1)
+                if named and named.group(1) in data
+                else next(
+                    (k for k in data if k not in ("match", "method") and re.search(rf"\b{re.escape(str(k))}\b", msg)),
+                    None,
+                )
+            )
             fail(bad, msg)
         knob = FAMILIES[method].budget_knob if method in FAMILIES else None
         if knob is not None and getattr(config, knob, 0) is None and not has_budget:
             what = " (int, or float fraction in (0, 1])" if knob == "rank" else ""
             fail("method", f"method {method!r} needs a '{knob}'{what} unless the policy sets a budget")
     return Rule(
-        index=index, line=line, match=match, kind=kind, method=method, config=config,
-        max_error=data.get("max_error"), min_features=data.get("min_features"), guard=data.get("guard"),
+        index=index,
+        line=line,
+        match=match,
+        kind=kind,
+        method=method,
+        config=config,
+        max_error=data.get("max_error"),
+        min_features=data.get("min_features"),
+        guard=data.get("guard"),
     )
 
 

@@ -9,6 +9,7 @@ Freshness (lrcompile.fresh): factors whose dense weight changed while they did n
 runs; trained factors are the truth. A failed refit makes the feed say `failed`: the backend runs that graph
 dense until a later change of the weight is refit successfully.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -18,8 +19,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from . import fresh
 from ..families import Structure
+from . import fresh
 
 PREFIX = "lrcompile"
 
@@ -126,13 +127,19 @@ class Placement:
         cur = getattr(owner, self.child, None)
         if cur is struct:
             return struct
-        if type(cur) is type(struct) and getattr(cur, "cfg", None) == getattr(struct, "cfg", None) and (
-                [tuple(t.shape) for t in cur.tensors()] == [tuple(t.shape) for t in struct.tensors()]):
+        if (
+            type(cur) is type(struct)
+            and getattr(cur, "cfg", None) == getattr(struct, "cfg", None)
+            and ([tuple(t.shape) for t in cur.tensors()] == [tuple(t.shape) for t in struct.tensors()])
+        ):
             return cur
         self.gone = True
-        warnings.warn(f"lrcompile: the factors '{self.child}' this graph was compiled with were removed or replaced "
-                      "(merge, load or another rewrite); it runs the dense weights instead (uncompiled): compile the "
-                      "model again", stacklevel=5)
+        warnings.warn(
+            f"lrcompile: the factors '{self.child}' this graph was compiled with were removed or replaced "
+            "(merge, load or another rewrite); it runs the dense weights instead (uncompiled): compile the "
+            "model again",
+            stacklevel=5,
+        )
         return None
 
 
@@ -141,8 +148,14 @@ class Feed:
     (lrcompile.fresh). The weight is read from the call's own arguments when the graph takes it as an input, so
     a parameter replaced on the module (`load_state_dict(assign=True)`) is seen."""
 
-    def __init__(self, struct: Structure, weight: Optional[torch.Tensor], transposed: bool, stats=None,
-                 owner: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        struct: Structure,
+        weight: Optional[torch.Tensor],
+        transposed: bool,
+        stats=None,
+        owner: Optional[nn.Module] = None,
+    ):
         self.struct = struct
         self.placement = Placement(owner, child_name(owner, weight) if owner is not None else None)
         self.weight = weight  # stored parameter the factors came from (None: installed, nothing to track)
@@ -172,8 +185,9 @@ class Feed:
             if args is not None and self.arg is not None and args[self.arg] is not w:
                 w = self.weight = args[self.arg]
             dense = w.detach().T if self.transposed else w.detach()
-            got = fresh.refresh(self.struct, [w], lambda: self.struct.refit(dense, self.stats),
-                                f"{self.struct.name} factors")
+            got = fresh.refresh(
+                self.struct, [w], lambda: self.struct.refit(dense, self.stats), f"{self.struct.name} factors"
+            )
             if got is not None:
                 self.refit_failed = not got
         return self.struct.tensors()

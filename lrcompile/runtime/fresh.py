@@ -12,6 +12,7 @@ the user's forward; the feed then says `failed` and the caller runs the dense we
 What no stamp sees: in-place writes through `.data` (`param.data.mul_(2)`), which bypass the version counter
 and keep the storage. `lrcompile.refresh(model)` refits on demand (README, update paths).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -57,8 +58,11 @@ def refresh(factors, sources: Sequence[torch.Tensor], refit: Callable[[], None],
             if not getattr(factors, "_lrc_warned", False):
                 factors._lrc_warned = True
                 text = str(e).strip().splitlines()
-                warnings.warn(f"lrcompile: recomputing stale {what} failed ({type(e).__name__}: "
-                              f"{text[0] if text else ''}); the graph runs the dense weights instead (uncompiled) "
-                              "until they change again", stacklevel=4)
+                warnings.warn(
+                    f"lrcompile: recomputing stale {what} failed ({type(e).__name__}: "
+                    f"{text[0] if text else ''}); the graph runs the dense weights instead (uncompiled) "
+                    "until they change again",
+                    stacklevel=4,
+                )
     record(factors, sources)
     return ok

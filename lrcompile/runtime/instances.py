@@ -1,5 +1,6 @@
 """Calling a compiled graph: the runner appends the current factors to Dynamo's arguments, for whichever
 module instance the call runs for."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,17 +11,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import attach as store
 from .. import compat
-from .attach import arg_index
-from ..lifecycle.distributed import check_new_factors
-from ..plan.graph import keep_factors, report_installed, reused_row, stats_for
-from ..plan.build import TIE_NOTE, Decision, build, decide, tie_broken
-from ..policy.rules import KEEP
 from ..capture.resolve import caller_locals, enclosing_model, path_in
-from .session import Session, plan_budget, session_for
 from ..capture.sites import Site
 from ..families import FAMILIES
+from ..lifecycle.distributed import check_new_factors
+from ..plan.build import TIE_NOTE, Decision, build, decide, tie_broken
+from ..plan.graph import keep_factors, report_installed, reused_row, stats_for
+from ..policy.rules import KEEP
+from . import attach as store
+from .attach import arg_index
+from .session import Session, plan_budget, session_for
 
 
 class Runner:
@@ -54,14 +55,12 @@ class Instances:
     made, when the policy gives the site the graph's family and config; otherwise that instance runs Dynamo's
     graph as it is (dense, uncompiled) with one warning. Either way its sites are reported under its names."""
 
-    def __init__(self, session, model, root, prefix, gm, example_inputs, feeds, by_struct, dense_sites, options,
-                 opts):
+    def __init__(self, session, model, root, prefix, gm, example_inputs, feeds, by_struct, dense_sites, options, opts):
         self.session, self.prefix, self.gm, self.options, self.opts = session, prefix, gm, options, opts
         self.model = weakref.ref(model) if model is not None else None
         self.root_type = type(root) if root is not None else None
         # real parameters only: DDPOptimizer's split graphs get fake ones, which no call passes again
-        self.params = [i for i, t in enumerate(example_inputs)
-                       if isinstance(t, nn.Parameter) and not compat.is_fake(t)]
+        self.params = [i for i, t in enumerate(example_inputs) if isinstance(t, nn.Parameter) and not compat.is_fake(t)]
         self.seen = [weakref.ref(example_inputs[i]) for i in self.params]  # weak: the runner outlives models
         # the frame module's own parameter names: a call for that same module whose parameters were replaced
         # (load_state_dict(assign=True)) is no other instance; its feeds read the new weights from the call
@@ -106,6 +105,7 @@ class Instances:
         """The module this call runs for: of the frame module's class, holding these weights. Looked for in the
         compiled model first; only a module outside it (each block compiled by itself) is looked for among the
         callers' locals."""
+
         def holds(obj) -> bool:
             try:
                 return all(s is None or obj.get_parameter(s[3][2]) is args[s[0]] for s in self.slots)
@@ -132,11 +132,14 @@ class Instances:
         return session, model, prefix
 
     def _bind(self, args) -> Optional[list]:
-        shared = f"'{self.prefix[:-1]}'" if self.prefix else f"a {self.root_type.__name__ if self.root_type else 'graph'}"
+        shared = (
+            f"'{self.prefix[:-1]}'" if self.prefix else f"a {self.root_type.__name__ if self.root_type else 'graph'}"
+        )
         inst = self._instance(args)
         if inst is None:
-            return self._dense(None, [], f"the graph compiled for {shared} runs for other weights, whose module "
-                                         "was not found")
+            return self._dense(
+                None, [], f"the graph compiled for {shared} runs for other weights, whose module was not found"
+            )
         session, model, prefix = self._where(inst)
         policy = session.policy
         plan, why = [], None
@@ -169,8 +172,12 @@ class Instances:
                 struct, row = build(s2, d, policy, stats_for(session, s2))
                 if struct is None:  # failed or over max_error: the rows say why; the whole graph runs dense
                     session.report.add(row)
-                    return self._dense(session, [p[1] for p in plan if p[1] is not s2],
-                                       f"{s2.fqn} could not be rewritten ({row.reason})", shared)
+                    return self._dense(
+                        session,
+                        [p[1] for p in plan if p[1] is not s2],
+                        f"{s2.fqn} could not be rewritten ({row.reason})",
+                        shared,
+                    )
                 struct.to(device=s2.weight.device)
                 keep_factors(s2, struct, module, session, row)
                 if struct.compressing and tie_broken(s2, model):
@@ -184,8 +191,13 @@ class Instances:
 
     def _site(self, site: Site, rel: tuple, prefix: str, inst: nn.Module, weight, bias) -> tuple[Site, nn.Module]:
         fqn, module_path, weight_path = rel
-        s2 = dataclasses.replace(site, fqn=prefix + fqn if fqn else prefix[:-1], weight=weight, bias=bias,
-                                 weight_path=prefix + weight_path if weight_path else None)
+        s2 = dataclasses.replace(
+            site,
+            fqn=prefix + fqn if fqn else prefix[:-1],
+            weight=weight,
+            bias=bias,
+            weight_path=prefix + weight_path if weight_path else None,
+        )
         return s2, inst.get_submodule(module_path) if module_path else inst
 
     def _report_dense_sites(self, session: Session, inst: nn.Module, prefix: str) -> None:
@@ -209,18 +221,25 @@ class Instances:
                     row = dataclasses.replace(seen, fqn=s2.fqn, notes=[*seen.notes, f"as for {site.fqn}"])
                     session.report.add(row)
                     continue
-                d = dataclasses.replace(d, status="failed", reason="its instance shares a compiled graph that keeps "
-                                                                    "this site dense; compile the whole model to rewrite it")
+                d = dataclasses.replace(
+                    d,
+                    status="failed",
+                    reason="its instance shares a compiled graph that keeps "
+                    "this site dense; compile the whole model to rewrite it",
+                )
                 warnings.warn(f"lrcompile: {s2.fqn}: {d.reason}", stacklevel=3)
             session.report.add(build(s2, d, session.policy)[1])
 
     def _dense(self, session: Optional[Session], sites: list, why: str, shared: str = "") -> None:
-        warnings.warn(f"lrcompile: {why}; that instance runs Dynamo's graph as it is (dense, uncompiled)",
-                      stacklevel=4)
+        warnings.warn(f"lrcompile: {why}; that instance runs Dynamo's graph as it is (dense, uncompiled)", stacklevel=4)
         if session is not None:
             for s2 in sites:
-                if (s2.kind, s2.fqn) not in session.report.rows or session.report.rows[(s2.kind, s2.fqn)].status != "failed":
-                    row = build(s2, Decision(s2.fqn, None, KEEP, "failed", reason=f"runs dense: {why}"), session.policy)[1]
+                if (s2.kind, s2.fqn) not in session.report.rows or session.report.rows[
+                    (s2.kind, s2.fqn)
+                ].status != "failed":
+                    row = build(
+                        s2, Decision(s2.fqn, None, KEEP, "failed", reason=f"runs dense: {why}"), session.policy
+                    )[1]
                     row.notes.append(f"would run the graph compiled for {shared}")
                     session.report.add(row)
             self._write(session)

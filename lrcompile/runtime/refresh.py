@@ -4,14 +4,15 @@ For the update paths no stamp can see cheaply (in-place writes through `.data`, 
 and keep the storage; see the README's table of update paths). Trained factors are refit too: the caller says the
 dense weights are the truth now.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..attention.factors import AttnFactors
 from . import attach as store
 from . import fresh
-from ..attention.factors import AttnFactors
 
 
 def _attention_sources(model: nn.Module, owner_path: str, struct: AttnFactors):

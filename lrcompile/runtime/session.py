@@ -5,6 +5,7 @@ a frame of its own. Those calls share one policy, one report, one budget allocat
 far, through a session keyed by the user's model and what makes two compiles the same (policy digest,
 strictness, report path, calibration).
 """
+
 from __future__ import annotations
 
 import collections
@@ -16,10 +17,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..options import Options
-from ..policy.rules import Policy, load_policy
-from ..plan.report import Report
 from ..families import Structure
+from ..options import Options
+from ..plan.report import Report
+from ..policy.rules import Policy, load_policy
 
 
 class Session:
@@ -58,11 +59,21 @@ def policy_for(opts: Options) -> Optional[Policy]:
 def session_key(policy: Optional[Policy], opts: Options, calibration) -> tuple:
     """What makes two backend calls one session: the same policy (by digest), report, calibration and strictness
     — never `id(options)`, which a later dict can reuse once the first is collected."""
-    calib = None if calibration is None else (
-        os.path.abspath(str(opts.calibration)) if isinstance(opts.calibration, (str, os.PathLike)) else id(calibration))
-    return (policy.digest if policy is not None else None,
-            policy.defaults.strict if policy is not None else None,
-            os.path.abspath(opts.report) if opts.report else None, calib)
+    calib = (
+        None
+        if calibration is None
+        else (
+            os.path.abspath(str(opts.calibration))
+            if isinstance(opts.calibration, (str, os.PathLike))
+            else id(calibration)
+        )
+    )
+    return (
+        policy.digest if policy is not None else None,
+        policy.defaults.strict if policy is not None else None,
+        os.path.abspath(opts.report) if opts.report else None,
+        calib,
+    )
 
 
 def session_for(root: Optional[nn.Module], options: Optional[dict], opts: Options) -> Session:
@@ -94,10 +105,10 @@ def load_calibration(calibration):
 def plan_budget(session: Session, model: Optional[nn.Module]) -> None:
     """The policy budget's ranks, planned once per session over the whole compiled model."""
     if session.policy is not None and session.policy.budget and session.ranks is None and model is not None:
+        from ..capture.trace import call_inputs
         from ..policy.budget import plan_model
 
-        from ..capture.trace import call_inputs
-
         # the site list: the calibration's, else a nested trace of this very call (functional sites included)
-        session.ranks = plan_model(session.policy, model, session.calibration, example_inputs=call_inputs(model),
-                                   nested=True)
+        session.ranks = plan_model(
+            session.policy, model, session.calibration, example_inputs=call_inputs(model), nested=True
+        )

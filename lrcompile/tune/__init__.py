@@ -8,6 +8,7 @@ select.py      cache lookup or measurement, and the choice
 site.py        the backend's entry point
 warmup.py      ahead-of-time tuning (the CLI's `warmup`)
 """
+
 from .candidates import DENSE, REFERENCE  # noqa: F401
 from .select import Spec, bucket  # noqa: F401
 from .site import Tuned, tune_site  # noqa: F401

@@ -7,6 +7,7 @@ re-read the file, merge their entries in and replace it atomically (temp file + 
 tuning at once end with the union of their entries, and a reader never sees half a file. A corrupt or
 truncated file is renamed `*.corrupt`, a warning says so, and the cache is rebuilt as sites are tuned again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,13 @@ def _valid(data) -> bool:
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
         return False
     # every entry holds the reference's time: `pick` compares the others with it
-    return all(isinstance(e, dict) and isinstance(e.get("ms"), dict) and REFERENCE in e["ms"] and
-               all(isinstance(v, (int, float)) for v in e["ms"].values()) for e in data["entries"].values())
+    return all(
+        isinstance(e, dict)
+        and isinstance(e.get("ms"), dict)
+        and REFERENCE in e["ms"]
+        and all(isinstance(v, (int, float)) for v in e["ms"].values())
+        for e in data["entries"].values()
+    )
 
 
 def _parse(p: str) -> Optional[dict]:

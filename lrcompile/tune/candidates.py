@@ -6,6 +6,7 @@ layout, an adapter merged into W on the fly) and may always be chosen; `dense` i
 compressing family, and is chosen only where the policy sets `guard: dense`. It is still timed for compressing
 families so that the report can say when a rewrite runs slower than the layer it replaced.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,11 +18,12 @@ from typing import Callable
 import torch.nn.functional as F
 
 from ..families import FAMILIES, Candidate, FamilyView  # noqa: F401  (Candidate: re-exported)
+
 # the families' own alternatives, re-exported under their old names here
 from ..families.adapters.dora import dora_merged  # noqa: F401
 from ..families.adapters.lora import lora_merged  # noqa: F401
-from ..families.lowrank import lowrank_addmm, lowrank_pretransposed  # noqa: F401
 from ..families.adapters.vera import vera_merged  # noqa: F401
+from ..families.lowrank import lowrank_addmm, lowrank_pretransposed  # noqa: F401
 
 REFERENCE = "functional"  # the family's own implementation: the correctness reference and the default
 DENSE = "dense"

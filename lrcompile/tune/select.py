@@ -4,6 +4,7 @@ A measurement depends on shapes only (random inputs of the site's shapes), never
 cache serves every model with the same shapes, and `warmup --from-log` needs no model. Tokens are bucketed to
 the next power of two, so dynamic batch/sequence sizes share entries.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,10 @@ class Spec:
 
     def key(self) -> str:
         shapes = ",".join("x".join(map(str, s)) or "()" for s in self.tensor_shapes)
-        local = (f"{self.family}|{self.in_features}x{self.out_features}|{shapes}|bias{int(self.bias)}|"
-                 f"tok{self.tokens}|{self.dtype}|grad{int(self.grad)}")
+        local = (
+            f"{self.family}|{self.in_features}x{self.out_features}|{shapes}|bias{int(self.bias)}|"
+            f"tok{self.tokens}|{self.dtype}|grad{int(self.grad)}"
+        )
         env = environment(self.device)
         tag = hashlib.blake2b(json.dumps([env, source_hash(self.family)]).encode(), digest_size=6).hexdigest()
         return f"{local}|{tag}"
@@ -94,13 +97,31 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def spec_for(family: str, cfg, in_features: int, out_features: int, bias: bool, tokens: int, dtype: torch.dtype,
-             device: torch.device, grad: bool) -> Spec:
+def spec_for(
+    family: str,
+    cfg,
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    grad: bool,
+) -> Spec:
     """The tensor shapes come from the family built on the meta device: nothing allocated, no factorisation."""
     m = FAMILIES[family](in_features, out_features, cfg, dtype=dtype, device="meta")
     shapes = tuple(tuple(t.shape) for t in m.tensors())
-    return Spec(family, in_features, out_features, shapes, bias, bucket(tokens), str(dtype).removeprefix("torch."),
-                torch.device(device).type, grad)
+    return Spec(
+        family,
+        in_features,
+        out_features,
+        shapes,
+        bias,
+        bucket(tokens),
+        str(dtype).removeprefix("torch."),
+        torch.device(device).type,
+        grad,
+    )
 
 
 def _inputs(spec: Spec, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -110,7 +131,7 @@ def _inputs(spec: Spec, dtype: torch.dtype, device: torch.device) -> tuple:
         return torch.randn(shape, generator=g).to(dtype=dtype, device=device)
 
     x = rnd(spec.tokens, spec.in_features)
-    w = rnd(spec.out_features, spec.in_features) / spec.in_features ** 0.5
+    w = rnd(spec.out_features, spec.in_features) / spec.in_features**0.5
     b = rnd(spec.out_features) if spec.bias else None
     return (x, w, b, *[rnd(*s) for s in spec.tensor_shapes])
 
@@ -148,11 +169,16 @@ def _measure(spec: Spec, budget_s: float) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     # the correctness gate (which doubles as the warm-up) spends the same budget
-    samples = timing.samples_ms({c.name: c.fn for c in runnable}, args, device,
-                                budget_s - (time.perf_counter() - t0))
+    samples = timing.samples_ms({c.name: c.fn for c in runnable}, args, device, budget_s - (time.perf_counter() - t0))
     ms = {k: round(statistics.median(v), 5) for k, v in samples.items()}
-    entry = {"ms": ms, "discarded": discarded, "spec": spec.as_dict(), "env": environment(spec.device),
-             "source": source_hash(spec.family), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    entry = {
+        "ms": ms,
+        "discarded": discarded,
+        "spec": spec.as_dict(),
+        "env": environment(spec.device),
+        "source": source_hash(spec.family),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     noisy = timing.unstable(samples)
     if noisy:
         entry["unstable"] = noisy
@@ -180,8 +206,11 @@ def pick(entry: dict, dense_why: Optional[str], known: Optional[set] = None) -> 
     """(implementation, why) from a cache entry. `dense` only when allowed: `dense_why` says why it may be.
     `known`: the implementations this code has; an entry's others (an imported cache from other code) are
     ignored, as are times that are not positive finite numbers."""
-    ms = {k: v for k, v in entry["ms"].items()
-          if (known is None or k in known or k == DENSE) and isinstance(v, (int, float)) and 0 < v < float("inf")}
+    ms = {
+        k: v
+        for k, v in entry["ms"].items()
+        if (known is None or k in known or k == DENSE) and isinstance(v, (int, float)) and 0 < v < float("inf")
+    }
     if REFERENCE not in ms:
         return REFERENCE, f"{REFERENCE}: the cached entry has no usable time for it"
     ref = ms[REFERENCE]

@@ -4,6 +4,7 @@
 appended once (lines already in the file are not written again), under an exclusive flock so that lines of
 concurrent compiles never interleave. Unreadable lines (a crash mid-write) are skipped when read.
 """
+
 from __future__ import annotations
 
 import contextlib

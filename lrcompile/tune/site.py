@@ -1,4 +1,5 @@
 """The backend's entry to the autotuner: one site's decision in, the implementation to emit (and why) out."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,20 +53,34 @@ def tune_site(site, decision, dense_why: Optional[str], enabled: bool) -> Option
     if tokens is None or not decision.rewrites:
         return None
     try:
-        spec = spec_for(decision.method, decision.config, site.in_features, site.out_features, site.bias is not None,
-                        tokens, site.weight.dtype, site.weight.device, torch.is_grad_enabled())
+        spec = spec_for(
+            decision.method,
+            decision.config,
+            site.in_features,
+            site.out_features,
+            site.bias is not None,
+            tokens,
+            site.weight.dtype,
+            site.weight.device,
+            torch.is_grad_enabled(),
+        )
         shapelog.record(spec.as_dict())
         if not enabled:
             return None
         if not has_choice(spec):
-            return Tuned(decision.method, REFERENCE, f"{REFERENCE}: the only implementation here", {}, False, spec.tokens)
+            return Tuned(
+                decision.method, REFERENCE, f"{REFERENCE}: the only implementation here", {}, False, spec.tokens
+            )
         entry, cached = lookup_or_measure(spec)
         known = {c.name for c in candidates_for(spec.family, len(spec.tensor_shapes), spec.device, spec.grad)}
         impl, why = pick(entry, dense_why if FAMILIES[decision.method].compressing else None, known)
         if entry.get("unstable"):
             why += f"; timings unstable under load ({', '.join(entry['unstable'])}): not cached"
     except Exception as e:
-        warnings.warn(f"lrcompile: autotune of {site.fqn} failed ({type(e).__name__}: {e}); using {decision.method}'s "
-                      f"own implementation", stacklevel=2)
+        warnings.warn(
+            f"lrcompile: autotune of {site.fqn} failed ({type(e).__name__}: {e}); using {decision.method}'s "
+            f"own implementation",
+            stacklevel=2,
+        )
         return Tuned(decision.method, REFERENCE, f"not tuned ({type(e).__name__}: {e})", {}, False, tokens)
     return Tuned(decision.method, impl, why, entry["ms"], cached, spec.tokens)

@@ -3,6 +3,7 @@
 `RUNS` counts every candidate execution made for tuning (correctness checks included): a compile served from a
 warm cache leaves it unchanged, which is what the tests read.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -35,8 +36,11 @@ MIN_ROUNDS_TO_JUDGE = 5
 
 def unstable(samples: dict) -> list:
     """Candidates whose times spread grossly (median > UNSTABLE × fastest over enough rounds)."""
-    return [k for k, v in samples.items()
-            if len(v) >= MIN_ROUNDS_TO_JUDGE and statistics.median(v) > UNSTABLE * max(min(v), 1e-9)]
+    return [
+        k
+        for k, v in samples.items()
+        if len(v) >= MIN_ROUNDS_TO_JUDGE and statistics.median(v) > UNSTABLE * max(min(v), 1e-9)
+    ]
 
 
 def samples_ms(fns: dict, args, device: torch.device, budget_s: float) -> dict:

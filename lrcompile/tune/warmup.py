@@ -4,6 +4,7 @@ For a model, the shapes come from one eager compile of it (`inductor: False, tun
 factor cache; then each distinct shape is tuned with a progress bar. `tokens` adds token counts the example did
 not show (e.g. other batch sizes).
 """
+
 from __future__ import annotations
 
 import time
@@ -24,8 +25,10 @@ def model_specs(model, example_inputs, policy) -> list[Spec]:
     dynamo_reset()  # a fresh trace: the model may have been compiled with other options in this process
     try:
         with shapelog.collect() as got, torch.no_grad():
-            call_model(torch.compile(model, backend="lrcompile",
-                                     options={"policy": policy, "inductor": False, "tune": False}), example_inputs)
+            call_model(
+                torch.compile(model, backend="lrcompile", options={"policy": policy, "inductor": False, "tune": False}),
+                example_inputs,
+            )
     finally:
         dynamo_reset()
     return [Spec.from_dict(d) for d in got]
@@ -54,7 +57,7 @@ def expand(specs: Iterable[Spec], tokens: Optional[list[int]]) -> list[Spec]:
     the family's own implementation are left out: nothing to choose."""
     out, seen = [], set()
     for s in filter(has_choice, specs):
-        for t in (tokens or [s.tokens]):
+        for t in tokens or [s.tokens]:
             v = s.with_tokens(t)
             if v not in seen:
                 seen.add(v)
@@ -71,10 +74,18 @@ def tune_all(specs: list[Spec], budget_s: float = TIME_BUDGET_S, progress: bool 
         try:
             _, cached = lookup_or_measure(spec, budget_s)
         except Exception as e:  # one shape that cannot run does not stop the others
-            warnings.warn(f"lrcompile: warmup of {spec.family} {spec.in_features}x{spec.out_features} at "
-                          f"{spec.tokens} tokens failed ({type(e).__name__}: {e})", stacklevel=2)
+            warnings.warn(
+                f"lrcompile: warmup of {spec.family} {spec.in_features}x{spec.out_features} at "
+                f"{spec.tokens} tokens failed ({type(e).__name__}: {e})",
+                stacklevel=2,
+            )
             failed += 1
             continue
         measured += not cached
-    return {"shapes": len(specs), "measured": measured, "cached": len(specs) - measured - failed, "failed": failed,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "shapes": len(specs),
+        "measured": measured,
+        "cached": len(specs) - measured - failed,
+        "failed": failed,
+        "seconds": time.perf_counter() - t0,
+    }

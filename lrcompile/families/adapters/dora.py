@@ -9,6 +9,7 @@ W-sized temporary, far cheaper than the GEMM), which keeps it right if the base 
 With dropout active PEFT applies the magnitude to the dropped input's base term only:
 y = W x + b + (g − 1) ⊙ W x̃ + g ⊙ s·B A x̃ (x̃ = dropout(x)); that is what runs when `dropout > 0`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,7 @@ from torch import nn
 
 from ...compat import is_functorch_wrapped
 from ..base import Candidate, mark_owned, register
-from .lora import (Adapter, LoRAConfig, add_branch, autocast_on, branch_input, flat, lora_init, pissa_factors,
-                   unflat)
+from .lora import Adapter, LoRAConfig, add_branch, autocast_on, branch_input, flat, lora_init, pissa_factors, unflat
 
 
 def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling) -> torch.Tensor:
@@ -139,7 +139,9 @@ class DoRA(Adapter):
         self.lora_A = mark_owned(nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device)))
         self.lora_B = mark_owned(nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device)))
         self.magnitude = mark_owned(nn.Parameter(torch.ones(out_features, dtype=dtype, device=device)))
-        self.register_buffer("scaling", torch.tensor(cfg.scaling, dtype=dtype or torch.get_default_dtype(), device=device))
+        self.register_buffer(
+            "scaling", torch.tensor(cfg.scaling, dtype=dtype or torch.get_default_dtype(), device=device)
+        )
 
     @classmethod
     def from_dense(cls, weight, bias, cfg: LoRAConfig, stats=None) -> "DoRA":

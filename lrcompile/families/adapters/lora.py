@@ -12,6 +12,7 @@ through `residual_weight()`; the installer (plan.build) copies it into the site'
 `Adapter` (the base of LoRA, DoRA, VeRA and NOBLE) holds what the adapter families share: the dense weight as
 (out, in), the dropout tensor, the residual hand-off and `to_dense`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,10 +83,12 @@ class Adapter(Structure):
         if p > 0:
             # an instance-level tensor list: the graph rewrite reads `struct.tensor_names`
             self.tensor_names = type(self).tensor_names + ("dropout_p",)
-            self.register_buffer("dropout_p", torch.tensor(p, dtype=dtype or torch.get_default_dtype(), device=device),
-                                 persistent=False)
-            self.register_buffer("dropout_off", torch.zeros((), dtype=self.dropout_p.dtype, device=device),
-                                 persistent=False)
+            self.register_buffer(
+                "dropout_p", torch.tensor(p, dtype=dtype or torch.get_default_dtype(), device=device), persistent=False
+            )
+            self.register_buffer(
+                "dropout_off", torch.zeros((), dtype=self.dropout_p.dtype, device=device), persistent=False
+            )
 
     def __setattr__(self, name, value):
         if name == "weight" and value is not None and "_base" in self.__dict__:
@@ -190,7 +193,9 @@ class LoRA(Adapter):
         r = cfg.rank
         self.lora_A = mark_owned(nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device)))
         self.lora_B = mark_owned(nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device)))
-        self.register_buffer("scaling", torch.tensor(cfg.scaling, dtype=dtype or torch.get_default_dtype(), device=device))
+        self.register_buffer(
+            "scaling", torch.tensor(cfg.scaling, dtype=dtype or torch.get_default_dtype(), device=device)
+        )
 
     @classmethod
     def init(cls, in_features, out_features, cfg, dtype=None, device=None) -> "LoRA":

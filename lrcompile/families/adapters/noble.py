@@ -10,6 +10,7 @@ Paper inits: W_down ~ N(0, 1/in), W_up ~ N(0, 0.01²/r) (near-silent, not zero),
 weight N(0, 0.25/in) (training from scratch), handed to the installer through `residual_weight()`.
 `lr_multipliers()` gives the paper's per-parameter learning-rate factors for `lrcompile.param_groups`.
 """
+
 from __future__ import annotations
 
 import contextlib

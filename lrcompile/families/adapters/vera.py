@@ -20,6 +20,7 @@ the model private copies of pairs another model shares (`own_projections`).
 
 Trainable: λ_d (r, init `d_initial` = 0.1) and λ_b (out, init 0). Options default as in PEFT: rank 256.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,8 +107,9 @@ class SharedProjections:
         return new
 
 
-def shared_projections(rank: int, seed: int, in_features: int, out_features: int, dtype, device,
-                       scope: ProjectionScope) -> SharedProjections:
+def shared_projections(
+    rank: int, seed: int, in_features: int, out_features: int, dtype, device, scope: ProjectionScope
+) -> SharedProjections:
     key = (rank, seed, dtype, str(torch.device(device) if device is not None else torch.device("cpu")))
     pair = scope.pairs.get(key)
     if pair is None or not pair.growable():  # a used pair keeps its numbers: later sites get their own
@@ -139,8 +141,7 @@ class VeRA(Adapter):
         self.lambda_d = mark_owned(nn.Parameter(torch.full((r,), float(cfg.d_initial), dtype=dtype, device=device)))
         self.lambda_b = mark_owned(nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)))
         self._lrc_init_versions = (self.lambda_d._version, self.lambda_b._version)
-        self._pair = shared_projections(r, cfg.seed, in_features, out_features, dtype, device,
-                                        self._scope(cfg))
+        self._pair = shared_projections(r, cfg.seed, in_features, out_features, dtype, device, self._scope(cfg))
         self._pair.users.add(self)
         self.register_buffer("vera_A", self._pair.A)
         self.register_buffer("vera_B", self._pair.B)
