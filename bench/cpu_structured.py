@@ -81,8 +81,8 @@ def main():
             with torch.no_grad():
                 t = interleaved(
                     {
-                        "dense": lambda: F.linear(x, W, b),
-                        "struct": lambda: cls.functional(x, None, b, *ts),
+                        "dense": lambda x=x, W=W, b=b: F.linear(x, W, b),
+                        "struct": lambda x=x, b=b, cls=cls, ts=ts: cls.functional(x, None, b, *ts),
                         "gemms": gemms_alone(name, ts, TOKENS),
                     },
                     reps=args.reps,

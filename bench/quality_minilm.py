@@ -252,8 +252,9 @@ def main():
     print("\n".join(verdict))
     notes = (
         f"Statistics and sensitivity from {n_hand} hand-written calibration sentences; healing on those + "
-        f"{args.extra} generated ones + {args.aug} augmented ones; heal: Adam lr {args.heal_lr:g}, 25 warmup steps then "
-        f"cosine decay, batch 32, trained: the factors + {', '.join(train_also) or 'nothing else'}, loss = pooled cosine + 0.1 token cosine + per-block normalised MSE (weight 1, "
+        f"{args.extra} generated ones + {args.aug} augmented ones; heal: Adam lr {args.heal_lr:g}, 25 warmup steps "
+        f"then cosine decay, batch 32, trained: the factors + {', '.join(train_also) or 'nothing else'}, "
+        f"loss = pooled cosine + 0.1 token cosine + per-block normalised MSE (weight 1, "
         f"6 blocks); {len(HELD_OUT)} held-out sentences (disjoint; bench/data); 36 encoder linears; 'params kept' "
         f"= compressed / dense parameters of those linears (weights + biases). Sensitivity curves: each site alone "
         f"at 8 ranks, 1 − cosine on the first 2 calibration batches. Targets: mean cos ≥ 0.97 at 0.75, ≥ 0.90 at "

@@ -287,7 +287,7 @@ def test_fuzzed_policies_are_a_policy_or_a_one_line_error():
     rng = random.Random(1234)
     outcomes = {"policy": 0, "error": 0}
     t0 = time.perf_counter()
-    for n in range(400):
+    for _ in range(400):
         text = _mutations(rng.choice(seeds), rng)
         t = time.perf_counter()
         try:

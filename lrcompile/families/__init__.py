@@ -12,10 +12,23 @@ from .base import (
     Structure,
     family,
     is_owned,
-    parse_config,  # noqa: F401
+    parse_config,
     register,
     unregister,
 )
+
+__all__ = [
+    "FAMILIES",
+    "Candidate",
+    "FamilyView",
+    "MethodConfig",
+    "Structure",
+    "family",
+    "is_owned",
+    "parse_config",
+    "register",
+    "unregister",
+]
 
 for _m in sorted(pkgutil.walk_packages(__path__, prefix=f"{__name__}."), key=lambda m: m.name):
     importlib.import_module(_m.name)

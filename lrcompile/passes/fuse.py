@@ -104,7 +104,10 @@ def propagate(gm: fx.GraphModule, inputs) -> bool:
         with mode:
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
     except Exception as e:  # fusion is an optimisation: the unfused graph is still right
-        warnings.warn(f"lrcompile: fusion skipped, shape propagation failed: {type(e).__name__}: {e}".splitlines()[0])
+        warnings.warn(
+            f"lrcompile: fusion skipped, shape propagation failed: {type(e).__name__}: {e}".splitlines()[0],
+            stacklevel=2,
+        )
         return False
     return True
 

@@ -352,7 +352,7 @@ def uniform_ranks(candidates: list[Candidate], budget: dict) -> dict[str, Option
     for c in candidates:
         cost, dense = _costs(c, kind)
         target = frac * dense
-        r = _largest(lambda k: cost(k) <= target + 1e-9 * max(1.0, abs(target)), c.full())
+        r = _largest(lambda k, cost=cost, target=target: cost(k) <= target + 1e-9 * max(1.0, abs(target)), c.full())
         r = min(r, c.max_rank if c.max_rank is not None else r)
         r = max(r, c.min_rank, 1)
         out[c.fqn] = None if cost(r) >= dense else r

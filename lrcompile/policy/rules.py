@@ -234,7 +234,7 @@ def _validate(data: Any, node, source: str) -> Policy:
         if key not in DEFAULT_KEYS:
             near = difflib.get_close_matches(str(key), DEFAULT_KEYS, n=1)
             err(line, f"defaults: unknown key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
-        _check_default(key, value, lambda m: err(line, f"defaults: {m}"))
+        _check_default(key, value, lambda m, line=line: err(line, f"defaults: {m}"))
         setattr(defaults, key, value)
 
     budget = data.get("budget")
@@ -333,7 +333,8 @@ def _rule(index, data, node, source, has_budget, err, line_of) -> Rule:
     if kind == "attention" and method not in ATTENTION_METHODS:
         fail(
             "method",
-            f"method {method!r} does not apply to attention sites (kind: attention takes: {', '.join(ATTENTION_METHODS)})",
+            f"method {method!r} does not apply to attention sites "
+            f"(kind: attention takes: {', '.join(ATTENTION_METHODS)})",
         )
     if kind == "linear" and method in ATTENTION_CONFIGS:
         fail("method", f"method {method!r} applies to attention sites only (add 'kind: attention')")

@@ -164,7 +164,7 @@ class Instances:
         if why is not None:
             return self._dense(session, [p[1] for p in plan], why, shared)
         feeds = []
-        for f, s2, module, prev, d in plan:
+        for _, s2, module, prev, d in plan:
             if prev is not None:
                 row, struct = reused_row(s2, prev, d or decide(s2, policy, session.ranks), session), prev
             else:

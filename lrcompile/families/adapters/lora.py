@@ -47,7 +47,8 @@ def branch_input(x: torch.Tensor, drop: tuple) -> torch.Tensor:
 
 
 def flat(x: torch.Tensor) -> torch.Tensor:
-    """(…, in) -> (N, in): the branch accumulates into the base output with one in-place addmm (no extra (N, out) buffer)."""
+    """(…, in) -> (N, in): the branch accumulates into the base output with one in-place addmm (no extra (N, out)
+    buffer)."""
     return x.reshape(-1, x.shape[-1])
 
 
