@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from . import compat
 from .attention import plan as attention
+from .attention.apply import rewrite_attention
 from .capture.resolve import enclosing_model, prefixed, relative_names, remapped, root_module, site_module
 from .capture.sites import find_sites
 from .compat import frame_locals
@@ -62,7 +63,7 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
     by_struct = {id(struct): (site, rel[id(site)]) for site, struct, _ in chosen}
     attn_feeds = []
     if plans:
-        gm, vm, attn_feeds = attention.rewrite_attention(gm, plans)
+        gm, vm, attn_feeds = rewrite_attention(gm, plans)
         chosen = [(remapped(site, vm), *rest) for site, *rest in chosen]
     for row in rows:
         session.report.add(row)

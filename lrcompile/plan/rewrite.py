@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attention.apply import install_attention
 from ..attention.factors import AttnFactors
-from ..attention.plan import install_attention
 from ..capture.trace import CapturedSite, capture_sites
 from ..families import Structure
 from ..policy.rules import load_policy
