@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 
 
 # LRCOMPILE_NOOP=backend | rewrite runs the suite against a backend that returns Dynamo's graph unchanged, or a
-# `rewrite` that changes nothing: every test that passes then does not prove that feature (see README, Testing).
+# `rewrite` that changes nothing: every test that passes then does not prove that feature (README, Tests and benchmarks).
 NOOP = os.environ.get("LRCOMPILE_NOOP", "")
 if NOOP:
     import lrcompile
@@ -32,7 +32,7 @@ if NOOP:
         def _noop_rewrite(model, policy, example_inputs, calibration=None, **kw):
             return model
 
-        lrcompile.rewrite = lrcompile.api.rewrite = _noop_rewrite
+        lrcompile.rewrite = lrcompile.plan.rewrite.rewrite = _noop_rewrite
     else:
         raise ValueError(f"LRCOMPILE_NOOP={NOOP!r}: expected 'backend' or 'rewrite'")
 
