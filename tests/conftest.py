@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 
 
 # LRCOMPILE_NOOP=backend | rewrite runs the suite against a backend that returns Dynamo's graph unchanged, or a
-# `rewrite` that changes nothing: every test that passes then does not prove that feature (README, Tests and benchmarks).
+# `rewrite` that changes nothing: a test that passes then does not prove that feature (README, Tests and benchmarks).
 NOOP = os.environ.get("LRCOMPILE_NOOP", "")
 if NOOP:
     import lrcompile
