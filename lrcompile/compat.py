@@ -68,7 +68,8 @@ def grapharg(node) -> Any:
 
 def source_name(source) -> Optional[str]:
     """A Dynamo Source's expression over the frame's locals (`L['self']._modules['fc']._parameters['weight']`).
-    Private: Source.name is a method up to 2.11 and a property in later versions; a plain string passes through."""
+    Private: Source.name, a cached property in 2.11-2.14 (a method in older torch: both are read); a plain string
+    passes through."""
     if source is None or isinstance(source, str):
         return source
     name = source.name

@@ -195,6 +195,32 @@ def test_training_dropout_is_not_rewritten(tmp_path):
     assert torch.softmax in targets(graphs)
 
 
+@pytest.mark.parametrize("variant", ["scale_first", "dropout_then_cast", "method_softmax"])
+def test_chain_variants_the_walk_reads(variant, tmp_path):
+    """c * scores, a dropout before the cast back, and Tensor.softmax(dim, dtype) are chains too."""
+    class Variant(ManualAttn):
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.split(self.q(x), B, T), self.split(self.k(x), B, T), self.split(self.v(x), B, T)
+            s = q @ k.transpose(-2, -1)
+            if variant == "scale_first":
+                p = torch.softmax(0.25 * s, dim=-1)
+            elif variant == "dropout_then_cast":
+                p = F.dropout(torch.softmax(s / 2.0, dim=-1, dtype=torch.float64), p=0.1, training=False).to(q.dtype)
+            else:
+                p = (s / 2.0).softmax(-1, torch.float32)
+            return self.o((p @ v).transpose(1, 2).reshape(B, T, -1))
+
+    m = Variant().eval()
+    x = torch.randn(2, 5, 32)
+    ref = m(x)
+    out, graphs, rows = run(m, ATT("sdpa"), x, report=tmp_path / "r.json")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    row = next(r for r in rows if r["kind"] == "attention")
+    assert row["status"] == "rewritten", row["reason"]
+    assert F.scaled_dot_product_attention in targets(graphs) and torch.softmax not in targets(graphs)
+
+
 def test_probabilities_used_twice_are_left_alone(tmp_path):
     class Returns(ManualAttn):
         def forward(self, x):
