@@ -198,6 +198,7 @@ def test_training_dropout_is_not_rewritten(tmp_path):
 @pytest.mark.parametrize("variant", ["scale_first", "dropout_then_cast", "method_softmax"])
 def test_chain_variants_the_walk_reads(variant, tmp_path):
     """c * scores, a dropout before the cast back, and Tensor.softmax(dim, dtype) are chains too."""
+
     class Variant(ManualAttn):
         def forward(self, x):
             B, T, _ = x.shape
