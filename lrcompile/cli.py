@@ -9,12 +9,7 @@ import json
 import os
 import sys
 
-from .errors import LrcompileError
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+from .errors import LrcompileError, first_line
 
 
 def _module(mod: str, spec: str):
@@ -44,14 +39,14 @@ def _factory(spec: str):
     except LrcompileError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's module: any failure is theirs to read in one line
-        raise LrcompileError(f"--model {spec!r}: importing {mod} failed ({_one_line(e)})") from None
+        raise LrcompileError(f"--model {spec!r}: importing {mod} failed ({first_line(e)})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise LrcompileError(f"--model {spec!r}: {mod} has no callable {name!r}")
     try:
         out = fn()
     except Exception as e:  # noqa: BLE001
-        raise LrcompileError(f"--model {spec!r}: the factory raised {_one_line(e)}") from None
+        raise LrcompileError(f"--model {spec!r}: the factory raised {first_line(e)}") from None
     if isinstance(out, tuple) and len(out) == 2:
         return out
     example = getattr(out, "example_inputs", None)
@@ -81,7 +76,7 @@ def cmd_check(args) -> int:
         captured = capture_sites(model, example)
     except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
         raise LrcompileError(
-            f"--model {args.model!r}: the model does not run on its example inputs ({_one_line(e)})"
+            f"--model {args.model!r}: the model does not run on its example inputs ({first_line(e)})"
         ) from None
     for c in captured:
         s = c.site
@@ -118,12 +113,12 @@ def cmd_report(args) -> int:
         with open(args.report) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise LrcompileError(f"{args.report}: cannot read report ({_one_line(e)})") from None
+        raise LrcompileError(f"{args.report}: cannot read report ({first_line(e)})") from None
     try:
         print(format_table(data))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise LrcompileError(
-            f"{args.report}: not an lrcompile report ({_one_line(e)}); write one with options={{'report': path}}"
+            f"{args.report}: not an lrcompile report ({first_line(e)}); write one with options={{'report': path}}"
         ) from None
     return 0
 
@@ -172,7 +167,7 @@ def cmd_warmup(args) -> int:
             raise
         except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
             raise LrcompileError(
-                f"--model {args.model!r}: the model does not run on its example inputs ({_one_line(e)})"
+                f"--model {args.model!r}: the model does not run on its example inputs ({first_line(e)})"
             ) from None
         source = args.model
     specs = warmup.expand(specs, tokens)

@@ -15,3 +15,9 @@ class SiteError(LrcompileError):
 
 class PlanError(LrcompileError, ValueError):
     """A saved plan that does not fit the model it is loaded into."""
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: message` on one line: torch's and YAML's messages span several."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

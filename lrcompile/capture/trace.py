@@ -27,7 +27,7 @@ from torch import nn
 from .. import compat
 from ..compat import frame_locals
 from .names import eval_root, strip_root
-from .resolve import root_module, site_module
+from .resolve import path_in, root_module, site_module
 from .sites import Site, find_sites
 
 
@@ -66,10 +66,6 @@ def _observe(token: int, group: int, x) -> None:
     rec = _RECORDERS.get(token)
     if rec is not None:
         rec._observed(group, x)
-
-
-def _path_in(model: nn.Module, module: nn.Module) -> Optional[str]:
-    return next((n for n, m in model.named_modules(remove_duplicate=False) if m is module), None)
 
 
 def _named(prefix: str, rel: str) -> str:
@@ -134,7 +130,7 @@ class Recorder:
         f_locals = frame_locals()
         root = root_module(sites, f_locals)
         root = self.model if root is None else root
-        path = _path_in(self.model, root) if root is not None else None
+        path = path_in(self.model, root) if root is not None else None
         prefix = path + "." if path else ""
         index = {id(t): i for i, t in enumerate(example_inputs)}
         entries, anchor = [], None

@@ -172,3 +172,10 @@ class CalibrationStats:
         except (AttributeError, KeyError, TypeError):
             return None
         return out
+
+
+def as_stats(calibration) -> Optional["CalibrationStats"]:
+    """What a `calibration` argument or option names: statistics as given, or loaded from a path; None stays None."""
+    if calibration is None or isinstance(calibration, CalibrationStats):
+        return calibration
+    return CalibrationStats.load(calibration)

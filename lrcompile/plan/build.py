@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..capture.sites import Site
-from ..errors import SiteError
+from ..errors import SiteError, first_line
 from ..factorize import cache as factor_cache
 from ..families import FAMILIES, Structure
 from ..families.base import dense_flops, site_label, site_scope
@@ -210,12 +210,6 @@ def _warn_fallback(cls, struct: Structure, cfg, weight: torch.Tensor) -> None:
             f"{used} (factors from cache)",
             stacklevel=4,
         )
-
-
-def first_line(e: BaseException) -> str:
-    """`Type: message` on one line: torch's and YAML's messages span several."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 TIE_NOTE = "tied weight: this site now has its own factors (tie broken)"

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..attention.apply import install_attention
 from ..attention.factors import AttnFactors
 from ..capture.trace import CapturedSite, capture_sites
+from ..factorize.stats import as_stats
 from ..families import Structure
 from ..policy.rules import load_policy
 from ..runtime import attach as store
@@ -85,14 +86,6 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[st
     return names
 
 
-def _load_stats(calibration):
-    if calibration is None:
-        return None
-    from ..factorize.calibrate import CalibrationStats
-
-    return calibration if isinstance(calibration, CalibrationStats) else CalibrationStats.load(calibration)
-
-
 def _plan_budget(pol, model: nn.Module, stats, captured):
     """The policy budget's ranks, allocated once over the whole model (None without a budget): the backend's
     own planner (`budget.plan_model`) over the captured sites — the backend's enumeration — so both paths give
@@ -116,7 +109,7 @@ def rewrite(
 ) -> nn.Module:
     """Apply `policy` to `model` in place and return it. `example_inputs`: tuple of args or dict of kwargs."""
     pol = load_policy(policy)
-    stats = _load_stats(calibration)
+    stats = as_stats(calibration)
     progress = sys.stderr.isatty() if progress is None else progress
     # weak: swapped-out dense weights must be free to go (a WeakSet would compare tensors with ==)
     before = weakref.WeakValueDictionary((id(p), p) for p in model.parameters())

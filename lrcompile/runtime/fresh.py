@@ -20,6 +20,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..errors import first_line
+
 
 def _version(t: torch.Tensor) -> Optional[int]:
     # inference tensors (made under torch.inference_mode) keep no version counter
@@ -57,10 +59,9 @@ def refresh(factors, sources: Sequence[torch.Tensor], refit: Callable[[], None],
             ok = False
             if not getattr(factors, "_lrc_warned", False):
                 factors._lrc_warned = True
-                text = str(e).strip().splitlines()
                 warnings.warn(
-                    f"lrcompile: recomputing stale {what} failed ({type(e).__name__}: "
-                    f"{text[0] if text else ''}); the graph runs the dense weights instead (uncompiled) "
+                    f"lrcompile: recomputing stale {what} failed ({first_line(e)}); the graph runs the dense "
+                    "weights instead (uncompiled) "
                     "until they change again",
                     stacklevel=4,
                 )

@@ -78,7 +78,9 @@ def session_key(policy: Optional[Policy], opts: Options, calibration) -> tuple:
 
 def session_for(root: Optional[nn.Module], options: Optional[dict], opts: Options) -> Session:
     policy = policy_for(opts)
-    calibration = load_calibration(opts.calibration)
+    from ..factorize.stats import as_stats
+
+    calibration = as_stats(opts.calibration)
     key = session_key(policy, opts, calibration)
     if root is None:
         key = (id(options), *key)
@@ -92,14 +94,6 @@ def session_for(root: Optional[nn.Module], options: Optional[dict], opts: Option
     if key not in per_root:
         per_root[key] = Session(policy, opts, calibration)
     return per_root[key]
-
-
-def load_calibration(calibration):
-    if calibration is None:
-        return None
-    from ..factorize.calibrate import CalibrationStats
-
-    return calibration if isinstance(calibration, CalibrationStats) else CalibrationStats.load(calibration)
 
 
 def plan_budget(session: Session, model: Optional[nn.Module]) -> None:
