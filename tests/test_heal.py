@@ -72,7 +72,7 @@ def test_heal_lowers_the_loss_and_trains_only_the_factors(pair, layers, extra):
     student.train()
     teacher.train()
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
-    lrcompile.heal(student, teacher, bs, steps=60, lr=1e-2, layers=layers, progress=False, **extra)
+    lrcompile.heal(student, teacher, bs, steps=60, lr=1e-2, layers=layers, train_also=(), progress=False, **extra)
     assert student.training and all(m.training for m in student.modules())  # modes restored
     assert teacher.training and all(m.training for m in teacher.modules())
     assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
@@ -98,6 +98,10 @@ def test_lr_schedule_warms_up_then_decays():
     assert _lr_factor(60, steps, warm, "linear") == pytest.approx(0.5)
     assert _lr_factor(steps, steps, warm, "cosine") == pytest.approx(0.0, abs=1e-12)
     assert _lr_factor(5, 20, 0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    # a time budget decays the rate by whichever runs out first: half the time spent = half way down
+    assert _lr_factor(20, 3000, 10, "cosine", done=0.5) == pytest.approx(0.5)
+    assert _lr_factor(20, 3000, 10, "linear", done=1.0) == pytest.approx(0.0, abs=1e-12)
+    assert _lr_factor(60, steps, warm, "cosine", done=0.1) == pytest.approx(0.5)  # the steps run out first here
 
 
 def test_layer_nmse_sees_the_norm():
@@ -199,3 +203,121 @@ def test_heal_trains_attention_factors_through_the_compiled_model():
         if not torch.equal(p, attn[n])
     ]
     assert sorted(moved) == sorted(attn) and after < 0.7 * before, (moved, before, after)
+
+
+class Listed(nn.Module):
+    """Two ModuleLists of one block class (lengths 3 and 2), a mixed list and a nested list."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.mixed = nn.ModuleList([nn.Linear(d, d), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)])
+        self.short = nn.ModuleList(nn.Sequential(nn.Linear(d, d)) for _ in range(2))
+        self.long = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.ModuleList([nn.Linear(d, d)])) for _ in range(3))
+
+
+def test_repeated_blocks_are_the_longest_uniform_list_holding_a_site(pair):
+    from lrcompile.lifecycle.heal import repeated_blocks
+
+    student, teacher = pair
+    assert repeated_blocks(student) == ["blocks.0", "blocks.1"]  # they hold the rewritten sites
+    assert repeated_blocks(teacher) == []  # nothing rewritten in the dense model
+    is_linear = lambda m: isinstance(m, nn.Linear)  # noqa: E731
+    assert repeated_blocks(teacher, holds=is_linear) == ["blocks.0", "blocks.1"]
+    m = Listed()
+    assert repeated_blocks(m, holds=is_linear) == ["long.0", "long.1", "long.2"]  # the mixed list is not blocks
+    del m.long
+    assert repeated_blocks(m, holds=is_linear) == ["short.0", "short.1"]
+    assert repeated_blocks(m, holds=lambda _m: False) == []
+
+
+def test_defaults_are_the_measured_recipe_with_blocks_found(pair):
+    import inspect
+
+    d = {k: v.default for k, v in inspect.signature(lrcompile.heal).parameters.items()}
+    assert (d["lr"], d["steps"], d["max_minutes"], d["warmup"], d["schedule"]) == (3e-4, 3000, 10.0, 25, "cosine")
+    assert (d["layers"], d["layer_loss"], d["layer_weight"]) == ("auto", "nmse", 1.0)
+    assert d["train_also"] == ("biases", "norms") and d["holdout"] == 0.1
+    student, teacher = pair
+    bs = batches(5)
+    state = {n: p.detach().clone() for n, p in student.named_parameters()}
+    report = {}
+    lrcompile.heal(student, teacher, bs, steps=20, progress=False, report=report)
+    assert report["layers"] == ["blocks.0", "blocks.1"] and report["steps"] == 20
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, state[n])}
+    assert {"norm.weight", "norm.bias", "blocks.0.0.bias"} <= changed  # biases and norms train by default
+    assert report["holdout_after"]["cosine"] > report["holdout_before"]["cosine"]
+
+
+class Tracked(torch.Tensor):
+    """Marks the teacher's outputs (a subclass survives detach) so that the test can count those still alive."""
+
+
+def test_teacher_outputs_are_streamed_not_kept(pair):
+    import gc
+
+    student, teacher = pair
+    teacher.register_forward_hook(lambda _m, _a, out: out.as_subclass(Tracked))
+    alive = []
+    student.register_forward_pre_hook(lambda *_a: alive.append(sum(type(o) is Tracked for o in gc.get_objects())))
+    calls = []
+    teacher.register_forward_pre_hook(lambda *_a: calls.append(1))
+    lrcompile.heal(student, teacher, batches(10), steps=24, holdout=0, progress=False)
+    assert len(calls) == 24  # one teacher forward per step, whatever the corpus
+    assert max(alive) <= 3, alive  # the current step's output and what the last step left: not one per batch
+
+
+def test_max_minutes_stops_on_time_and_leaves_room_for_the_last_scoring(pair, monkeypatch):
+    from lrcompile.lifecycle import heal as H
+
+    student, teacher = pair
+    now = [0.0]
+    monkeypatch.setattr(H, "_clock", lambda: now[0])
+    teacher.register_forward_pre_hook(lambda *_a: now.__setitem__(0, now[0] + 1.0))  # each teacher call: 1 s
+    report = {}
+    lrcompile.heal(student, teacher, batches(4), steps=1000, max_minutes=0.5, holdout=0, progress=False, report=report)
+    assert (report["steps"], report["stopped"]) == (30, "time")
+    report = {}  # scoring one held-out batch takes 1 s before and 1 s after: 28 s are left to train
+    lrcompile.heal(student, teacher, batches(4), steps=1000, max_minutes=0.5, holdout=1, progress=False, report=report)
+    assert (report["steps"], report["stopped"], report["seconds"]) == (28, "time", 30.0)
+    report = {}
+    lrcompile.heal(student, teacher, batches(4), steps=5, max_minutes=0.5, holdout=0, progress=False, report=report)
+    assert (report["steps"], report["stopped"]) == (5, "steps")
+    state = {n: p.detach().clone() for n, p in student.named_parameters()}
+    lrcompile.heal(student, teacher, batches(4), max_minutes=0, holdout=0, progress=False, report=report)
+    assert report["steps"] == 0 and all(torch.equal(p, state[n]) for n, p in student.named_parameters())
+
+
+def test_progress_shows_loss_time_left_and_a_summary(pair, monkeypatch, capsys):
+    from lrcompile.lifecycle import heal as H
+
+    student, teacher = pair
+    now = [0.0]
+    monkeypatch.setattr(H, "_clock", lambda: now[0])
+    teacher.register_forward_pre_hook(lambda *_a: now.__setitem__(0, now[0] + 1.0))
+    lrcompile.heal(student, teacher, batches(4), steps=1000, max_minutes=0.5, progress=True)
+    out, err = capsys.readouterr()
+    assert "loss=" in err and "28/28" in err  # the bar's total follows the time budget, so its ETA does
+    assert out.startswith("lrcompile heal: 28 steps in 30 s (stopped on time)") and "held-out (1 batches)" in out
+
+
+def test_holdout_batches_are_scored_not_trained_on(pair):
+    from lrcompile.lifecycle.heal import split_holdout
+
+    assert split_holdout(10, 0.1) == [5] and split_holdout(2, 0.1) == [1] and split_holdout(1, 0.5) == []
+    assert split_holdout(10, 0.0) == [] and split_holdout(10, 3) == [1, 5, 8]
+    assert split_holdout(20, 0.2) == [2, 7, 12, 17]
+    for bad in (1.0, -0.1, 10, -1, "a", True):
+        with pytest.raises(ValueError, match="holdout"):
+            split_holdout(10, bad)
+    student, teacher = pair
+    bs = batches(4)
+    grad_seen = []
+    student.register_forward_pre_hook(
+        lambda _m, _a, kw: grad_seen.append((id(kw["input_ids"]), torch.is_grad_enabled())), with_kwargs=True
+    )
+    report = {}
+    lrcompile.heal(student, teacher, bs, steps=9, lr=1e-2, holdout=0.25, progress=False, report=report)
+    held = id(bs[2]["input_ids"])
+    assert [g for i, g in grad_seen if i == held] == [False, False]  # scored before and after, never trained on
+    assert sum(g for _i, g in grad_seen) == 9 and report["holdout_batches"] == 1 and report["train_batches"] == 3
+    assert report["holdout_after"]["loss"] < report["holdout_before"]["loss"]
