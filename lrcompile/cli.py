@@ -1,4 +1,4 @@
-"""`lrcompile` command line: check a policy against a model, print a report, run the demo."""
+"""`lrcompile` command line: check a policy against a model, print a report, run the demo, compress a model."""
 
 from __future__ import annotations
 
@@ -229,6 +229,22 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from .lifecycle.compress import compress
+
+    compress(
+        args.model_dir,
+        args.text,
+        args.budget,
+        args.out,
+        heal_minutes=args.heal_minutes,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        progress=not args.quiet,
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="lrcompile", description="Low-rank / structured / adapter rewrites for torch.compile."
@@ -256,6 +272,16 @@ def main(argv=None) -> int:
     p.add_argument("--from-log", action="store_true", help="tune every shape recorded by earlier compiles")
     p.add_argument("--budget", type=float, default=0.5, help="timing seconds per distinct shape (default 0.5)")
     p.set_defaults(fn=cmd_warmup)
+    p = sub.add_parser("compress", help="compress a local Hugging Face model to a parameter budget, from a text file")
+    p.add_argument("model_dir", help="local Hugging Face model directory (config.json, weights, tokenizer)")
+    p.add_argument("--budget", type=float, required=True, help="fraction of the blocks' linear parameters kept")
+    p.add_argument("--text", required=True, help="UTF-8 text file, one unlabelled sentence per line")
+    p.add_argument("--out", required=True, help="directory to save the compressed model, tokenizer and config in")
+    p.add_argument("--heal-minutes", type=float, default=0.0, help="heal for at most this long (default 0: no heal)")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default 32)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sentence at most (default 128)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_compress)
     p = sub.add_parser("cache", help="list, clear, export or import the autotune cache")
     p.add_argument("action", choices=["list", "clear", "export", "import"])
     p.add_argument("file", nargs="?", help="JSON file for export / import")
