@@ -273,9 +273,13 @@ def test_max_minutes_stops_on_time_and_leaves_room_for_the_last_scoring(pair, mo
     now = [0.0]
     monkeypatch.setattr(H, "_clock", lambda: now[0])
     teacher.register_forward_pre_hook(lambda *_a: now.__setitem__(0, now[0] + 1.0))  # each teacher call: 1 s
+    done = []  # the learning rate follows the time spent: the schedule ends as the budget does
+    real = H._lr_factor
+    monkeypatch.setattr(H, "_lr_factor", lambda *a: done.append(a[4]) or real(*a))
     report = {}
     lrcompile.heal(student, teacher, batches(4), steps=1000, max_minutes=0.5, holdout=0, progress=False, report=report)
     assert (report["steps"], report["stopped"]) == (30, "time")
+    assert done[0] == 0.0 and done[-1] == pytest.approx(29 / 30)
     report = {}  # scoring one held-out batch takes 1 s before and 1 s after: 28 s are left to train
     lrcompile.heal(student, teacher, batches(4), steps=1000, max_minutes=0.5, holdout=1, progress=False, report=report)
     assert (report["steps"], report["stopped"], report["seconds"]) == (28, "time", 30.0)

@@ -21,7 +21,7 @@ from ..errors import LrcompileError, first_line
 
 MAX_TEXT_BYTES = 64 << 20  # a sentence file larger than this is refused (read whole into memory)
 MAX_HELD_OUT = 1000  # held-out sentences scored (each costs a forward of both models)
-MAX_STATS_SENTENCES = 2048  # statistics saturate well before this; healing uses every calibration sentence
+MAX_STATS_SENTENCES = 512  # statistics: ~10k tokens are plenty; healing uses every calibration sentence
 HELD_OUT_FRACTION = 0.1
 
 
