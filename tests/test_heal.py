@@ -310,6 +310,7 @@ def test_holdout_batches_are_scored_not_trained_on(pair):
     assert split_holdout(10, 0.1) == [5] and split_holdout(2, 0.1) == [1] and split_holdout(1, 0.5) == []
     assert split_holdout(10, 0.0) == [] and split_holdout(10, 3) == [1, 5, 8]
     assert split_holdout(20, 0.2) == [2, 7, 12, 17]
+    assert len(split_holdout(10_000, 0.1)) == 16 and len(split_holdout(10_000, 100)) == 100  # fractions are capped
     for bad in (1.0, -0.1, 10, -1, "a", True):
         with pytest.raises(ValueError, match="holdout"):
             split_holdout(10, bad)

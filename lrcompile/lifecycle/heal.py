@@ -166,16 +166,19 @@ def _lr_factor(step: int, steps: int, warmup: int, schedule: str, done: float = 
 _clock = time.monotonic  # a module attribute so that tests can drive time
 
 
+MAX_HOLDOUT = 16  # batches a fraction holds out at most: scoring them twice must not eat a large corpus's time
+
+
 def split_holdout(n: int, holdout) -> list[int]:
     """Indices of the held-out batches among n: `holdout` a fraction in [0, 1) (at least one batch when n ≥ 2
-    and the fraction is > 0) or an int count (< n); spread evenly over the batches, so an ordered corpus
-    (sorted by length, by source) is sampled across its whole range."""
+    and the fraction is > 0, at most MAX_HOLDOUT) or an int count (< n); spread evenly over the batches, so an
+    ordered corpus (sorted by length, by source) is sampled across its whole range."""
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)):
         raise ValueError(f"lrcompile.heal: holdout {holdout!r} is not a fraction or a batch count")
     if isinstance(holdout, float):
         if not 0.0 <= holdout < 1.0:
             raise ValueError(f"lrcompile.heal: holdout {holdout} is not a fraction in [0, 1)")
-        k = 0 if holdout == 0 or n < 2 else max(1, min(n - 1, int(round(holdout * n))))
+        k = 0 if holdout == 0 or n < 2 else max(1, min(n - 1, MAX_HOLDOUT, int(round(holdout * n))))
     else:
         if holdout < 0 or (holdout and holdout >= n):
             raise ValueError(f"lrcompile.heal: holdout {holdout} batches leaves none of the {n} to train on")
