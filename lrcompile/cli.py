@@ -10,6 +10,7 @@ import os
 import sys
 
 from .errors import LrcompileError, first_line
+from .policy import examples
 
 
 def _module(mod: str, spec: str):
@@ -55,11 +56,29 @@ def _factory(spec: str):
     return out, example() if callable(example) else example
 
 
+def _list_examples() -> int:
+    from tabulate import tabulate
+
+    rows = [[n, examples.summary(n)] for n in examples.names()]
+    print(tabulate(rows, headers=["example", "what it does"], maxcolwidths=[None, 90]))
+    print(f"in {examples.DIR}; use one by name (`lrcompile check compress-50 --model ...`) or by its path")
+    return 0
+
+
 def cmd_check(args) -> int:
     from .capture.trace import capture_sites
     from .plan.build import decide
     from .policy.rules import load_policy
 
+    if args.examples:
+        return _list_examples()
+    if args.policy is None:
+        raise LrcompileError("check: give a POLICY file (or an example's name; see `lrcompile check --examples`)")
+    if not os.path.exists(args.policy):
+        if args.policy.removesuffix(".yaml") in examples.names():
+            args.policy = examples.path(args.policy)
+        elif "\n" not in args.policy and ":" not in args.policy:
+            raise LrcompileError(f"check: no policy file or example named {args.policy!r} (see --examples)")
     policy = load_policy(args.policy)
     print(
         f"{args.policy}: valid ({len(policy.rules)} rules"
@@ -235,8 +254,9 @@ def main(argv=None) -> int:
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("check", help="validate a policy; with --model, list matched and unmatched sites")
-    p.add_argument("policy")
+    p.add_argument("policy", nargs="?", help="a policy YAML file, or the name of a shipped example")
     p.add_argument("--model", help="module:factory returning (model, example_inputs)")
+    p.add_argument("--examples", action="store_true", help="list the example policies shipped with lrcompile")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("report", help="print a report JSON written with options={'report': path}")
     p.add_argument("report")
