@@ -215,7 +215,7 @@ def _cache_row(key: str, e: dict, pick) -> list:
         s(sp.get("tokens")),
         s(sp.get("dtype")),
         s(env.get("device", "")),
-        s(sp.get("rank", "")),
+        s(sp.get("size", "")),
         impl,
         times,
     ]
@@ -225,6 +225,7 @@ def cmd_cache(args) -> int:
     from tabulate import tabulate
 
     from .cache_dir import cache_root
+    from .factorize import cache as factors
     from .tune import cache, shapelog
     from .tune.select import pick
 
@@ -233,12 +234,15 @@ def cmd_cache(args) -> int:
             rows = []
             for key, e in sorted(cache.entries().items()):
                 rows.append(_cache_row(key, e, pick))
-            print(tabulate(rows, headers=["family", "shape", "tokens", "dtype", "device", "rank", "chosen", "ms"]))
-            print(f"{len(rows)} entries in {cache.path()}")
+            print(tabulate(rows, headers=["family", "shape", "tokens", "dtype", "device", "size", "chosen", "ms"]))
+            print(f"{len(rows)} autotune entries in {cache.path()}")
+            n, size = factors.summary()
+            print(f"{n} factor entries ({size / 2**20:.1f} MiB) under {os.path.join(cache_root(), 'factors')}")
+            print(f"{len(shapelog.read())} shapes in the shape log {shapelog.path()}")
         elif args.action == "clear":
-            n = cache.clear()
+            n, nf = cache.clear(), factors.clear()
             shapelog.clear()
-            print(f"cleared {n} autotune entries and the shape log under {cache_root()}")
+            print(f"cleared {n} autotune entries, {nf} factor entries and the shape log under {cache_root()}")
         elif args.action == "export":
             print(f"exported {cache.export(args.file)} entries to {args.file}")
         else:
@@ -248,10 +252,19 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _version() -> str:
+    import torch
+
+    from . import __version__
+
+    return f"lrcompile {__version__} (torch {torch.__version__})"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="lrcompile", description="Low-rank / structured / adapter rewrites for torch.compile."
     )
+    ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("check", help="validate a policy; with --model, list matched and unmatched sites")
     p.add_argument("policy", nargs="?", help="a policy YAML file, or the name of a shipped example")
@@ -276,7 +289,9 @@ def main(argv=None) -> int:
     p.add_argument("--from-log", action="store_true", help="tune every shape recorded by earlier compiles")
     p.add_argument("--budget", type=float, default=0.5, help="timing seconds per distinct shape (default 0.5)")
     p.set_defaults(fn=cmd_warmup)
-    p = sub.add_parser("cache", help="list, clear, export or import the autotune cache")
+    p = sub.add_parser(
+        "cache", help="list or clear lrcompile's caches (autotune, factors, shape log); export or import autotune"
+    )
     p.add_argument("action", choices=["list", "clear", "export", "import"])
     p.add_argument("file", nargs="?", help="JSON file for export / import")
     p.set_defaults(fn=cmd_cache)
