@@ -149,9 +149,8 @@ def rewrite(
             if other.site.fqn == site.fqn and other is not c:
                 other.site.weight = other.module = None
         c.site.weight = c.module = None
-    for rule in pol.rules:
-        if rule.kind == "linear" and not any(rule.matches(f) for f in seen):
-            warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
+    for rule in pol.unmatched(seen):
+        warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
     if made_adapter:  # PEFT-style: only the new branches train (a rule that matched nothing freezes nothing)
         store.freeze_for_adapters(model, before)
     for m in model.modules():  # an attention rule's factors, made by install_attention above
