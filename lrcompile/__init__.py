@@ -10,7 +10,7 @@ from .factorize.calibrate import CalibrationStats, calibrate
 from .lifecycle.adapters import adapter_state_dict, load_adapter_state_dict, merge
 from .lifecycle.heal import heal
 from .lifecycle.param_groups import param_groups
-from .lifecycle.peft_format import save_adapter
+from .lifecycle.peft_format import load_adapter, save_adapter
 from .lifecycle.persist import load, save
 from .plan.rewrite import rewrite
 from .policy.rules import Policy, load_policy
@@ -28,6 +28,7 @@ __all__ = [
     "adapter_state_dict",
     "load_adapter_state_dict",
     "save_adapter",
+    "load_adapter",
     "param_groups",
     "refresh",
     "LrcompileError",

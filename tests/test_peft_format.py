@@ -3,11 +3,15 @@ models built from small configs."""
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 
 import lrcompile
+from lrcompile.families.adapters.dora import DoRA
+from lrcompile.families.adapters.lora import LoRA
+from lrcompile.families.adapters.vera import VeRA
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -144,3 +148,126 @@ def test_save_adapter_refuses_what_peft_cannot_express(rules, message, tmp_path)
         lrcompile.save_adapter(model, tmp_path)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+def peft_saved(base, peft_config, directory):
+    """PEFT's own adapter with random non-zero weights, saved by PEFT; returns the PEFT model."""
+    pm = peft.get_peft_model(copy.deepcopy(base), peft_config)
+    perturb(pm)
+    pm.save_pretrained(str(directory))
+    return pm.eval()
+
+
+PEFT_IN = {
+    "gpt2-dora": (gpt2, dict(target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True), DoRA),
+    "llama-rslora": (llama, dict(target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True), LoRA),
+    "bert-lora": (bert, dict(target_modules=["query", "value", "dense"]), LoRA),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_IN))
+def test_load_adapter_from_peft_gives_peft_outputs(case, tmp_path):
+    make, opts, family = PEFT_IN[case]
+    torch.manual_seed(0)
+    base = make()
+    special = {"gpt2": "h.1.mlp.c_fc", "llama": "layers.1.self_attn.q_proj", "bert": "layer.1.attention.self.query"}
+    arch = case.split("-")[0]
+    alpha_key = r"h\.0\.attn\.c_attn" if arch == "gpt2" else "v.*"
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, rank_pattern={special[arch]: 2}, alpha_pattern={alpha_key: 5}, **opts)
+    pm = peft_saved(base, cfg, tmp_path)
+    ours = lrcompile.load_adapter(copy.deepcopy(base), tmp_path, (ids(),))
+    installed = {p: m for p, m in ours.named_modules() if isinstance(m, (LoRA, DoRA, VeRA))}
+    peft_sites = {p.removeprefix("base_model.model.") for p, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert set(installed) == peft_sites and all(type(m) is family for m in installed.values())
+    assert installed[next(p for p in installed if p.endswith(special[arch]))].lora_A.shape[0] == 2  # rank_pattern
+    assert 5 / (2 if "rslora" in case else 4) in {float(m.scaling) for m in installed.values()}  # alpha_pattern
+    x = ids()
+    torch.testing.assert_close(out(ours, x), out(pm, x), atol=1e-5, rtol=1e-5)
+    assert (out(base, x) - out(ours, x)).abs().max() > 1e-2
+
+
+def test_load_adapter_vera_from_peft(tmp_path):
+    torch.manual_seed(0)
+    base = llama()
+    pm = peft_saved(base, peft.VeraConfig(r=4, target_modules=["q_proj", "down_proj"]), tmp_path)
+    ours = lrcompile.load_adapter(copy.deepcopy(base), tmp_path, (ids(),))
+    assert sum(isinstance(m, VeRA) for m in ours.modules()) == 4
+    torch.testing.assert_close(out(ours, ids()), out(pm, ids()), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_adapter_round_trips_through_our_compile_path_and_back(tmp_path):
+    """PEFT -> load_adapter -> torch.compile(backend='lrcompile') -> save_adapter -> PEFT: the same outputs."""
+    torch.manual_seed(0)
+    base = gpt2()
+    pm = peft_saved(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True), tmp_path / "a"
+    )
+    ours = lrcompile.load_adapter(copy.deepcopy(base), tmp_path / "a", (ids(),))
+    compiled = torch.compile(ours, backend="lrcompile", options={"inductor": False})
+    x = ids()
+    torch.testing.assert_close(out(compiled, x), out(pm, x), atol=1e-5, rtol=1e-5)
+    lrcompile.save_adapter(compiled, tmp_path / "b")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "b")).eval()
+    torch.testing.assert_close(out(again, x), out(pm, x), atol=1e-5, rtol=1e-5)
+
+
+def _edit(directory, config=None, tensors=None):
+    from safetensors.torch import load_file, save_file
+
+    if config is not None:
+        c = json.loads((directory / "adapter_config.json").read_text())
+        c.update(config)
+        (directory / "adapter_config.json").write_text(json.dumps(c))
+    if tensors is not None:
+        sd = load_file(str(directory / "adapter_model.safetensors"))
+        save_file(tensors(sd), str(directory / "adapter_model.safetensors"))
+
+
+def _rename_first(sd):
+    k = sorted(sd)[0]
+    sd[k.replace("c_attn", "c_proj")] = sd.pop(k)
+    return sd
+
+
+def _reshape_first(sd):
+    k = sorted(sd)[0]
+    sd[k] = torch.zeros(sd[k].shape[0] + 1, sd[k].shape[1])
+    return sd
+
+
+@pytest.mark.parametrize(
+    "config, tensors, message",
+    [
+        ({"bias": "all"}, None, "adapter_config.json: bias: 'all'"),
+        ({"modules_to_save": ["lm_head"]}, None, "adapter_config.json: modules_to_save: set to"),
+        ({"target_parameters": ["mlp.c_fc.weight"]}, None, "adapter_config.json: target_parameters: set to"),
+        ({"peft_type": "IA3"}, None, "adapter_config.json: peft_type: 'IA3' has no lrcompile adapter"),
+        ({"r": "4"}, None, "adapter_config.json: r: method 'lora': rank must be an int"),
+        ({"rank_pattern": {"(a+)+": 2}}, None, "adapter_config.json: rank_pattern: regex"),
+        ({"target_modules": ["wte"]}, None, "targets 'transformer.wte' (Embedding)"),
+        (None, _rename_first, "is no tensor of an adapter the config installs"),
+        (None, _reshape_first, "has shape (5, 32), the config and model give (4, 32)"),
+        (None, lambda sd: {k: v for k, v in sorted(sd.items())[1:]}, "missing (1 missing)"),
+        (None, lambda sd: {k: v.to(torch.int32) for k, v in sd.items()}, "has dtype I32"),
+    ],
+)
+def test_load_adapter_checks_the_directory_before_touching_the_model(config, tensors, message, tmp_path):
+    torch.manual_seed(0)
+    base = gpt2()
+    peft_saved(base, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True), tmp_path)
+    _edit(tmp_path, config, tensors)
+    model = copy.deepcopy(base)
+    with pytest.raises((lrcompile.PlanError, lrcompile.PolicyError), match=re.escape(message)) as e:
+        lrcompile.load_adapter(model, tmp_path, (ids(),))
+    assert "\n" not in str(e.value)
+    assert not any(isinstance(m, (LoRA, DoRA)) for m in model.modules())
+
+
+def test_load_adapter_rejects_a_file_that_is_not_json_or_safetensors(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(lrcompile.PlanError, match="adapter_config.json: not valid JSON"):
+        lrcompile.load_adapter(gpt2(), tmp_path, (ids(),))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["c_attn"]}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(lrcompile.PlanError, match="adapter_model.safetensors: not a readable safetensors file"):
+        lrcompile.load_adapter(gpt2(), tmp_path, (ids(),))

@@ -19,12 +19,14 @@ import os
 import re
 from typing import Optional
 
+import torch
 from torch import nn
 
-from ..errors import PlanError
+from ..errors import PlanError, first_line
 from ..families.adapters.dora import DoRA
 from ..families.adapters.lora import Adapter, LoRA
 from ..families.adapters.vera import VeRA
+from ..policy.peft import pattern_key
 from ..runtime import attach as store
 
 CONFIG_NAME = "adapter_config.json"
@@ -35,14 +37,6 @@ PREFIX = "base_model.model."
 def unwrap(model: nn.Module) -> nn.Module:
     """The module a `torch.compile` wrapper holds (its state_dict names carry `_orig_mod.`)."""
     return getattr(model, "_orig_mod", model)
-
-
-def pattern_key(patterns, path: str) -> Optional[str]:
-    """PEFT's `get_pattern_key`: the first key `k` with re.match(rf"(.*\\.)?({k})$", path)."""
-    for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", path):
-            return k
-    return None
 
 
 def _adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
@@ -190,3 +184,136 @@ def save_adapter(
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     return directory
+
+
+MAX_CONFIG_BYTES = 1 << 20
+LORA_KEYS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude"}
+VERA_KEYS = {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"}
+VERA_PAIR = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
+FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def _read_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise PlanError(f"load_adapter: {CONFIG_NAME} not found in {directory}")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise PlanError(f"load_adapter: {CONFIG_NAME}: larger than {MAX_CONFIG_BYTES} bytes")
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PlanError(f"load_adapter: {CONFIG_NAME}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise PlanError(f"load_adapter: {CONFIG_NAME}: a mapping of PEFT config fields, got {type(data).__name__}")
+    return data
+
+
+def _module_shape(mod: nn.Module) -> Optional[tuple[int, int]]:
+    """(in, out) of a module lrcompile installs adapters on: nn.Linear, or HF's Conv1D (weight stored (in, out))."""
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, nn.Linear) and isinstance(w, nn.Parameter) and w.dim() == 2:
+        return w.shape[1], w.shape[0]
+    if type(mod).__name__ == "Conv1D" and isinstance(w, nn.Parameter) and w.dim() == 2:
+        return w.shape[0], w.shape[1]
+    return None
+
+
+def _expected(model: nn.Module, policy, peft_type: str) -> dict[str, tuple]:
+    """file key -> (module path, attribute, expected shape) for every module the config targets."""
+    out, vera_in, vera_out, rank = {}, 0, 0, None
+    for path, mod in model.named_modules():
+        rule = policy.match(path) if path else None
+        if rule is None or rule.config is None:
+            continue
+        shape = _module_shape(mod)
+        if shape is None:
+            raise PlanError(
+                f"load_adapter: {CONFIG_NAME}: targets {path!r} ({type(mod).__name__}); lrcompile adapts "
+                "nn.Linear and Conv1D modules"
+            )
+        n_in, n_out = shape
+        r = rule.config.rank
+        if peft_type == "VERA":
+            vera_in, vera_out, rank = max(vera_in, n_in), max(vera_out, n_out), r
+            out[f"{PREFIX}{path}.vera_lambda_b"] = (path, "lambda_b", (n_out,))
+            out[f"{PREFIX}{path}.vera_lambda_d"] = (path, "lambda_d", (r,))
+            continue
+        out[f"{PREFIX}{path}.lora_A.weight"] = (path, "lora_A", (r, n_in))
+        out[f"{PREFIX}{path}.lora_B.weight"] = (path, "lora_B", (n_out, r))
+        if rule.method == "dora":
+            out[f"{PREFIX}{path}.lora_magnitude_vector"] = (path, "magnitude", (n_out,))
+    if rank is not None:
+        out["base_model.vera_A"] = (None, "vera_A", (rank, vera_in))
+        out["base_model.vera_B"] = (None, "vera_B", (vera_out, rank))
+    return out
+
+
+def _check_weights(path: str, expected: dict, optional: set) -> None:
+    """Keys, dtypes and shapes of the safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one message
+        raise PlanError(f"load_adapter: {WEIGHTS_NAME}: not a readable safetensors file ({first_line(e)})") from None
+    for key, (dtype, shape) in header.items():
+        if key not in expected:
+            raise PlanError(
+                f"load_adapter: {WEIGHTS_NAME}: {key!r} is no tensor of an adapter the config installs on this "
+                f"model ({len(set(header) - set(expected))} such keys)"
+            )
+        if dtype not in FLOATS:
+            raise PlanError(f"load_adapter: {WEIGHTS_NAME}: {key!r} has dtype {dtype} (float expected)")
+        if shape != expected[key][2]:
+            raise PlanError(
+                f"load_adapter: {WEIGHTS_NAME}: {key!r} has shape {shape}, the config and model give {expected[key][2]}"
+            )
+    missing = [k for k in expected if k not in header and k not in optional]
+    if missing:
+        raise PlanError(f"load_adapter: {WEIGHTS_NAME}: {missing[0]!r} missing ({len(missing)} missing)")
+
+
+def load_adapter(model: nn.Module, directory: str, example_inputs) -> nn.Module:
+    """Install the PEFT adapter in `directory` on `model` as lrcompile adapters (through `lrcompile.rewrite`, so
+    they compile, fuse, merge and hot-swap like our own) and load its weights. `example_inputs` as for `rewrite`.
+    Everything in the directory is checked (config fields, keys, dtypes, shapes) before the model is touched."""
+    from safetensors import safe_open
+
+    from ..plan.rewrite import rewrite
+    from ..policy.peft import peft_policy
+
+    target = unwrap(model)
+    fields = _read_config(directory)
+    policy = peft_policy(fields, CONFIG_NAME, weights_given=True)
+    peft_type = fields["peft_type"]
+    expected = _expected(target, policy, peft_type)
+    if not expected:
+        raise PlanError(f"load_adapter: {CONFIG_NAME}: target_modules match no module of the model")
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise PlanError(f"load_adapter: {WEIGHTS_NAME} not found in {directory}")
+    # VeRA without saved projections regenerates them from projection_prng_key, as PEFT does
+    optional = set(VERA_PAIR) if peft_type == "VERA" and not fields.get("save_projection", True) else set()
+    _check_weights(weights, expected, optional)
+    rewrite(target, policy, example_inputs)
+    installed = {p: m for p, m in target.named_modules() if getattr(m, "policy_digest", None) == policy.digest}
+    wanted = {p for p, _, _ in expected.values() if p is not None}
+    if set(installed) != wanted:
+        odd = sorted(wanted ^ set(installed))[0]
+        raise PlanError(
+            f"load_adapter: site {odd!r}: rewrite installed {sorted(installed)} but the file adapts {sorted(wanted)}"
+        )
+    with safe_open(weights, framework="pt") as f, torch.no_grad():
+        for key in f.keys():
+            path, attr, _ = expected[key]
+            mod = installed[path] if path is not None else next(iter(installed.values()))
+            dst = getattr(mod, attr)
+            dst.copy_(f.get_tensor(key).to(dtype=dst.dtype, device=dst.device))
+    return model
