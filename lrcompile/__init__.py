@@ -14,6 +14,7 @@ from .lifecycle.peft_format import load_adapter, save_adapter
 from .lifecycle.persist import load, save
 from .plan.rewrite import rewrite
 from .policy.rules import Policy, load_policy
+from .policy.typed import BLAST, BTT, NOBLE, SDPA, DoRA, FusedQKV, LoRA, LowRank, Monarch, SharedKV, VeRA
 from .runtime.refresh import refresh
 
 __version__ = "0.1.0"
@@ -37,4 +38,15 @@ __all__ = [
     "SiteError",
     "Policy",
     "load_policy",
+    "LowRank",
+    "Monarch",
+    "BTT",
+    "BLAST",
+    "LoRA",
+    "DoRA",
+    "VeRA",
+    "NOBLE",
+    "SDPA",
+    "FusedQKV",
+    "SharedKV",
 ]
