@@ -118,6 +118,12 @@ def test_typed_errors_are_yamls_and_name_the_rule(config, rule):
     assert msg.split(": ", 2)[2] == yaml_message({"match": "*.mlp.*", **rule})
 
 
+def test_without_example_inputs_attention_rules_are_refused():
+    net, _ = model_and_input()
+    with pytest.raises(lrcompile.PolicyError, match="<policy>: attention rules need example_inputs"):
+        lrcompile.rewrite(net, {"re:.*attn.*": lrcompile.SDPA()})
+
+
 def test_typed_mapping_rejects_what_is_no_config():
     from lrcompile.families.adapters.lora import LoRAConfig
 
@@ -158,7 +164,8 @@ def test_lora_config_is_a_policy_in_step_with_peft(opts):
     net, x = model_and_input()
     cfg = peft.LoraConfig(r=4, lora_alpha=8, **opts)
     pm = peft.get_peft_model(copy.deepcopy(net), cfg)
-    ours = lrcompile.rewrite(copy.deepcopy(net), cfg, (x,))
+    inputs = (x,) if cfg.use_dora else None  # None: modules found by name, as PEFT finds them
+    ours = lrcompile.rewrite(copy.deepcopy(net), cfg, inputs)
     peft_sites = {p.removeprefix("base_model.model.") for p, m in pm.named_modules() if hasattr(m, "lora_A")}
     mine = {p: m for p, m in ours.named_modules() if isinstance(m, (LoRA, DoRA))}
     assert set(mine) == peft_sites

@@ -280,9 +280,10 @@ def _check_weights(path: str, expected: dict, optional: set) -> None:
         raise PlanError(f"load_adapter: {WEIGHTS_NAME}: {missing[0]!r} missing ({len(missing)} missing)")
 
 
-def load_adapter(model: nn.Module, directory: str, example_inputs) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str, example_inputs=None) -> nn.Module:
     """Install the PEFT adapter in `directory` on `model` as lrcompile adapters (through `lrcompile.rewrite`, so
-    they compile, fuse, merge and hot-swap like our own) and load its weights. `example_inputs` as for `rewrite`.
+    they compile, fuse, merge and hot-swap like our own) and load its weights. PEFT adapts nn.Linear / Conv1D
+    modules by name, so no example inputs are needed (given, the sites are traced as `rewrite` traces them).
     Everything in the directory is checked (config fields, keys, dtypes, shapes) before the model is touched."""
     from safetensors import safe_open
 
