@@ -117,7 +117,7 @@ def cmd_check(args) -> int:
             ]
         )
     print(tabulate(rows, headers=["site", "kind", "shape", "rule", "method", "plan", "rank", "note"]))
-    unmatched = [r for r in policy.rules if not any(r.kind == k and r.matches(f) for k, f in seen)]
+    unmatched = [u for k in ("linear", "attention") for u in policy.unmatched([f for kk, f in seen if kk == k], (k,))]
     for r in unmatched:
         print(f"warning: {policy.where(r)} matches no site")
     matched = sum(1 for row in rows if row[3] != "-")

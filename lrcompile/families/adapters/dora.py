@@ -154,8 +154,10 @@ class DoRA(Adapter):
                 A, B, m._residual = pissa_factors(weight, cfg)
                 m.lora_A.copy_(A)
                 m.lora_B.copy_(B)
-            # residual + s·BA is W itself, so the magnitudes are W's row norms either way
-            m.magnitude.copy_(torch.linalg.norm(weight.detach(), dim=1))
+            if cfg.init == "random":  # B is not zero: the magnitudes are those of W + s·BA (as PEFT)
+                m.magnitude.copy_(dora_row_norm(weight, m.lora_A, m.lora_B, m.scaling))
+            else:  # B = 0, or PiSSA's residual + s·BA = W: W's row norms
+                m.magnitude.copy_(torch.linalg.norm(weight.detach(), dim=1))
         return m
 
     @staticmethod
