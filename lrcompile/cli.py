@@ -66,7 +66,9 @@ def _list_examples() -> int:
 
 
 def cmd_check(args) -> int:
-    from .capture.trace import capture_sites
+    import torch
+
+    from .capture.trace import call_model, capture_sites
     from .plan.build import decide
     from .policy.rules import load_policy
 
@@ -91,7 +93,9 @@ def cmd_check(args) -> int:
 
     model, example = _factory(args.model)
     seen, rows = set(), []
-    try:
+    try:  # eagerly first: a failure inside Dynamo's trace also logs torch's own multi-line error (2.14)
+        with torch.no_grad():
+            call_model(model, example)
         captured = capture_sites(model, example)
     except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
         raise LrcompileError(
