@@ -159,25 +159,51 @@ def test_discard_compiled_drops_only_that_backends_frames():
     assert len(thrown) == 4, "a discarded frame was reused"
 
 
-def test_discarded_frames_do_not_count_toward_the_recompile_limit():
+@pytest.mark.parametrize("limit", ["recompile_limit", "accumulated_recompile_limit"])
+def test_discarded_frames_do_not_count_toward_the_recompile_limits(limit):
     calls = []
 
     def count(gm, inputs):
         calls.append(1)
         return gm.forward
 
-    def throwaway(gm, inputs):
-        return gm.forward
-
     def f(x):
         return x + 1
 
-    with torch._dynamo.config.patch(recompile_limit=1):
-        for _ in range(2):
+    with torch._dynamo.config.patch(**{limit: 2}):
+        for _ in range(3):
+
+            def throwaway(gm, inputs):
+                return gm.forward
+
             torch.compile(f, backend=throwaway)(torch.ones(2))
             compat.discard_compiled(throwaway)
         torch.compile(f, backend=count)(torch.ones(2))
-    assert calls == [1], "f ran eagerly: the discarded frames counted toward the recompile limit"
+    assert calls == [1], f"f ran eagerly: the discarded frames counted toward {limit}"
+
+
+def test_discard_compiled_inside_a_compile():
+    """From a backend call (a capture of the model being compiled): the compile in progress still completes and
+    its frame is not recompiled."""
+    calls, inner = [], []
+
+    def f(x):
+        return x * 3
+
+    def throwaway(gm, inputs):
+        inner.append(1)
+        return gm.forward
+
+    def outer(gm, inputs):
+        calls.append(1)
+        torch.compile(f, backend=throwaway)(torch.ones(2))
+        assert compat.discard_compiled(throwaway) == 1
+        return gm.forward
+
+    c = torch.compile(f, backend=outer)
+    assert torch.equal(c(torch.ones(2)), torch.full((2,), 3.0))
+    assert torch.equal(c(torch.ones(2)), torch.full((2,), 3.0))
+    assert calls == [1] and inner == [1]
 
 
 def test_compiled_original():
