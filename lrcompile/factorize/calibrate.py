@@ -111,8 +111,8 @@ def calibrate(
 ) -> CalibrationStats:
     """Run `batches` (tensors, tuples of args or dicts of kwargs) through `model` and collect statistics.
 
-    The model runs through Dynamo with a recording backend (eval mode, no grad; Dynamo is reset before and
-    after, as `rewrite` does), its graphs eagerly: the sites are the backend's.
+    The model runs through Dynamo with a recording backend (eval mode, no grad; the frames it compiles are
+    thrown away afterwards, as `rewrite`'s are), its graphs eagerly: the sites are the backend's.
     `reference`: the dense original of `model` (e.g. `model` is a compressed copy): each batch also runs through
     it and every site records the cross moment between the reference's and `model`'s inputs (SiteStats.cross),
     sites being matched by name; structures lrcompile installed in `model` count as their sites. A policy whose
@@ -220,9 +220,7 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
         with (
             recording(model, rec, dynamic=dynamic) as compiled,
             (
-                recording(reference, ref_rec, dynamic=dynamic, nested=True)
-                if reference is not None
-                else contextlib.nullcontext()
+                recording(reference, ref_rec, dynamic=dynamic) if reference is not None else contextlib.nullcontext()
             ) as ref_compiled,
             compat.fail_on_recompile_limit(),
             torch.no_grad(),
