@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import compat
 from ..errors import PlanError, first_line
 from ..families.adapters.dora import DoRA
 from ..families.adapters.lora import Adapter, LoRA
@@ -35,8 +36,8 @@ PREFIX = "base_model.model."
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module a `torch.compile` wrapper holds (its state_dict names carry `_orig_mod.`)."""
-    return getattr(model, "_orig_mod", model)
+    """The module a `torch.compile` wrapper holds (the wrapper's state_dict names carry a prefix)."""
+    return compat.compiled_original(model) or model
 
 
 def _adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
