@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..attention.apply import install_attention
 from ..attention.factors import AttnFactors
 from ..capture.trace import CapturedSite, capture_sites
+from ..experts.install import expert_names, install_experts
 from ..factorize.stats import as_stats
 from ..families import Structure
 from ..policy.rules import load_policy
@@ -117,12 +118,13 @@ def rewrite(
     attn_rows, claimed = (
         install_attention(model, pol, example_inputs) if any(r.kind == "attention" for r in pol.rules) else ([], set())
     )
+    # MoE experts (3-D weights run per expert) are swapped for ExpertBanks before the linear sites are captured
+    expert_rows, made_adapter = install_experts(model, pol, stats)
     captured = capture_sites(model, example_inputs)
     rep = Report()
-    for row in attn_rows:
+    for row in attn_rows + expert_rows:
         rep.add(row)
     seen: set = set()
-    made_adapter = False
     ranks = _plan_budget(pol, model, stats, captured)
     n_sites = len({c.site.fqn for c in captured if c.site.kind == "linear"})
     bar = tqdm(total=n_sites, desc="lrcompile rewrite", unit="site", disable=not progress)
@@ -150,7 +152,7 @@ def rewrite(
                 other.site.weight = other.module = None
         c.site.weight = c.module = None
     for rule in pol.rules:
-        if rule.kind == "linear" and not any(rule.matches(f) for f in seen):
+        if rule.kind == "linear" and not any(rule.matches(f) for f in seen | expert_names(expert_rows)):
             warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
     if made_adapter:  # PEFT-style: only the new branches train (a rule that matched nothing freezes nothing)
         store.freeze_for_adapters(model, before)
