@@ -119,6 +119,10 @@ class ExpertBank(Owner):
             eye = torch.eye(plan.in_features, dtype=self.stacked(proj)[0].dtype, device=self.stacked(proj)[0].device)
             return plan.family.functional(eye, w, None, *[t[slot] for t in self.stacked(proj)]).T
 
+    # Dynamo does not trace it (the rest of the model compiles around it): the per-expert row counts are data,
+    # so a traced forward breaks the graph once per layer and unrolls every expert (3x the capture time of the
+    # whole model on a tiny Mixtral), for matmuls whose shapes change with every batch anyway.
+    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         n_tok, top_k = top_k_index.shape
         ids = top_k_index.reshape(-1)

@@ -118,9 +118,10 @@ def rewrite(
     attn_rows, claimed = (
         install_attention(model, pol, example_inputs) if any(r.kind == "attention" for r in pol.rules) else ([], set())
     )
-    # MoE experts (3-D weights run per expert) are swapped for ExpertBanks before the linear sites are captured
-    expert_rows, made_adapter = install_experts(model, pol, stats)
     captured = capture_sites(model, example_inputs)
+    # MoE experts (3-D weights run per expert) are swapped for ExpertBanks once the linear sites are captured: the
+    # bank's forward is opaque to Dynamo (a graph break per layer), the experts' HF forward is not
+    expert_rows, made_adapter = install_experts(model, pol, stats)
     rep = Report()
     for row in attn_rows + expert_rows:
         rep.add(row)
