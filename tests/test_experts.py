@@ -212,3 +212,55 @@ def test_compiled_bank_matches_eager():
     want = logits(model, x)
     compiled = torch.compile(model, backend="lrcompile", options={"inductor": False})
     torch.testing.assert_close(logits(compiled, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,opts", [("lora", {"rank": 3}), ("lowrank", {"rank": 5})])
+def test_save_load_reproduces_the_bank(tmp_path, method, opts):
+    model = mixtral()
+    x = ids()
+    lrcompile.rewrite(model, policy(method, **opts), (x,))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".experts." in n and p.requires_grad:
+                p.add_(torch.randn_like(p))  # trained factors
+    want = logits(model, x)
+    lrcompile.save(model, str(tmp_path))
+    fresh = mixtral()
+    lrcompile.load(fresh, str(tmp_path))
+    assert len(banks(fresh)) == 2
+    torch.testing.assert_close(logits(fresh, x), want, rtol=0, atol=0)
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def test_load_refuses_a_bad_experts_entry(tmp_path):
+    import json
+
+    model = mixtral()
+    lrcompile.rewrite(model, policy("lora", rank=3), (ids(),))
+    lrcompile.save(model, str(tmp_path))
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    entry = next(e for e in plan["sites"] if e.get("family") == "experts")
+    entry["projections"]["down_proj"]["experts"] = [0, 9]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    fresh = mixtral()
+    before = {n: p.clone() for n, p in fresh.state_dict().items()}
+    with pytest.raises(lrcompile.errors.PlanError, match="experts must be distinct indices below 4"):
+        lrcompile.load(fresh, str(tmp_path))
+    assert not banks(fresh) and fresh.state_dict().keys() == before.keys()  # a refused load leaves it as it was
+
+
+def test_merge_folds_expert_lora_into_the_3d_weights():
+    model = mixtral()
+    x = ids()
+    lrcompile.rewrite(model, policy("lora", rank=3), (x,))
+    with torch.no_grad():
+        for b in banks(model):
+            b.down_proj_lora_B.normal_()
+    want = logits(model, x)
+    lrcompile.merge(model)
+    assert not banks(model)
+    assert type(model.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+    assert model.model.layers[0].mlp.experts.down_proj.shape == (E, H, INTER)
+    torch.testing.assert_close(logits(model, x), want, rtol=1e-5, atol=1e-5)

@@ -142,23 +142,19 @@ class ExpertBank(Owner):
         out = torch.zeros_like(y).index_copy(0, order, y)
         return out.view(n_tok, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-    def restore(self) -> nn.Module:
-        """The original experts module with each expert's current matrix (factors folded in): what merge gives."""
-        orig = self.original
-        for p in self.proj_names:
-            if p not in self.plans:
-                continue
-            kept = self._parameters.get(p)
-            with torch.no_grad():
-                w = torch.stack([self.expert_weight(p, e) for e in range(self.num_experts)])
-                w = w.transpose(1, 2) if self.is_transposed else w
-                if kept is not None:
-                    kept.copy_(w.to(kept.dtype))
-                    orig._parameters[p] = kept
-                else:
-                    orig._parameters[p] = nn.Parameter(w.contiguous(), requires_grad=True)
-        orig.train(self.training)
-        return orig
+    def fold(self, proj: str) -> None:
+        """Add an adapter projection's branches into its experts' weights and drop the branches (merge)."""
+        plan = self.plans[proj]
+        if plan.family.compressing:
+            raise ValueError(f"{proj}: a compressed projection has no dense weight to fold into")
+        with torch.no_grad():
+            for e in plan.experts:
+                w = self.dense_slice(proj, e)
+                w.copy_(self.expert_weight(proj, e).to(w.dtype))
+        for t in plan.family.tensor_names:
+            delattr(self, f"{proj}_{t}")
+        self.tensor_names = tuple(n for n in self.tensor_names if not n.startswith(f"{proj}_"))
+        del self.plans[proj]
 
     def extra_repr(self) -> str:
         parts = [

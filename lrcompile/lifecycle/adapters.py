@@ -130,7 +130,9 @@ def _attached_weight(owner: nn.Module, child: str, struct: Adapter) -> tuple[str
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold LoRA / DoRA / VeRA into the dense weights in place; NOBLE sites stay (not mergeable)."""
+    """Fold LoRA / DoRA / VeRA into the dense weights in place; NOBLE sites stay (not mergeable). MoE experts'
+    adapters fold into their 3-D weights; a bank left with nothing else gives the original experts module back."""
+    _merge_experts(model)
     for path, mod in list(model.named_modules()):
         if not isinstance(mod, Adapter) or not mod.mergeable or not path:
             continue
@@ -141,6 +143,18 @@ def merge(model: nn.Module) -> nn.Module:
         else:
             _merge_module(model, mod)
     return model
+
+
+def _merge_experts(model: nn.Module) -> None:
+    from ..experts.bank import ExpertBank
+    from ..plan.rewrite import _replace_module
+
+    for mod in [m for m in model.modules() if isinstance(m, ExpertBank)]:
+        for proj in [p for p, plan in mod.plans.items() if not plan.family.compressing]:
+            mod.fold(proj)
+        if not mod.plans:
+            mod.original.train(mod.training)
+            _replace_module(model, mod, mod.original)
 
 
 def _merge_module(model: nn.Module, mod: Adapter) -> None:
