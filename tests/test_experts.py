@@ -206,6 +206,7 @@ def test_compiled_bank_matches_eager():
     model = mixtral()
     x = ids()
     lrcompile.rewrite(model, policy("lora", rank=4), (x,))
+    assert len(banks(model)) == 2
     with torch.no_grad():
         for b in banks(model):
             b.gate_up_proj_lora_B.normal_()
@@ -255,6 +256,7 @@ def test_merge_folds_expert_lora_into_the_3d_weights():
     model = mixtral()
     x = ids()
     lrcompile.rewrite(model, policy("lora", rank=3), (x,))
+    assert len(banks(model)) == 2
     with torch.no_grad():
         for b in banks(model):
             b.down_proj_lora_B.normal_()
