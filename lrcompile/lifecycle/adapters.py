@@ -133,6 +133,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold LoRA / DoRA / VeRA into the dense weights in place; NOBLE sites stay (not mergeable). MoE experts'
     adapters fold into their 3-D weights; a bank left with nothing else gives the original experts module back."""
     _merge_experts(model)
+    merge_mha(model)
     for path, mod in list(model.named_modules()):
         if not isinstance(mod, Adapter) or not mod.mergeable or not path:
             continue
@@ -143,6 +144,12 @@ def merge(model: nn.Module) -> nn.Module:
         else:
             _merge_module(model, mod)
     return model
+
+
+def merge_mha(model: nn.Module) -> None:
+    from ..mha.install import merge_mha as fold
+
+    fold(model)
 
 
 def _merge_experts(model: nn.Module) -> None:

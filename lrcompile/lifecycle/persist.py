@@ -26,6 +26,9 @@ from ..experts.bank import ExpertBank
 from ..experts.persist import FAMILY as EXPERTS
 from ..experts.persist import experts_entry, rebuild_experts
 from ..families import FAMILIES, Structure
+from ..mha.install import FAMILY as MHA
+from ..mha.install import mha_entry, rebuild_mha
+from ..mha.module import FactoredMHA
 from ..plan.build import first_line
 from ..plan.rewrite import _replace_module, layout_of
 from ..runtime import attach as store
@@ -49,6 +52,8 @@ def _entries(model: nn.Module) -> list[dict]:
             out.append(_attention_entry(path, mod))
         if isinstance(mod, ExpertBank) and mod.plans:
             out.append(experts_entry(path, mod))
+        if isinstance(mod, FactoredMHA):
+            out.append(mha_entry(path, mod))
         if not isinstance(mod, Structure):
             continue
         owner, _, leaf = path.rpartition(".")
@@ -177,7 +182,7 @@ def _rebuild_all(model: nn.Module, plan: dict, plan_path: str, directory: str, u
         try:
             if entry.get("family") in (SHARED, STACKED):
                 _rebuild_attention(model, entry, directory, undo)
-            elif entry.get("family") == EXPERTS:
+            elif entry.get("family") in (EXPERTS, MHA):
                 _rebuild_experts(model, entry, directory, undo)
             else:
                 _rebuild(model, entry, directory, shared, undo)
@@ -194,12 +199,15 @@ def _attach_undoable(owner: nn.Module, child: str, struct: nn.Module, undo: list
     undo.append(lambda: owner.add_module(child, had) if had is not _MISSING else delattr(owner, child))
 
 
-def _rebuild_experts(model: nn.Module, entry: dict, directory: str, undo: list) -> None:
+def _rebuild_experts(  # ExpertBank or FactoredMHA
+    model: nn.Module, entry: dict, directory: str, undo: list
+) -> None:
     def swap(old, new, put_back):
         _replace_module(model, old, new)
         undo.append(lambda: (_replace_module(model, new, old), put_back()))
 
-    rebuild_experts(
+    rebuild = rebuild_experts if entry.get("family") == EXPERTS else rebuild_mha
+    rebuild(
         model,
         entry,
         fail=lambda msg: _fail(directory, entry, msg),

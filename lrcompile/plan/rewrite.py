@@ -24,6 +24,7 @@ from ..capture.trace import CapturedSite, capture_sites
 from ..experts.install import expert_names, install_experts
 from ..factorize.stats import as_stats
 from ..families import Structure
+from ..mha.install import install_mha
 from ..policy.rules import load_policy
 from ..runtime import attach as store
 from .build import TIE_NOTE, build, decide, tie_broken
@@ -122,6 +123,8 @@ def rewrite(
     # MoE experts (3-D weights run per expert) are swapped for ExpertBanks once the linear sites are captured: the
     # bank's forward is opaque to Dynamo (a graph break per layer), the experts' HF forward is not
     expert_rows, made_adapter = install_experts(model, pol, stats)
+    mha_rows, mha_adapter = install_mha(model, pol, stats)  # inside F.multi_head_attention_forward: no FX site
+    expert_rows, made_adapter = expert_rows + mha_rows, made_adapter or mha_adapter
     rep = Report()
     for row in attn_rows + expert_rows:
         rep.add(row)
