@@ -266,3 +266,11 @@ def test_merge_folds_expert_lora_into_the_3d_weights():
     assert type(model.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
     assert model.model.layers[0].mlp.experts.down_proj.shape == (E, H, INTER)
     torch.testing.assert_close(logits(model, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_policy_says_experts_need_rewrite():
+    model = mixtral()
+    compiled = torch.compile(model, backend="lrcompile", options={"policy": policy("lora", rank=2), "inductor": False})
+    with pytest.warns(UserWarning, match="mlp.experts: MoE experts and nn.MultiheadAttention are sites of lrcompile"):
+        logits(compiled, ids())
+    assert not banks(model)

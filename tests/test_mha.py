@@ -131,3 +131,11 @@ def test_compiled_matches_eager():
     compiled = torch.compile(model, backend="lrcompile", options={"inductor": False})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_policy_says_mha_needs_rewrite():
+    model = Net().eval()
+    opts = {"policy": policy("lowrank", rank=4), "inductor": False}
+    compiled = torch.compile(model, backend="lrcompile", options=opts)
+    with pytest.warns(UserWarning, match="attn: MoE experts and nn.MultiheadAttention are sites of lrcompile.rewrite"):
+        compiled(x_in())
