@@ -274,3 +274,21 @@ def test_backend_policy_says_experts_need_rewrite():
     with pytest.warns(UserWarning, match="mlp.experts: MoE experts and nn.MultiheadAttention are sites of lrcompile"):
         logits(compiled, ids())
     assert not banks(model)
+
+
+def test_adapter_state_dict_carries_expert_lora_and_hot_swaps():
+    x = ids()
+    a, b = mixtral(), mixtral()
+    b.load_state_dict(a.state_dict())
+    lrcompile.rewrite(a, policy("lora", rank=4), (x,))
+    lrcompile.rewrite(b, policy("lora", rank=4), (x,))
+    with torch.no_grad():
+        for bank in banks(a):
+            bank.gate_up_proj_lora_B.normal_()
+    sd = lrcompile.adapter_state_dict(a)
+    assert {k for k in sd if ".experts." in k} == {
+        f"model.layers.{i}.mlp.experts.{p}_{t}" for i in range(2) for p in PROJ for t in ("lora_A", "lora_B", "scaling")
+    }
+    assert (logits(a, x) - logits(b, x)).abs().max() > 1e-3
+    lrcompile.load_adapter_state_dict(b, sd)
+    torch.testing.assert_close(logits(b, x), logits(a, x), rtol=0, atol=0)

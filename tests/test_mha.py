@@ -139,3 +139,18 @@ def test_backend_policy_says_mha_needs_rewrite():
     compiled = torch.compile(model, backend="lrcompile", options=opts)
     with pytest.warns(UserWarning, match="attn: MoE experts and nn.MultiheadAttention are sites of lrcompile.rewrite"):
         compiled(x_in())
+
+
+def test_adapter_state_dict_carries_mha_lora():
+    x = x_in()
+    a = Net().eval()
+    b = copy.deepcopy(a)
+    lrcompile.rewrite(a, policy("lora", rank=4), (x,))
+    lrcompile.rewrite(b, policy("lora", rank=4), (x,))
+    with torch.no_grad():
+        a.attn.in_proj.lora_B.normal_()
+        a.attn.out_proj.lora_B.normal_()
+    sd = lrcompile.adapter_state_dict(a)
+    assert set(sd) == {f"attn.{p}.{t}" for p in ("in_proj", "out_proj") for t in ("lora_A", "lora_B", "scaling")}
+    lrcompile.load_adapter_state_dict(b, sd)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
