@@ -292,3 +292,29 @@ def test_adapter_state_dict_carries_expert_lora_and_hot_swaps():
     assert (logits(a, x) - logits(b, x)).abs().max() > 1e-3
     lrcompile.load_adapter_state_dict(b, sd)
     torch.testing.assert_close(logits(b, x), logits(a, x), rtol=0, atol=0)
+
+
+def test_mixtral_compresses_then_lora_trains_its_experts():
+    """The issue's bar: the experts compressed by one rewrite, LoRA on the others by a second; training lowers the
+    loss and touches only the LoRA tensors."""
+    model = mixtral()
+    x = ids()
+    lrcompile.rewrite(model, policy("lowrank", match="*.experts.gate_up_proj", rank=8), (x,))
+    u_before = model.model.layers[0].mlp.experts.gate_up_proj_U.detach().clone()
+    lrcompile.rewrite(model, policy("lora", match="*.experts.down_proj", rank=4, alpha=8), (x,))
+    assert expert_rows(model) == {n for n in all_expert_names() if ".down_proj." in n}
+    for b in banks(model):
+        assert {p: pl.family.name for p, pl in b.plans.items()} == {"gate_up_proj": "lowrank", "down_proj": "lora"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"model.layers.{i}.mlp.experts.down_proj_lora_{ab}" for i in range(2) for ab in "AB"}
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3
+    torch.testing.assert_close(model.model.layers[0].mlp.experts.gate_up_proj_U, u_before, rtol=0, atol=0)

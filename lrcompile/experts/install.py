@@ -82,12 +82,17 @@ def install_experts(model: nn.Module, policy: Policy, stats=None) -> tuple[list[
     (one per expert) and whether an adapter that freezes the rest (LoRA) was installed."""
     rows: list[SiteRow] = []
     made_adapter = False
-    banks = [(p, m) for p, m in model.named_modules() if is_experts(m)]
-    for path, module in banks:
+    found = [(p, m) for p, m in model.named_modules() if is_experts(m) or isinstance(m, ExpertBank)]
+    for path, current in found:
+        # a bank from an earlier rewrite: its projections are installed (never sites again), the others are
+        module = current.original if isinstance(current, ExpertBank) else current
         if getattr(module, "_is_expert_parallel", False):
             raise PolicyError(f"{path}: expert-parallel experts modules are not supported as sites")
-        plans, stacked = {}, {}
+        plans = dict(current.plans) if isinstance(current, ExpertBank) else {}
+        stacked = {p: current.stacked(p) for p in plans}
         for proj in projections(module):
+            if proj in plans:
+                continue
             pol = _ParamPolicy(policy, f"{path}.{proj}" if path else proj)
             sites = expert_sites(path, module, proj)
             chosen = []
@@ -119,14 +124,14 @@ def install_experts(model: nn.Module, policy: Policy, stats=None) -> tuple[list[
             s0 = structs[0]
             plans[proj] = Projection(s0.name, cfg, tuple(e for e, _, _ in chosen), s0.in_features, s0.out_features)
             made_adapter = made_adapter or (not s0.compressing and not s0.trains_base)
-        if not plans:
+        if plans.keys() == (current.plans.keys() if isinstance(current, ExpertBank) else set()):
             continue
         bank = ExpertBank(module, plans, stacked)
         bank.policy_digest = policy.digest
         for proj, plan in plans.items():
             if plan.family.compressing:  # the 3-D weight leaves the model: the factors replace it
-                del module._parameters[proj]
-        _swap(model, module, bank)
+                module._parameters.pop(proj, None)
+        _swap(model, current, bank)
     return rows, made_adapter
 
 
