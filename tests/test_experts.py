@@ -318,3 +318,28 @@ def test_mixtral_compresses_then_lora_trains_its_experts():
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1e-3
     torch.testing.assert_close(model.model.layers[0].mlp.experts.gate_up_proj_U, u_before, rtol=0, atol=0)
+
+
+def test_an_expert_over_max_error_keeps_its_parameter_dense():
+    model = mixtral()
+    x = ids()
+    ref = logits(model, x)
+    pol = policy("lowrank", match="*.experts.*", rank=2)
+    strict = {"match": "model.layers.0.mlp.experts.down_proj.1", "method": "lowrank", "rank": 2, "max_error": 0.01}
+    pol["rules"].insert(0, strict)
+    with pytest.warns(UserWarning, match="model.layers.0.mlp.experts.down_proj: 1 of its experts stay dense"):
+        lrcompile.rewrite(model, pol, (x,))
+    b0 = model.model.layers[0].mlp.experts
+    assert set(b0.plans) == {"gate_up_proj"} and b0.down_proj.shape == (E, H, INTER)
+    assert "model.layers.0.mlp.experts.down_proj.0" in expert_rows(model, "skipped")
+    assert set(model.model.layers[1].mlp.experts.plans) == {"gate_up_proj", "down_proj"}
+    assert (logits(model, x) - ref).abs().max() > 1e-4
+
+
+def test_a_refused_policy_changes_no_experts_module():
+    model = mixtral()
+    pol = policy("lora", match="*.experts.*", rank=2)
+    pol["rules"].insert(0, {"match": "model.layers.1.mlp.experts.down_proj.0", "method": "lora", "rank": 4})
+    with pytest.raises(PolicyError, match="one method and configuration"):
+        lrcompile.rewrite(model, pol, (ids(),))
+    assert not banks(model)

@@ -83,6 +83,7 @@ def install_experts(model: nn.Module, policy: Policy, stats=None) -> tuple[list[
     rows: list[SiteRow] = []
     made_adapter = False
     found = [(p, m) for p, m in model.named_modules() if is_experts(m) or isinstance(m, ExpertBank)]
+    todo = []
     for path, current in found:
         # a bank from an earlier rewrite: its projections are installed (never sites again), the others are
         module = current.original if isinstance(current, ExpertBank) else current
@@ -95,9 +96,10 @@ def install_experts(model: nn.Module, policy: Policy, stats=None) -> tuple[list[
                 continue
             pol = _ParamPolicy(policy, f"{path}.{proj}" if path else proj)
             sites = expert_sites(path, module, proj)
-            chosen = []
+            chosen, wanted = [], 0
             for site in sites:
                 d = decide(site, pol)
+                wanted += d.rewrites
                 if d.rewrites and d.method not in EXPERT_FAMILIES:
                     d.status, d.reason = "failed", f"method {d.method} does not apply to expert sites"
                     warnings.warn(f"lrcompile: {site.fqn}: {d.reason} ({', '.join(EXPERT_FAMILIES)} do)", stacklevel=3)
@@ -110,22 +112,31 @@ def install_experts(model: nn.Module, policy: Policy, stats=None) -> tuple[list[
                 row.notes.append(f"expert {site.fqn.rsplit('.', 1)[1]} of the 3-D parameter {path}.{proj}")
                 rows.append(row)
                 if struct is not None:
-                    chosen.append((int(site.fqn.rsplit(".", 1)[1]), struct, d))
+                    chosen.append((int(site.fqn.rsplit(".", 1)[1]), struct, d, row))
             if not chosen:
                 continue
-            structs = [s for _, s, _ in chosen]
+            structs = [c[1] for c in chosen]
             where = policy.where(chosen[0][2].rule)
-            if structs[0].compressing and len(chosen) != len(sites):
+            if structs[0].compressing and wanted != len(sites):
                 raise PolicyError(
                     f"{where}: {path}.{proj}: a compressing method takes every expert of the parameter or none "
-                    f"({len(chosen)} of {len(sites)} were rewritten; see the report)"
+                    f"(the rules send {wanted} of {len(sites)} experts to one)"
                 )
+            if structs[0].compressing and len(chosen) != len(sites):  # max_error or a failure kept some dense
+                k = len(sites) - len(chosen)
+                reason = f"{k} other experts of {path}.{proj} stay dense: so does this one"
+                warnings.warn(f"lrcompile: {path}.{proj}: {k} of its experts stay dense, so all do", stacklevel=3)
+                for c in chosen:
+                    c[3].status, c[3].reason = "skipped", reason
+                    c[3].params_after, c[3].flops_after = c[3].params_before, c[3].flops_before
+                continue
             cfg, stacked[proj] = _stack(structs, proj, where)
             s0 = structs[0]
-            plans[proj] = Projection(s0.name, cfg, tuple(e for e, _, _ in chosen), s0.in_features, s0.out_features)
+            plans[proj] = Projection(s0.name, cfg, tuple(c[0] for c in chosen), s0.in_features, s0.out_features)
             made_adapter = made_adapter or (not s0.compressing and not s0.trains_base)
-        if plans.keys() == (current.plans.keys() if isinstance(current, ExpertBank) else set()):
-            continue
+        if plans.keys() != (current.plans.keys() if isinstance(current, ExpertBank) else set()):
+            todo.append((current, module, plans, stacked))
+    for current, module, plans, stacked in todo:  # swapped once every bank is planned: a refusal changes nothing
         bank = ExpertBank(module, plans, stacked)
         bank.policy_digest = policy.digest
         for proj, plan in plans.items():
