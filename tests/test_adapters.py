@@ -990,3 +990,24 @@ def test_both_paths_freeze_by_one_rule():
     with pytest.warns(UserWarning, match="matches no site"):
         lrcompile.rewrite(m, nothing, (x,))
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_dora_installed_by_rewrite_compiles_without_graph_breaks():
+    """The frozen-base fast path's checks (torch.func wrapping) are not traceable: under Dynamo the formula runs,
+    so the compiled model is one graph (before: a graph break per DoRA call, then the recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16)).eval()
+    x = torch.randn(3, 16)
+    lrcompile.rewrite(
+        m, {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "dora", "rank": 4}]}, (x,)
+    )
+    assert all(isinstance(mod, DoRA) for mod in (m[0], m[2]))
+    with torch.no_grad():
+        ref = m(x)
+        torch._dynamo.reset()
+        counters.clear()
+        out = compile_eager(m)(x)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.allclose(out, ref, atol=1e-6)

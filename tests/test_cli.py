@@ -26,7 +26,7 @@ def test_backend_entry_point_resolves_without_import():
 
 
 def test_check_valid_policy_with_model(capsys):
-    assert main(["check", str(ROOT / "examples/policies/compress-50.yaml")]) == 0
+    assert main(["check", str(ROOT / "lrcompile/policies/compress-50.yaml")]) == 0
     policy = str(ROOT / "lrcompile/policies/demo.yaml")
     assert main(["check", policy, "--model", "lrcompile.demo.tiny:demo_model"]) == 0
     out = capsys.readouterr().out

@@ -343,3 +343,10 @@ def test_a_refused_policy_changes_no_experts_module():
     with pytest.raises(PolicyError, match="one method and configuration"):
         lrcompile.rewrite(model, pol, (ids(),))
     assert not banks(model)
+
+
+def test_save_adapter_refuses_expert_lora_in_one_line(tmp_path):
+    model = mixtral()
+    lrcompile.rewrite(model, policy("lora", rank=2), (ids(),))
+    with pytest.raises(lrcompile.errors.PlanError, match="LoRA on MoE experts .* is not written in PEFT's format"):
+        lrcompile.save_adapter(model, str(tmp_path))

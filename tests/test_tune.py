@@ -13,6 +13,7 @@ import torch
 from conftest import all_lowrank, compile_eager
 from torch import nn
 
+import lrcompile
 import lrcompile.backend as backend
 from lrcompile.cli import main
 from lrcompile.tune import cache, shapelog, timing
@@ -328,7 +329,7 @@ def test_cli_warmup_and_cache_commands(tmp_path, capsys):
     assert "4 shapes from test_tune:small_model: 4 measured" in capsys.readouterr().out
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out
-    assert "64→96" in out and "96→64" in out and "4 entries" in out
+    assert "64→96" in out and "96→64" in out and "4 autotune entries" in out
     export = tmp_path / "export.json"
     assert main(["cache", "export", str(export)]) == 0
     assert main(["cache", "clear"]) == 0
@@ -496,4 +497,34 @@ def test_cache_list_survives_fields_of_the_wrong_type(capsys):
         }
     )
     assert main(["cache", "list"]) == 0
-    assert "2 entries" in capsys.readouterr().out
+    assert "2 autotune entries" in capsys.readouterr().out
+
+
+def test_cache_list_and_clear_cover_every_cache(capsys):
+    """`cache list` shows each entry's size option and the machine's full device name, and counts the factor
+    cache and the shape log; `cache clear` empties all three."""
+    from lrcompile.cli import main
+    from lrcompile.factorize import cache as factors
+    from lrcompile.tune.select import environment
+
+    with torch.no_grad():
+        compile_eager(mlp(), {**all_lowrank(8), "defaults": {"min_features": 0, "guard": "off"}}, tune=True)(
+            torch.randn(1, 8, 64)
+        )
+    n_factors, _ = factors.summary()
+    assert n_factors == 2 and shapelog.read()
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 8" in out and environment("cpu")["device"] in out
+    assert "2 factor entries" in out and f"{len(shapelog.read())} shapes in the shape log" in out
+    assert main(["cache", "clear"]) == 0
+    assert "2 factor entries" in capsys.readouterr().out
+    assert factors.summary() == (0, 0) and cache.entries() == {} and shapelog.read() == []
+
+
+def test_version_flag(capsys):
+    from lrcompile.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"lrcompile {lrcompile.__version__} (torch ")

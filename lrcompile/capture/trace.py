@@ -27,7 +27,7 @@ from torch import nn
 from .. import compat
 from ..compat import frame_locals
 from .names import eval_root, strip_root
-from .resolve import path_in, root_module, site_module
+from .resolve import compiled_callers, path_in, root_module, site_module
 from .sites import Site, find_sites
 
 
@@ -351,13 +351,7 @@ def call_inputs(model: nn.Module) -> Optional[Call]:
     the outermost frame of a compiled module (`torch.compile(model)` or `model.compile()`, DDP wrappers seen
     through) whose module is `model`. None where `model` was not compiled itself (`torch.compile(fn)`)."""
     found = None
-    for f in compat.caller_frames():
-        code = f.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            loc = f.f_locals
-            cand = compat.compiled_original(loc.get("self"))
-            while isinstance(cand, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-                cand = cand.module
-            if cand is model and isinstance(loc.get("args"), tuple) and isinstance(loc.get("kwargs"), dict):
-                found = Call(loc["args"], loc["kwargs"])
+    for cand, loc in compiled_callers():
+        if cand is model and isinstance(loc.get("args"), tuple) and isinstance(loc.get("kwargs"), dict):
+            found = Call(loc["args"], loc["kwargs"])
     return found

@@ -33,7 +33,7 @@ def unmatched_linear_rules(policy, model: Optional[nn.Module]) -> list:
     if policy is None or model is None:
         return []
     names = candidate_names(model)
-    return [r for r in policy.rules if r.kind == "linear" and not any(r.matches(n) for n in names)]
+    return policy.unmatched(names)
 
 
 def rewrite_only_sites(policy, model: Optional[nn.Module]) -> list[tuple[object, str]]:
