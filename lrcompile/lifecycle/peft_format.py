@@ -41,8 +41,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
+    from ..experts.bank import ExpertBank
+    from ..mha.module import Factored
+
     out = []
     for path, mod in model.named_modules():
+        if (isinstance(mod, ExpertBank) and any(not p.family.compressing for p in mod.plans.values())) or (
+            isinstance(mod, Factored) and not mod.family.compressing
+        ):
+            what = "MoE experts (PEFT target_parameters)" if isinstance(mod, ExpertBank) else "nn.MultiheadAttention"
+            raise PlanError(f"save_adapter: site {path!r}: LoRA on {what} is not written in PEFT's format yet")
         if not isinstance(mod, Adapter):
             continue
         if path.rpartition(".")[2].startswith(store.PREFIX):

@@ -23,8 +23,10 @@ from ..attention.factors import AttnFactors
 from ..capture.modules import module_sites
 from ..capture.trace import CapturedSite, capture_sites
 from ..errors import PolicyError
+from ..experts.install import expert_names, install_experts
 from ..factorize.stats import as_stats
 from ..families import Structure
+from ..mha.install import install_mha
 from ..policy.rules import load_policy
 from ..runtime import attach as store
 from .build import TIE_NOTE, build, decide, tie_broken
@@ -124,11 +126,15 @@ def rewrite(
         install_attention(model, pol, example_inputs) if any(r.kind == "attention" for r in pol.rules) else ([], set())
     )
     captured = capture_sites(model, example_inputs) if example_inputs is not None else module_sites(model)
+    # MoE experts (3-D weights run per expert) are swapped for ExpertBanks once the linear sites are captured: the
+    # bank's forward is opaque to Dynamo (a graph break per layer), the experts' HF forward is not
+    expert_rows, made_adapter = install_experts(model, pol, stats)
+    mha_rows, mha_adapter = install_mha(model, pol, stats)  # inside F.multi_head_attention_forward: no FX site
+    expert_rows, made_adapter = expert_rows + mha_rows, made_adapter or mha_adapter
     rep = Report()
-    for row in attn_rows:
+    for row in attn_rows + expert_rows:
         rep.add(row)
     seen: set = set()
-    made_adapter = False
     ranks = _plan_budget(pol, model, stats, captured)
     n_sites = len({c.site.fqn for c in captured if c.site.kind == "linear"})
     bar = tqdm(total=n_sites, desc="lrcompile rewrite", unit="site", disable=not progress)
@@ -155,7 +161,7 @@ def rewrite(
             if other.site.fqn == site.fqn and other is not c:
                 other.site.weight = other.module = None
         c.site.weight = c.module = None
-    for rule in pol.unmatched(seen):
+    for rule in pol.unmatched(seen | expert_names(expert_rows)):
         warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
     if made_adapter:  # PEFT-style: only the new branches train (a rule that matched nothing freezes nothing)
         store.freeze_for_adapters(model, before)
