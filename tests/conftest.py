@@ -109,14 +109,15 @@ def structures(model: nn.Module) -> dict:
     return {p: type(m).__name__ for p, m in model.named_modules() if isinstance(m, Structure)}
 
 
-def lowered(model: nn.Module) -> dict:
-    """{site: report status} over every compile of `model` by the backend: `rewritten` (the backend made the
-    structure), `installed` (it lowered one that rewrite / load put there), `dense`, `skipped`, `failed`. Empty when
-    the backend never planned a graph of this model (LRCOMPILE_NOOP=backend): a compiled output that matches
-    eager proves nothing without it."""
+def lowered(model: nn.Module, kind: str = "linear") -> dict:
+    """{site: report status} of the `kind` sites over every compile of `model` by the backend: `rewritten` (the
+    backend made the structure), `installed` (it lowered one that rewrite / load put there), `dense`, `skipped`,
+    `failed`. Empty when the backend never planned a graph of this model (LRCOMPILE_NOOP=backend): a compiled output
+    that matches eager proves nothing without it."""
     from lrcompile.runtime import session
 
-    return {r.fqn: r.status for s in session._sessions.get(model, {}).values() for r in s.report.sites()}
+    sessions = session._sessions.get(model, {}).values()
+    return {r.fqn: r.status for s in sessions for r in s.report.sites() if r.kind == kind}
 
 
 def unlowered(model: nn.Module) -> set:
