@@ -61,8 +61,10 @@ def test_warm_cache_second_compile_runs_no_timing(tmp_path):
 
 def test_token_buckets_share_entries():
     assert [bucket(n) for n in (1, 2, 3, 60, 64, 65, 1000)] == [1, 2, 4, 64, 64, 128, 1024]
+    cold = timing.RUNS
     with torch.no_grad():
         compile_eager(mlp(), all_lowrank(8))(torch.randn(3, 20, 64))  # 60 tokens -> bucket 64
+    assert timing.RUNS > cold  # the cold compile timed its candidates: the entries exist
     torch._dynamo.reset()
     before = timing.RUNS
     with torch.no_grad():
