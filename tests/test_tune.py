@@ -455,7 +455,8 @@ def test_when_the_dense_layer_may_be_chosen(monkeypatch, rank, guard, why):
 
 
 def test_guard_values_are_checked():
-    from lrcompile.policy.rules import PolicyError, load_policy
+    from lrcompile.errors import PolicyError
+    from lrcompile.policy.rules import load_policy
 
     with pytest.raises(PolicyError, match="guard must be one of 'dense', 'off', got 'never'"):
         load_policy({"defaults": {"guard": "never"}, "rules": []})
