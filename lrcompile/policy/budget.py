@@ -125,7 +125,9 @@ def _hull(opts: list[tuple[float, float]]) -> list[int]:
     for i, (c, e) in enumerate(opts):
         while len(keep) >= 2:
             (c1, e1), (c2, e2) = opts[keep[-2]], opts[keep[-1]]
-            if (e2 - e1) * (c - c1) >= (e - e1) * (c2 - c1):  # keep[-1] lies on or above the chord: not on the hull
+            # keep[-1] lies above the chord: not on the hull. Points on it stay: a straight stretch of a curve is
+            # then bought a step at a time, not as one long segment that may not fit while worse ones do
+            if (e2 - e1) * (c - c1) > (e - e1) * (c2 - c1):
                 keep.pop()
             else:
                 break
@@ -349,28 +351,25 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
         spent, dense = budget_cost(out, uniform, kind)
         res_dense, res_spent = res_dense + dense, res_spent + spent
     if cands and how == "fisher" and (errors is None or any(c.fqn not in errors for c in cands)):
-        return {**out, **_without_curves(policy, cands, budget, stats, errors, (res_dense, res_spent))}
+        return {**out, **_without_curves(policy, cands, budget, stats, errors)}
     if cands:  # each candidate carries its rule's config: its own whitening damping
         out.update(allocate(cands, budget, stats, errors=errors, reserved=(res_dense, res_spent)))
     return out
 
 
-def _without_curves(policy, cands, budget, stats, errors, reserved) -> dict[str, Optional[int]]:
-    """The default allocation where its first-order curves are missing.
-
-    No statistics at all: the sites' own spectra (plain SVD's error; on MiniLM this beat uniform ranks with plain
-    SVD). Statistics without the curves (calibrated without this policy, or sites of other families that have
-    none): the spectra there are whitened, whose allocation fell below uniform ranks on MiniLM — uniform ranks
-    then, with a warning saying how to get the curves."""
-    if stats is None:
-        return allocate(cands, budget, None, reserved=reserved)
-    missing = [c.fqn for c in cands if not errors or c.fqn not in errors]
-    warnings.warn(
-        f"lrcompile: {policy.source}: budget allocate: fisher has no curves for {len(missing)} site(s) (e.g. "
-        f"{missing[0]}): calibrate with this policy (lrcompile.calibrate(model, batches, policy)) to get them; "
-        f"uniform ranks meanwhile",
-        stacklevel=4,
-    )
+def _without_curves(policy, cands, budget, stats, errors) -> dict[str, Optional[int]]:
+    """The default allocation where its first-order curves are missing: uniform ranks. Neither spectrum is a safe
+    stand-in on pretrained MiniLM (plain spectra with plain SVD and whitened spectra with whitened SVD both fell
+    below uniform ranks at 50%). Without statistics that is the documented behaviour; statistics without the
+    curves (calibrated without this policy, or sites of other families, which have none) get a warning."""
+    if stats is not None:
+        missing = [c.fqn for c in cands if not errors or c.fqn not in errors]
+        warnings.warn(
+            f"lrcompile: {policy.source}: budget allocate: fisher has no curves for {len(missing)} site(s) (e.g. "
+            f"{missing[0]}): calibrate with this policy (lrcompile.calibrate(model, batches, policy)) to get them; "
+            f"uniform ranks meanwhile",
+            stacklevel=4,
+        )
     return uniform_ranks(cands, budget)
 
 
