@@ -468,7 +468,11 @@ def test_budget_sites_left_dense_are_reported_skipped_with_a_reason(tmp_path):
     m = M()
     x = torch.randn(3, 2)
     rep = tmp_path / "r.json"
-    pol = {"defaults": {"min_features": 0}, "budget": {"params": 0.5}, "rules": [{"match": "*", "method": "lowrank"}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "budget": {"params": 0.5, "allocate": "spectrum"},  # by spectra: the thin site's error is cheapest dense
+        "rules": [{"match": "*", "method": "lowrank"}],
+    }
     out = compile_eager(m, pol, report=str(rep))(x)
     rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"]}
     assert rows["thin"]["status"] == "skipped" and "budget keeps it dense" in rows["thin"]["reason"]

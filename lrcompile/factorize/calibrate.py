@@ -107,6 +107,7 @@ def calibrate(
     *,
     reference: Optional[nn.Module] = None,
     sensitivity_batches: int = 2,
+    fisher_probes: int = 2,
     progress: bool = True,
 ) -> CalibrationStats:
     """Run `batches` (tensors, tuples of args or dicts of kwargs) through `model` and collect statistics.
@@ -117,19 +118,25 @@ def calibrate(
     it and every site records the cross moment between the reference's and `model`'s inputs (SiteStats.cross),
     sites being matched by name; structures lrcompile installed in `model` count as their sites. A policy whose
     budget says `allocate: sensitivity` also gets each site's measured error curve (`measure_sensitivity`, on
-    the first `sensitivity_batches` batches)."""
+    the first `sensitivity_batches` batches); one with the default `allocate: fisher` gets first-order estimates
+    of the same curves from `fisher_probes` backward passes per batch (`fisher.measure_fisher`, every batch)."""
+    from ..policy.budget import allocator
     from ..policy.rules import load_policy
 
     pol = load_policy(policy)
     batches = batches if hasattr(batches, "__len__") else list(batches)
     stats = _collect(model, batches, pol, reference, progress)
-    budget = pol.budget if pol is not None else None
-    if budget and budget.get("allocate") == "sensitivity" and reference is None:
+    how = allocator(pol.budget) if pol is not None and pol.budget else None
+    if how == "sensitivity" and reference is None:
         from .sensitivity import measure_sensitivity
 
         stats.sensitivity = measure_sensitivity(
             model, list(batches)[: max(1, sensitivity_batches)], stats, pol, progress=progress
         )
+    elif how == "fisher" and reference is None:
+        from .fisher import measure_fisher
+
+        stats.fisher = measure_fisher(model, batches, stats, pol, probes=fisher_probes, progress=progress)
     return stats
 
 

@@ -19,6 +19,7 @@ import yaml
 from ..attention.config import ATTENTION_CONFIGS
 from ..errors import PolicyError
 from ..families import FAMILIES, parse_config
+from .budget import ALLOCATORS
 from .rules import (
     DEFAULT_KEYS,
     KEEP,
@@ -177,10 +178,10 @@ def _validate(data: Any, node, source: str) -> Policy:
             err(
                 bline,
                 "budget must be {params: F} or {flops: F} with F in (0, 1], optionally with allocate: "
-                "spectrum | sensitivity",
+                + " | ".join(ALLOCATORS),
             )
-        if budget.get("allocate", "spectrum") not in ("spectrum", "sensitivity"):
-            err(bline, f"budget allocate must be spectrum or sensitivity, got {budget['allocate']!r}")
+        if budget.get("allocate", ALLOCATORS[0]) not in ALLOCATORS:
+            err(bline, f"budget allocate must be one of {', '.join(ALLOCATORS)}, got {budget['allocate']!r}")
         f = budget[kinds[0]]
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f <= 1):
             err(bline, f"budget fraction must be in (0, 1], got {f!r}")
