@@ -10,9 +10,11 @@ from .factorize.calibrate import CalibrationStats, calibrate
 from .lifecycle.adapters import adapter_state_dict, load_adapter_state_dict, merge
 from .lifecycle.heal import heal
 from .lifecycle.param_groups import param_groups
+from .lifecycle.peft_format import load_adapter, save_adapter
 from .lifecycle.persist import load, save
 from .plan.rewrite import rewrite
 from .policy.rules import Policy, load_policy
+from .policy.typed import BLAST, BTT, NOBLE, SDPA, DoRA, FusedQKV, LoRA, LowRank, Monarch, SharedKV, VeRA
 from .runtime.refresh import refresh
 
 __version__ = "0.1.0"
@@ -26,6 +28,8 @@ __all__ = [
     "merge",
     "adapter_state_dict",
     "load_adapter_state_dict",
+    "save_adapter",
+    "load_adapter",
     "param_groups",
     "refresh",
     "LrcompileError",
@@ -34,4 +38,15 @@ __all__ = [
     "SiteError",
     "Policy",
     "load_policy",
+    "LowRank",
+    "Monarch",
+    "BTT",
+    "BLAST",
+    "LoRA",
+    "DoRA",
+    "VeRA",
+    "NOBLE",
+    "SDPA",
+    "FusedQKV",
+    "SharedKV",
 ]

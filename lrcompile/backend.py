@@ -45,6 +45,13 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
             ("rule", rule.index),
             f"lrcompile: {session.policy.where(rule)} matches no module or parameter of the model",
         )
+    for rule, path in coverage.rewrite_only_sites(session.policy, model):
+        coverage.warn_once(
+            session,
+            ("rewrite-only", path),
+            f"lrcompile: {session.policy.where(rule)}: {path}: MoE experts and nn.MultiheadAttention are sites of "
+            "lrcompile.rewrite only (no linear of theirs reaches the backend); rewrite the model before compiling",
+        )
     for row in coverage.unrecognised_attention(gm, sites, session.policy, prefix):
         session.report.add(row)
         coverage.warn_once(session, ("attention", row.fqn), f"lrcompile: {row.rule}: {row.fqn}: {row.reason}")

@@ -10,6 +10,7 @@ import os
 import sys
 
 from .errors import LrcompileError, first_line
+from .policy import examples
 
 
 def _module(mod: str, spec: str):
@@ -55,11 +56,31 @@ def _factory(spec: str):
     return out, example() if callable(example) else example
 
 
+def _list_examples() -> int:
+    from tabulate import tabulate
+
+    rows = [[n, examples.summary(n)] for n in examples.names()]
+    print(tabulate(rows, headers=["example", "what it does"], maxcolwidths=[None, 90]))
+    print(f"in {examples.DIR}; use one by name (`lrcompile check compress-50 --model ...`) or by its path")
+    return 0
+
+
 def cmd_check(args) -> int:
-    from .capture.trace import capture_sites
+    import torch
+
+    from .capture.trace import call_model, capture_sites
     from .plan.build import decide
     from .policy.rules import load_policy
 
+    if args.examples:
+        return _list_examples()
+    if args.policy is None:
+        raise LrcompileError("check: give a POLICY file (or an example's name; see `lrcompile check --examples`)")
+    if not os.path.exists(args.policy):
+        if args.policy.removesuffix(".yaml") in examples.names():
+            args.policy = examples.path(args.policy)
+        elif "\n" not in args.policy and ":" not in args.policy:
+            raise LrcompileError(f"check: no policy file or example named {args.policy!r} (see --examples)")
     policy = load_policy(args.policy)
     print(
         f"{args.policy}: valid ({len(policy.rules)} rules"
@@ -72,7 +93,9 @@ def cmd_check(args) -> int:
 
     model, example = _factory(args.model)
     seen, rows = set(), []
-    try:
+    try:  # eagerly first: a failure inside Dynamo's trace also logs torch's own multi-line error (2.14)
+        with torch.no_grad():
+            call_model(model, example)
         captured = capture_sites(model, example)
     except Exception as e:  # noqa: BLE001 - the user's model on the user's inputs
         raise LrcompileError(
@@ -98,7 +121,7 @@ def cmd_check(args) -> int:
             ]
         )
     print(tabulate(rows, headers=["site", "kind", "shape", "rule", "method", "plan", "rank", "note"]))
-    unmatched = [r for r in policy.rules if not any(r.kind == k and r.matches(f) for k, f in seen)]
+    unmatched = [u for k in ("linear", "attention") for u in policy.unmatched([f for kk, f in seen if kk == k], (k,))]
     for r in unmatched:
         print(f"warning: {policy.where(r)} matches no site")
     matched = sum(1 for row in rows if row[3] != "-")
@@ -196,7 +219,7 @@ def _cache_row(key: str, e: dict, pick) -> list:
         s(sp.get("tokens")),
         s(sp.get("dtype")),
         s(env.get("device", "")),
-        s(sp.get("rank", "")),
+        s(sp.get("size", "")),
         impl,
         times,
     ]
@@ -206,6 +229,7 @@ def cmd_cache(args) -> int:
     from tabulate import tabulate
 
     from .cache_dir import cache_root
+    from .factorize import cache as factors
     from .tune import cache, shapelog
     from .tune.select import pick
 
@@ -214,12 +238,15 @@ def cmd_cache(args) -> int:
             rows = []
             for key, e in sorted(cache.entries().items()):
                 rows.append(_cache_row(key, e, pick))
-            print(tabulate(rows, headers=["family", "shape", "tokens", "dtype", "device", "rank", "chosen", "ms"]))
-            print(f"{len(rows)} entries in {cache.path()}")
+            print(tabulate(rows, headers=["family", "shape", "tokens", "dtype", "device", "size", "chosen", "ms"]))
+            print(f"{len(rows)} autotune entries in {cache.path()}")
+            n, size = factors.summary()
+            print(f"{n} factor entries ({size / 2**20:.1f} MiB) under {os.path.join(cache_root(), 'factors')}")
+            print(f"{len(shapelog.read())} shapes in the shape log {shapelog.path()}")
         elif args.action == "clear":
-            n = cache.clear()
+            n, nf = cache.clear(), factors.clear()
             shapelog.clear()
-            print(f"cleared {n} autotune entries and the shape log under {cache_root()}")
+            print(f"cleared {n} autotune entries, {nf} factor entries and the shape log under {cache_root()}")
         elif args.action == "export":
             print(f"exported {cache.export(args.file)} entries to {args.file}")
         else:
@@ -245,14 +272,24 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _version() -> str:
+    import torch
+
+    from . import __version__
+
+    return f"lrcompile {__version__} (torch {torch.__version__})"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="lrcompile", description="Low-rank / structured / adapter rewrites for torch.compile."
     )
+    ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("check", help="validate a policy; with --model, list matched and unmatched sites")
-    p.add_argument("policy")
+    p.add_argument("policy", nargs="?", help="a policy YAML file, or the name of a shipped example")
     p.add_argument("--model", help="module:factory returning (model, example_inputs)")
+    p.add_argument("--examples", action="store_true", help="list the example policies shipped with lrcompile")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("report", help="print a report JSON written with options={'report': path}")
     p.add_argument("report")
@@ -282,7 +319,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=128, help="tokens per sentence at most (default 128)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_compress)
-    p = sub.add_parser("cache", help="list, clear, export or import the autotune cache")
+    p = sub.add_parser(
+        "cache", help="list or clear lrcompile's caches (autotune, factors, shape log); export or import autotune"
+    )
     p.add_argument("action", choices=["list", "clear", "export", "import"])
     p.add_argument("file", nargs="?", help="JSON file for export / import")
     p.set_defaults(fn=cmd_cache)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -116,10 +117,69 @@ def mark_new_input(placeholder: torch.fx.Node) -> None:
     placeholder._dynamo_source = None
 
 
-def dynamo_reset() -> None:
-    """Drop Dynamo's compiled frames and caches: torch._dynamo.reset, which torch.compiler.reset (public) calls and
-    nothing more in 2.11-2.14; the public one is called so that a rename inside Dynamo does not reach us."""
-    torch.compiler.reset()
+class _Nobody:
+    """What a discarded entry's guards claim to have matched by identity: alive, and in no frame."""
+
+
+_NOBODY = _Nobody()
+_DISCARDED = "<discarded by lrcompile>"  # a local name no frame has
+
+
+def discard_compiled(backend) -> int:
+    """Throw away every frame Dynamo compiled with `backend` (the callable given to torch.compile, by identity) and
+    nothing else: torch.compiler.reset would make every other compiled model in the process recompile. Returns
+    the number of cache entries discarded. Private, torch has no per-entry API (2.11-2.14 alike):
+    - the code objects Dynamo converted: `convert_frame.input_codes` (weak references; resume functions included);
+      their entries: `torch._C._dynamo.eval_frame._debug_get_cache_entry_list`; an entry's `backend` is
+      torch.compile's `_TorchCompileWrapper` (its `compiler_fn` is ours), or the callable itself;
+    - each entry is invalidated as Dynamo does when a guarded object dies: `guard_manager.extra_state.invalidate(
+      entry, DeletedGuardManagerWrapper(reason))`. It never matches again and drops its compiled code, whose
+      globals (the graph, the backend's runner) Dynamo then deletes. The entry's shell stays in the code object's
+      list (C++ has no removal of one entry). The recompile limit counts only shells whose identity-matched
+      objects (`id_matched_objs`) are the frame's (`cache_size._has_same_id_matched_objs`), so the replacement
+      claims one no frame holds;
+    - a code object left with shells only is reset (`eval_frame.reset_code`, per code object: nothing live is
+      lost), which also restarts its compile count: Dynamo refuses a code object's 256th compile
+      (`accumulated_recompile_limit`, shells and compiles of every backend counted). Not while a compile is in
+      progress (`CompileContext.try_get()`): it holds the state of the code object it compiles. A code object that
+      keeps another compile's live entries keeps our shells and counts;
+    - torch.compile keeps every backend in `eval_frame.cached_backends` until a reset: ours is removed."""
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+        from torch._dynamo import convert_frame, eval_frame
+        from torch._dynamo.guards import DeletedGuardManagerWrapper
+        from torch._guards import CompileContext
+    except ImportError as e:
+        raise _missing("Dynamo's cache-entry listing or invalidation") from e
+
+    def ours(b) -> bool:
+        return b is backend or getattr(b, "compiler_fn", None) is backend
+
+    n = 0
+    with convert_frame.compile_lock:
+        touched = []
+        for ref in list(convert_frame.input_codes.seen):
+            code = ref()
+            for entry in _debug_get_cache_entry_list(code) if code is not None else ():
+                old = entry.guard_manager
+                if not ours(entry.backend) or isinstance(old, DeletedGuardManagerWrapper):
+                    continue
+                gone = DeletedGuardManagerWrapper(f"thrown away by lrcompile (a capture of {code.co_name})")
+                gone.id_matched_objs = {_DISCARDED: weakref.ref(_NOBODY)}
+                old.extra_state.invalidate(entry, gone)
+                old.cache_entry = old.extra_state = None  # its guarded objects' finalizers must not reach the shell
+                n += 1
+                if not touched or touched[-1] is not code:
+                    touched.append(code)
+        if CompileContext.try_get() is None:
+            for code in touched:
+                entries = _debug_get_cache_entry_list(code)
+                if all(isinstance(e.guard_manager, DeletedGuardManagerWrapper) for e in entries):
+                    eval_frame.reset_code(code)
+        for key, b in list(eval_frame.cached_backends.items()):
+            if ours(b):
+                del eval_frame.cached_backends[key]
+    return n
 
 
 # --- the Python stack -------------------------------------------------------------------------------------------

@@ -100,6 +100,32 @@ def compile_eager(model, policy=None, **options):
     return torch.compile(model, backend="lrcompile", options=opts)
 
 
+def structures(model: nn.Module) -> dict:
+    """{module path: family class name} of every lrcompile structure on the model, swapped in (`fc`) or attached
+    beside a module (`fc.lrcompile`): what a rewrite, a load or the backend installed. An output compared against
+    the dense model proves nothing about a rewrite that did nothing; this does."""
+    from lrcompile.families import Structure
+
+    return {p: type(m).__name__ for p, m in model.named_modules() if isinstance(m, Structure)}
+
+
+def lowered(model: nn.Module, kind: str = "linear") -> dict:
+    """{site: report status} of the `kind` sites over every compile of `model` by the backend: `rewritten` (the
+    backend made the structure), `installed` (it lowered one that rewrite / load put there), `dense`, `skipped`,
+    `failed`. Empty when the backend never planned a graph of this model (LRCOMPILE_NOOP=backend): a compiled output
+    that matches eager proves nothing without it."""
+    from lrcompile.runtime import session
+
+    sessions = session._sessions.get(model, {}).values()
+    return {r.fqn: r.status for s in sessions for r in s.report.sites() if r.kind == kind}
+
+
+def unlowered(model: nn.Module) -> set:
+    """Paths of the structures swapped into the model (rewrite / load) that no compile of it reported `installed`:
+    empty when the backend lowered every one of them."""
+    return set(structures(model)) - {f for f, s in lowered(model).items() if s == "installed"}
+
+
 def all_lowrank(rank, **extra):
     """Every site low-rank. `guard: off` unless given: a full-rank test must exercise the factors, not the dense
     layer the autotuner may pick for an exact rewrite."""

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compile_eager, rel_err
+from conftest import compile_eager, lowered, rel_err, structures, unlowered
 from torch import nn
 
 import lrcompile
@@ -523,6 +523,7 @@ def test_merge_equals_unmerged(method, opts):
     torch.manual_seed(0)
     m, x = MLP(), torch.randn(7, 24)
     lrcompile.rewrite(m, policy(method, **opts), (x,))
+    assert set(structures(m)) == set(TARGETS)  # something to merge
     with torch.no_grad():
         for p in m.parameters():
             if p.requires_grad:
@@ -637,6 +638,7 @@ def test_gpt2_finetune_under_compile_trains_only_adapters(method):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+    assert not unlowered(model)  # the graph ran the adapters the backend lowered
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
@@ -676,6 +678,7 @@ def test_noble_pretraining_trains_with_param_groups():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+    assert not unlowered(model)  # the graph ran the NOBLE sites the backend lowered
     assert not torch.equal(site.weight, w0) and site.up.grad is not None
 
 
@@ -807,6 +810,8 @@ def hot_swap_recompiles_nothing(method, compile_fn):
     perturb_adapters(other)
     compiled = compile_fn(m)
     torch.testing.assert_close(compiled(x), m(x), atol=1e-5, rtol=1e-5)
+    if method != "dora":  # DoRA breaks the graph: its sites run eagerly, unreported (the backend never sees them)
+        assert lowered(m) == {t: "installed" for t in TARGETS}  # the graph runs the adapters: a swap must reach it
     graphs = counters["stats"]["unique_graphs"]
     lrcompile.load_adapter_state_dict(m, lrcompile.adapter_state_dict(other))
     torch.testing.assert_close(compiled(x), other(x), atol=1e-5, rtol=1e-5)
@@ -884,6 +889,8 @@ def test_installed_adapters_follow_the_models_mode(path, method, tmp_path):
     assert len(installed) == 2 and not any(s.training for s in installed)  # really installed, in the model's mode
     _noisy_branches(m)
     torch.testing.assert_close(c(x), c(x), atol=0, rtol=0)  # deterministic: no dropout at inference
+    if not (method == "dora" and path != "backend"):  # DoRA installed by rewrite / load breaks the graph, unlowered
+        assert set(lowered(m).values()) == {"rewritten" if path == "backend" else "installed"}  # the graph ran them
     m.train()
     assert all(s.training for s in installed)
     assert not torch.equal(c(x), c(x))  # the dropout is there and follows train()
@@ -961,6 +968,7 @@ def test_merge_of_a_square_matmul_site_after_a_copy(tmp_path, via):
     x = torch.randn(4, 16)
     pol = {"defaults": {"min_features": 0}, "rules": [{"match": "P", "method": "lora", "rank": 4}]}
     compile_eager(m, pol)(x)
+    assert structures(m) == {"lrcompile_P": "LoRA"}  # the backend attached the adapter
     _noisy_branches(m)
     expected = compile_eager(copy.deepcopy(m))(x)  # the adapter, applied by the graph
     if via == "deepcopy":
@@ -990,3 +998,24 @@ def test_both_paths_freeze_by_one_rule():
     with pytest.warns(UserWarning, match="matches no site"):
         lrcompile.rewrite(m, nothing, (x,))
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_dora_installed_by_rewrite_compiles_without_graph_breaks():
+    """The frozen-base fast path's checks (torch.func wrapping) are not traceable: under Dynamo the formula runs,
+    so the compiled model is one graph (before: a graph break per DoRA call, then the recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16)).eval()
+    x = torch.randn(3, 16)
+    lrcompile.rewrite(
+        m, {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "dora", "rank": 4}]}, (x,)
+    )
+    assert all(isinstance(mod, DoRA) for mod in (m[0], m[2]))
+    with torch.no_grad():
+        ref = m(x)
+        torch._dynamo.reset()
+        counters.clear()
+        out = compile_eager(m)(x)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.allclose(out, ref, atol=1e-6)

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import all_lowrank, compile_eager
+from conftest import all_lowrank, compile_eager, lowered
 from torch import nn
 
 import lrcompile
@@ -19,6 +19,7 @@ def test_full_rank_reproduces(toy):
     ref = m(ids)
     out = compile_eager(m, all_lowrank(10_000))(ids)
     assert ((out - ref).norm() / ref.norm()) < 1e-5
+    assert len(lowered(m)) == 7 and set(lowered(m).values()) == {"rewritten"}  # the factors ran, not the dense
 
 
 def test_half_rank_error_matches_report(tmp_path):
@@ -82,6 +83,7 @@ def test_no_recompile_while_training(toy):
         c(ids).sum().backward()
         opt.step()
     assert len(calls) == 1
+    assert set(lowered(m).values()) == {"rewritten"}  # that one call rewrote the graph
 
 
 def test_graph_breaks_share_one_report(tmp_path):
@@ -326,6 +328,7 @@ def test_inductor_option_decides_compile_fx(monkeypatch, inductor):
     out = torch.compile(lin, backend="lrcompile", options={"policy": all_lowrank(16), "inductor": inductor})(x)
     assert len(calls) == (1 if inductor else 0)
     torch.testing.assert_close(out, lin(x), atol=1e-5, rtol=1e-5)
+    assert list(lowered(lin).values()) == ["rewritten"]
 
 
 def test_random_init_end_to_end(tmp_path):
@@ -372,6 +375,7 @@ def test_stale_factors_are_recomputed_after_load_state_dict():
     x = torch.randn(5, 32)
     c = compile_eager(m, all_lowrank(32))
     torch.testing.assert_close(c(x), m(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(m[0].lrcompile, LowRank) and isinstance(m[2].lrcompile, LowRank)  # factors that can go stale
     dense = {k: v for k, v in other.state_dict().items()}
     m.load_state_dict(dense, strict=False)  # dense weights only: the factors are now stale
     torch.testing.assert_close(c(x), other(x), atol=1e-5, rtol=1e-5)
@@ -464,7 +468,11 @@ def test_budget_sites_left_dense_are_reported_skipped_with_a_reason(tmp_path):
     m = M()
     x = torch.randn(3, 2)
     rep = tmp_path / "r.json"
-    pol = {"defaults": {"min_features": 0}, "budget": {"params": 0.5}, "rules": [{"match": "*", "method": "lowrank"}]}
+    pol = {
+        "defaults": {"min_features": 0},
+        "budget": {"params": 0.5, "allocate": "spectrum"},  # by spectra: the thin site's error is cheapest dense
+        "rules": [{"match": "*", "method": "lowrank"}],
+    }
     out = compile_eager(m, pol, report=str(rep))(x)
     rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"]}
     assert rows["thin"]["status"] == "skipped" and "budget keeps it dense" in rows["thin"]["reason"]
@@ -638,6 +646,7 @@ def test_factors_installed_by_rewrite_are_not_replaced_by_a_compile_policy():
     lrcompile.rewrite(m, all_lowrank(8), (x,))
     compile_eager(m, all_lowrank(32))(x)
     assert isinstance(m[0], LowRank) and m[0].cfg.rank == 8
+    assert lowered(m) == {"0": "installed", "2": "installed"}  # the compile saw them and used them as they are
 
 
 def test_a_rule_that_matches_nothing_warns_on_the_backend_path():

@@ -207,7 +207,7 @@ def test_btt_is_allocated_by_its_blockwise_spectra_and_blast_gets_the_fraction()
     pol = load_policy(
         {
             "defaults": {"min_features": 4},
-            "budget": {"params": 0.5},
+            "budget": {"params": 0.5, "allocate": "spectrum"},
             "rules": [
                 {"match": "t*", "method": "btt"},
                 {"match": "l*", "method": "lowrank"},

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import masked_id_batches
+from conftest import masked_id_batches, structures
 from torch import nn
 
 import lrcompile
@@ -385,6 +385,7 @@ def test_reference_cross_moments_at_functional_and_installed_sites():
     xs = [torch.randn(4, 6) for _ in range(2)]
     pol = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "lowrank", "rank": 2}]}
     lrcompile.rewrite(comp, pol, (xs[0],), progress=False)
+    assert structures(comp) == {"sub.lrcompile_w": "LowRank", "lin": "LowRank", "lrcompile_P": "LowRank"}  # compressed
     st = lrcompile.calibrate(comp, xs, reference=ref, progress=False)
     assert set(st.keys()) == {"sub", "lin", "P"} == set(st.index)  # the site list: the dense reference's
     x = torch.cat(xs)

@@ -26,7 +26,7 @@ def test_backend_entry_point_resolves_without_import():
 
 
 def test_check_valid_policy_with_model(capsys):
-    assert main(["check", str(ROOT / "examples/policies/compress-50.yaml")]) == 0
+    assert main(["check", str(ROOT / "lrcompile/policies/compress-50.yaml")]) == 0
     policy = str(ROOT / "lrcompile/policies/demo.yaml")
     assert main(["check", policy, "--model", "lrcompile.demo.tiny:demo_model"]) == 0
     out = capsys.readouterr().out
@@ -130,3 +130,13 @@ def test_a_non_utf8_policy_is_one_line(tmp_path, capsys):
     p.write_bytes(b"rules:\n  - match: \xff\n    method: dense\n")
     assert main(["check", str(p)]) == 2
     assert "not UTF-8" in _err(capsys)
+
+
+def test_every_public_name_is_in_the_readme():
+    import re
+
+    import lrcompile
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [n for n in lrcompile.__all__ if not re.search(rf"\b{re.escape(n)}\b", readme)]
+    assert not missing, f"public names the README does not mention: {missing}"

@@ -1,11 +1,13 @@
 """lrcompile.compat on the installed torch (CI runs this on 2.11 and 2.13): each function reaches the private
 API it wraps, and no other module of the package names a private torch name."""
 
+import gc
 import io
 import pathlib
 import re
 import tokenize
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -122,23 +124,86 @@ def test_copy_dynamo_metadata_and_mark_new_input():
     assert same_src and same_params and extra is None
 
 
-def test_dynamo_reset_drops_compiled_frames():
+def test_discard_compiled_drops_only_that_backends_frames():
+    kept, thrown = [], []
+    x = torch.ones(2)
+
+    def keep(gm, inputs):
+        kept.append(1)
+        return gm.forward
+
+    def throwaway(gm, inputs):
+        thrown.append(weakref.ref(gm))
+        return gm.forward
+
+    def f(x):
+        return x + 1
+
+    def g(x):
+        y = x * 2
+        torch._dynamo.graph_break()  # a resume function: a code object of Dynamo's own
+        return y - 1
+
+    c = torch.compile(f, backend=keep)
+    c(x)
+    for fn in (f, g):
+        torch.compile(fn, backend=throwaway)(x)
+    assert len(thrown) == 3
+    assert compat.discard_compiled(throwaway) == 3
+    gc.collect()
+    assert thrown[0]() is None, "a discarded frame still holds its graph"
+    assert compat.discard_compiled(throwaway) == 0
+    c(x)
+    assert kept == [1], "another backend's frame of the same function was recompiled"
+    torch.compile(f, backend=throwaway)(x)
+    assert len(thrown) == 4, "a discarded frame was reused"
+
+
+@pytest.mark.parametrize("limit", ["recompile_limit", "accumulated_recompile_limit"])
+def test_discarded_frames_do_not_count_toward_the_recompile_limits(limit):
     calls = []
 
-    def backend(gm, inputs):
+    def count(gm, inputs):
         calls.append(1)
         return gm.forward
 
     def f(x):
         return x + 1
 
-    c = torch.compile(f, backend=backend)
-    c(torch.ones(2))
-    c(torch.ones(2))
-    assert len(calls) == 1
-    compat.dynamo_reset()
-    c(torch.ones(2))
-    assert len(calls) == 2
+    with torch._dynamo.config.patch(**{limit: 2}):
+        for _ in range(3):
+
+            def throwaway(gm, inputs):
+                return gm.forward
+
+            torch.compile(f, backend=throwaway)(torch.ones(2))
+            compat.discard_compiled(throwaway)
+        torch.compile(f, backend=count)(torch.ones(2))
+    assert calls == [1], f"f ran eagerly: the discarded frames counted toward {limit}"
+
+
+def test_discard_compiled_inside_a_compile():
+    """From a backend call (a capture of the model being compiled): the compile in progress still completes and
+    its frame is not recompiled."""
+    calls, inner = [], []
+
+    def f(x):
+        return x * 3
+
+    def throwaway(gm, inputs):
+        inner.append(1)
+        return gm.forward
+
+    def outer(gm, inputs):
+        calls.append(1)
+        torch.compile(f, backend=throwaway)(torch.ones(2))
+        assert compat.discard_compiled(throwaway) == 1
+        return gm.forward
+
+    c = torch.compile(f, backend=outer)
+    assert torch.equal(c(torch.ones(2)), torch.full((2,), 3.0))
+    assert torch.equal(c(torch.ones(2)), torch.full((2,), 3.0))
+    assert calls == [1] and inner == [1]
 
 
 def test_compiled_original():

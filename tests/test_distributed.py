@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import lowered
 from test_attention import ManualAttn
 from torch import nn
 
@@ -347,3 +348,4 @@ def test_fsdp2_sharding_keeps_ownership(group):
     c = torch.compile(m, backend="lrcompile", options={"policy": pol, "inductor": False})
     with torch.no_grad():
         torch.testing.assert_close(c(x).double(), want, rtol=1e-5, atol=1e-5)
+    assert set(lowered(m).values()) == {"installed"}  # the graph ran the installed factors, made none

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import Toy, all_lowrank, compile_eager, rel_err
+from conftest import Toy, all_lowrank, compile_eager, lowered, rel_err, structures
 from torch import nn
 
 import lrcompile
@@ -68,17 +68,20 @@ def test_save_load_eager_rewrite_reproduces_exactly(toy, tmp_path, monkeypatch):
     for k, v in m.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
     assert torch.equal(compile_eager(fresh)(ids), ref)
+    assert len(lowered(fresh)) == 7 and set(lowered(fresh).values()) == {"installed"}  # the loaded factors ran
 
 
 def test_save_load_backend_path(tmp_path, monkeypatch):
     m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
     x = torch.randn(4, 32)
     ref = compile_eager(m, all_lowrank(6), tune=False)(x)  # one implementation: bit-equal runs
+    assert structures(m) == {"0.lrcompile": "LowRank", "2.lrcompile": "LowRank"}  # attached: what save writes
     lrcompile.save(m, str(tmp_path / "ck"))
     torch._dynamo.reset()
     no_svd(monkeypatch)
     fresh = lrcompile.load(nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)), str(tmp_path / "ck"))
     assert torch.equal(compile_eager(fresh, tune=False)(x), ref)  # attached factors found and reused, none recomputed
+    assert lowered(fresh) == {"0": "installed", "2": "installed"}
 
 
 def test_tied_weights_are_stored_once(toy, tmp_path):
@@ -147,6 +150,7 @@ def test_attention_factors_round_trip(attn, tmp_path, monkeypatch):
         n for n, p in m.named_parameters() if not p.requires_grad
     }
     assert torch.equal(compile_eager(fresh)(x), ref)
+    assert set(lowered(fresh, "attention").values()) == {"installed"}  # the loaded attention factors ran
 
 
 def test_plan_records_the_policy_digest(tmp_path):

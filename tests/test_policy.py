@@ -89,6 +89,10 @@ def test_rules_have_line_numbers():
         ("rules: [a: b: c]\n", "<policy>:1: not valid YAML"),
         ("rules:\n  - just-a-string\n", "rule 1: a rule is a mapping"),
         ("budget: {params: 2}\n", "budget fraction must be in (0, 1]"),
+        (
+            "budget: {params: 0.5, allocate: gradient}\n",
+            "budget allocate must be one of fisher, spectrum, sensitivity, got 'gradient'",
+        ),
         ("version: 2\n", "unsupported policy version 2"),
         ("defaults: 5\n", "<policy>:1: defaults must be a mapping of min_features, max_error, strict, guard, got 5"),
         ("defaults: [1, 2]\n", "defaults must be a mapping"),
@@ -127,6 +131,8 @@ def test_a_path_without_yaml_suffix_is_read_as_a_file(tmp_path):
 def test_rank_without_budget_is_fine_with_budget():
     p = load_policy({"rules": [{"match": "*", "method": "lowrank"}], "budget": {"params": 0.5}})
     assert p.rules[0].config.rank is None and p.budget == {"params": 0.5}
+    for how in ("fisher", "spectrum", "sensitivity"):
+        assert load_policy({"budget": {"flops": 0.5, "allocate": how}}).budget["allocate"] == how
 
 
 def test_yaml_syntax_error_in_a_file_names_file_and_line(tmp_path):

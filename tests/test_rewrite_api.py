@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import all_lowrank, compile_eager, rel_err
+from conftest import all_lowrank, compile_eager, lowered, rel_err
 from torch import nn
 
 import lrcompile
@@ -24,6 +24,7 @@ def test_rewrite_returns_model_and_swaps_modules(toy):
     assert rel_err(m(ids), ref) < 1e-5  # eager, swapped modules (full rank: fp32 precision)
     # the functional sites run factored under the backend with no policy
     assert rel_err(compile_eager(m)(ids), ref) < 1e-5
+    assert len(lowered(m)) == 7 and set(lowered(m).values()) == {"installed"}  # every site, factored
 
 
 def test_rewrite_accepts_kwargs_inputs():
@@ -104,6 +105,7 @@ def test_rewrite_then_train_with_optimizer(toy):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+    assert len(lowered(m)) == 7 and set(lowered(m).values()) == {"installed"}  # the graph trained the factors
 
 
 def test_rule_matching_no_site_warns(toy):
@@ -159,6 +161,7 @@ def test_a_linear_subclass_that_computes_a_linear_is_swapped_so_eager_calls_see_
     h = torch.relu(m[0](x))
     torch.testing.assert_close(m[0](x), x @ (m[0].weight + m[0].delta()).T + m[0].bias, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled(x), 2 * (h @ m[2].weight.T + m[2].bias), atol=1e-5, rtol=1e-5)
+    assert lowered(m) == {"0": "installed", "2": "installed"}  # both adapters ran in the graph
 
 
 def test_graphs_shared_by_instances_are_rewritten_for_each_instance():

@@ -195,3 +195,24 @@ def test_source_paths_of_every_form(expr, path):
         name = expr
 
     assert source_path(Src()) == path
+
+
+def test_every_spelling_of_a_transpose_is_seen():
+    """`P.T` reaches the graph as getattr on 2.11-2.13 and as aten.numpy_T on 2.14: both mean W = P."""
+    import torch.fx as fx
+
+    from lrcompile.capture.sites import _unwrap_transpose
+
+    g = fx.Graph()
+    p = g.placeholder("p")
+    spellings = [
+        g.call_function(getattr, (p, "T")),
+        g.call_method("t", (p,)),
+        g.call_method("transpose", (p, 0, 1)),
+        g.call_function(torch.ops.aten.numpy_T.default, (p,)),
+        g.call_function(torch.ops.aten.numpy_T, (p,)),
+        g.call_function(torch.t, (p,)),
+    ]
+    assert all(_unwrap_transpose(n) == (p, True) for n in spellings)
+    assert _unwrap_transpose(p) == (p, False)
+    assert _unwrap_transpose(g.call_function(torch.relu, (p,))) == (None, False)

@@ -281,7 +281,7 @@ def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 POLICY = """
 defaults: {min_features: 0}
-budget: {params: 0.5}
+budget: {params: 0.5, allocate: spectrum}
 rules:
   - match: '*'
     method: kron

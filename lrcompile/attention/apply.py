@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..compat import dynamo_reset, frame_locals, mark_new_input
+from ..compat import discard_compiled, frame_locals, mark_new_input
 from ..passes import fused_qkv as fused_pass
 from ..passes import shared_kv as shared_pass
 from ..passes.rewrite import _copy, _safe
@@ -86,10 +86,9 @@ def install_attention(model: nn.Module, policy, example_inputs) -> tuple[list[Si
                     s.weight.requires_grad_(False)
         return gm.forward
 
-    dynamo_reset()
     try:
         with torch.no_grad():
             call_model(torch.compile(model, backend=record, dynamic=False), example_inputs)
     finally:
-        dynamo_reset()
+        discard_compiled(record)  # its frames hold the model: only they go, other compiled models keep theirs
     return rows, claimed

@@ -60,24 +60,33 @@ def path_in(model: nn.Module, module: nn.Module) -> Optional[str]:
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
+def compiled_callers():
+    """(module, frame locals) for each call of a compiled module (`torch.compile(module)` or `module.compile()`)
+    on the Python stack, innermost first; DataParallel / DDP wrappers are seen through (names and calls are the
+    user's model's, not `module.…`)."""
+    for f in compat.caller_frames():
+        code = f.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            loc = f.f_locals
+            cand = compat.compiled_original(loc.get("self"))
+            while isinstance(cand, _WRAPPERS):
+                cand = cand.module
+            if isinstance(cand, nn.Module):
+                yield cand, loc
+
+
 def enclosing_model(root: Optional[nn.Module]) -> tuple[Optional[nn.Module], str]:
     """(model, prefix): the model being compiled that `root` (the module of the frame Dynamo compiles now) lies
     in, and root's path in it with a trailing dot. Dynamo compiles a submodule's forward as a frame of its own
     when it cannot trace through the caller (a graph break inside a loop over blocks skips the caller's frame):
     such sites are named from the compiled model (`blocks.0.a`, not `a`) and share its session and report. The
-    compiled model is the outermost `torch.compile`d module (`torch.compile(module)` or `module.compile()`) on the
-    Python stack that contains `root`; none: root itself."""
+    compiled model is the outermost compiled module on the Python stack that contains `root`; none: root itself."""
     if root is None:
         return None, ""
     found = None
-    for f in compat.caller_frames():
-        code = f.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            cand = compat.compiled_original(f.f_locals.get("self"))
-            while isinstance(cand, _WRAPPERS):  # names are the user's model's, not `module.…`
-                cand = cand.module
-            if isinstance(cand, nn.Module) and (cand is root or any(m is root for m in cand.modules())):
-                found = cand
+    for cand, _ in compiled_callers():
+        if cand is root or any(m is root for m in cand.modules()):
+            found = cand
     if found is None or found is root:
         return root, ""
     return found, path_in(found, root) + "."

@@ -25,6 +25,14 @@ LINEAR_TARGETS = set(LINEAR_OPS)
 ADDMM_TARGETS = {torch.addmm, torch.ops.aten.addmm.default}
 MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.mm, torch.ops.aten.mm.default}
 SDPA_TARGETS = set(SDPA_OPS)
+TRANSPOSE_OPS = {
+    torch.t,
+    torch.Tensor.t,
+    torch.ops.aten.t,
+    torch.ops.aten.t.default,
+    torch.ops.aten.numpy_T,
+    torch.ops.aten.numpy_T.default,
+}
 SOFTMAX_TARGETS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
 # Ops that may sit between QKᵀ and softmax, or between softmax and the V matmul, in hand-written attention.
 PASSTHROUGH = {
@@ -139,6 +147,8 @@ def _unwrap_transpose(node) -> tuple[Optional[fx.Node], bool]:
         return node.args[0], True
     if node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"):
         return node.args[0], True
+    if node.op == "call_function" and node.target in TRANSPOSE_OPS and len(node.args) == 1:
+        return node.args[0], True  # torch 2.14 records `P.T` as aten.numpy_T
     if node.op == "call_method" and node.target == "transpose" and sorted(node.args[1:]) in ([0, 1], [-2, -1], [-1, 0]):
         return node.args[0], True
     return None, False

@@ -27,7 +27,7 @@ from torch import nn
 from .. import compat
 from ..compat import frame_locals
 from .names import eval_root, strip_root
-from .resolve import path_in, root_module, site_module
+from .resolve import compiled_callers, path_in, root_module, site_module
 from .sites import Site, find_sites
 
 
@@ -117,8 +117,8 @@ class Recorder:
         _RECORDERS[self.token] = self
 
     def close(self) -> None:
-        """Stop recording. Dynamo's cache may keep the runners (a capture made inside a compile cannot reset
-        Dynamo): they hold the recorder weakly and then run their graphs as they are."""
+        """Stop recording. The runners hold the recorder weakly: one still running (a frame that recursion or
+        another thread entered) then runs its graph as it is."""
         _RECORDERS.pop(self.token, None)
         self.model = self.observe = None
         self._paths = None
@@ -297,18 +297,16 @@ def _is_param_input(node: fx.Node) -> bool:
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module, recorder: Recorder, *, dynamic: Optional[bool] = False, nested: bool = False):
-    """`model` compiled with `recorder` as its backend, for the block's calls. Dynamo is reset before and after
-    (capture graphs hold the model's tensors, and these throwaway graphs stay out of the user's later compiles),
-    except `nested`: inside a compile, whose state a reset would break."""
-    if not nested:
-        compat.dynamo_reset()
+def recording(model: nn.Module, recorder: Recorder, *, dynamic: Optional[bool] = False):
+    """`model` compiled with `recorder` as its backend, for the block's calls. Afterwards the frames Dynamo
+    compiled with it are thrown away, and only those: they hold the model's tensors, and must stay out of later
+    compiles, while a Dynamo reset would recompile every other model in the process (and break a compile in
+    progress, from whose backend a capture may run)."""
     try:
         yield torch.compile(model, backend=recorder, dynamic=dynamic)
     finally:
         recorder.close()
-        if not nested:
-            compat.dynamo_reset()
+        compat.discard_compiled(recorder)
 
 
 def capture_sites(model: nn.Module, example_inputs) -> list[CapturedSite]:
@@ -330,8 +328,8 @@ def linear_sites(captured) -> list[Site]:
 
 
 def model_sites(model: nn.Module, example_inputs, *, nested: bool = False) -> list[Site]:
-    """`linear_sites` of one call of `model`. `nested`: from inside a backend call (a compile in progress):
-    without resetting Dynamo, and leaving no trace of the extra call — the RNG state and the buffers (batch
+    """`linear_sites` of one call of `model`. `nested`: from inside a backend call (a compile in progress),
+    leaving no trace of the extra call — the RNG state and the buffers (batch
     norm statistics) are restored."""
     rec = Recorder(model)
     with contextlib.ExitStack() as stack:
@@ -340,7 +338,7 @@ def model_sites(model: nn.Module, example_inputs, *, nested: bool = False) -> li
             stack.enter_context(torch.random.fork_rng(devices=devices))
             saved = [(b, b.detach().clone()) for b in model.buffers()]
             stack.callback(lambda: [b.data.copy_(v) for b, v in saved])
-        compiled = stack.enter_context(recording(model, rec, nested=nested))
+        compiled = stack.enter_context(recording(model, rec))
         stack.enter_context(torch.no_grad())
         call_model(compiled, example_inputs)
     return [c.site for c in rec.sites.values()]
@@ -351,13 +349,7 @@ def call_inputs(model: nn.Module) -> Optional[Call]:
     the outermost frame of a compiled module (`torch.compile(model)` or `model.compile()`, DDP wrappers seen
     through) whose module is `model`. None where `model` was not compiled itself (`torch.compile(fn)`)."""
     found = None
-    for f in compat.caller_frames():
-        code = f.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            loc = f.f_locals
-            cand = compat.compiled_original(loc.get("self"))
-            while isinstance(cand, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-                cand = cand.module
-            if cand is model and isinstance(loc.get("args"), tuple) and isinstance(loc.get("kwargs"), dict):
-                found = Call(loc["args"], loc["kwargs"])
+    for cand, loc in compiled_callers():
+        if cand is model and isinstance(loc.get("args"), tuple) and isinstance(loc.get("kwargs"), dict):
+            found = Call(loc["args"], loc["kwargs"])
     return found

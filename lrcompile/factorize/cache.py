@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from ..cache_dir import cache_path
+from ..cache_dir import cache_path, cache_root
 
 # A strided (e.g. Conv1D's transposed) or non-CPU weight is hashed one slice of rows at a time, so computing the
 # key never holds a second full copy of the weight; the byte stream, and so the digest, is the same either way.
@@ -221,3 +221,34 @@ def store(k: str, tensors: dict[str, torch.Tensor], meta: Optional[dict[str, Any
         if tmp is not None:
             _remove(tmp)
         _warn("not writable at", getattr(e, "filename", None) or "cache", f"{type(e).__name__}: {e}".splitlines()[0])
+
+
+def _entries():
+    """(path, stat) of every regular file in the factor cache; links and other kinds are never followed."""
+    for top, _dirs, files in os.walk(os.path.join(cache_root(), "factors")):
+        for name in files:
+            p = os.path.join(top, name)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and name.endswith((".safetensors", ".tmp")):
+                yield p, st
+
+
+def summary() -> tuple[int, int]:
+    """(entries, bytes) in the factor cache."""
+    n = size = 0
+    for p, st in _entries():
+        n += p.endswith(".safetensors")
+        size += st.st_size
+    return n, size
+
+
+def clear() -> int:
+    """Remove every entry (and left-over temp file); returns how many entries there were."""
+    n = 0
+    for p, _ in list(_entries()):
+        n += p.endswith(".safetensors")
+        _remove(p)
+    return n

@@ -107,29 +107,36 @@ def calibrate(
     *,
     reference: Optional[nn.Module] = None,
     sensitivity_batches: int = 2,
+    fisher_probes: int = 2,
     progress: bool = True,
 ) -> CalibrationStats:
     """Run `batches` (tensors, tuples of args or dicts of kwargs) through `model` and collect statistics.
 
-    The model runs through Dynamo with a recording backend (eval mode, no grad; Dynamo is reset before and
-    after, as `rewrite` does), its graphs eagerly: the sites are the backend's.
+    The model runs through Dynamo with a recording backend (eval mode, no grad; the frames it compiles are
+    thrown away afterwards, as `rewrite`'s are), its graphs eagerly: the sites are the backend's.
     `reference`: the dense original of `model` (e.g. `model` is a compressed copy): each batch also runs through
     it and every site records the cross moment between the reference's and `model`'s inputs (SiteStats.cross),
     sites being matched by name; structures lrcompile installed in `model` count as their sites. A policy whose
     budget says `allocate: sensitivity` also gets each site's measured error curve (`measure_sensitivity`, on
-    the first `sensitivity_batches` batches)."""
+    the first `sensitivity_batches` batches); one with the default `allocate: fisher` gets first-order estimates
+    of the same curves from `fisher_probes` backward passes per batch (`fisher.measure_fisher`, every batch)."""
+    from ..policy.budget import allocator
     from ..policy.rules import load_policy
 
     pol = load_policy(policy)
     batches = batches if hasattr(batches, "__len__") else list(batches)
     stats = _collect(model, batches, pol, reference, progress)
-    budget = pol.budget if pol is not None else None
-    if budget and budget.get("allocate") == "sensitivity" and reference is None:
+    how = allocator(pol.budget) if pol is not None and pol.budget else None
+    if how == "sensitivity" and reference is None:
         from .sensitivity import measure_sensitivity
 
         stats.sensitivity = measure_sensitivity(
             model, list(batches)[: max(1, sensitivity_batches)], stats, pol, progress=progress
         )
+    elif how == "fisher" and reference is None:
+        from .fisher import measure_fisher
+
+        stats.fisher = measure_fisher(model, batches, stats, pol, probes=fisher_probes, progress=progress)
     return stats
 
 
@@ -220,9 +227,7 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
         with (
             recording(model, rec, dynamic=dynamic) as compiled,
             (
-                recording(reference, ref_rec, dynamic=dynamic, nested=True)
-                if reference is not None
-                else contextlib.nullcontext()
+                recording(reference, ref_rec, dynamic=dynamic) if reference is not None else contextlib.nullcontext()
             ) as ref_compiled,
             compat.fail_on_recompile_limit(),
             torch.no_grad(),

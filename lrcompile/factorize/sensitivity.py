@@ -25,10 +25,11 @@ def _site_init(pol, fqn: str):
     )
 
 
-def factorised(
+def site_svd(
     W: torch.Tensor, s: Optional[SiteStats], init: str = "whitened_svd", damping: float = 0.01, alpha: float = 0.5
-):
-    """rank -> Ŵ (float64) for one site: one SVD, sliced per rank (the same math as the low-rank inits)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P, S, R), float64, with W = P·diag(S)·R and Ŵ_r = P[:, :r]·diag(S[:r])·R[:r] the site's rank-r init (the
+    same math as the low-rank inits): R = Qᴴ L⁻¹ (whitened), Qᴴ / scale (ASVD) or Qᴴ (plain SVD)."""
     from . import whiten
 
     if init == "whitened_svd" and s is not None:
@@ -40,7 +41,15 @@ def factorised(
     else:
         T, post = W.detach().double(), (lambda V: V)
     P, S, Qh = torch.linalg.svd(T, full_matrices=False)
-    return lambda r: (P[:, :r] * S[:r]) @ post(Qh[:r])
+    return P, S, post(Qh)
+
+
+def factorised(
+    W: torch.Tensor, s: Optional[SiteStats], init: str = "whitened_svd", damping: float = 0.01, alpha: float = 0.5
+):
+    """rank -> Ŵ (float64) for one site: one SVD, sliced per rank."""
+    P, S, R = site_svd(W, s, init, damping, alpha)
+    return lambda r: (P[:, :r] * S[:r]) @ R[:r]
 
 
 def measure_sensitivity(

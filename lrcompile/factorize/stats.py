@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from typing import Optional
 
@@ -66,10 +67,18 @@ class SiteStats:
 class CalibrationStats:
     """Statistics keyed by site FQN; `get(fqn)` gives a SiteStats or None."""
 
-    def __init__(self, sites: Optional[dict] = None, sensitivity: Optional[dict] = None, index: Optional[dict] = None):
+    def __init__(
+        self,
+        sites: Optional[dict] = None,
+        sensitivity: Optional[dict] = None,
+        index: Optional[dict] = None,
+        fisher: Optional[dict] = None,
+    ):
         self.sites: dict[str, SiteStats] = dict(sites or {})
         # measured end-to-end error curves {fqn: {rank: loss}} (`measure_sensitivity`); budgets can allocate by them
         self.sensitivity: dict[str, dict[int, float]] = dict(sensitivity or {})
+        # first-order estimates of the same loss at every rank (`fisher.measure_fisher`): the default allocation's
+        self.fisher: dict[str, dict[int, float]] = dict(fisher or {})
         # every linear site of the calibrated model, as the backend enumerates it (not only those with statistics):
         # {fqn: {"weight": path, "transposed": bool, "bias": path or None}}
         self.index: dict[str, dict] = dict(index or {})
@@ -101,11 +110,10 @@ class CalibrationStats:
             if s.cross is not None:
                 h.update(s.cross.contiguous().numpy().tobytes())
         if self.sensitivity:
-            h.update(json.dumps(self._curves(), sort_keys=True).encode())
+            h.update(json.dumps(_curves(self.sensitivity), sort_keys=True).encode())
+        if self.fisher:
+            h.update(b"fisher" + json.dumps(_curves(self.fisher), sort_keys=True).encode())
         return h.hexdigest()[:16]
-
-    def _curves(self) -> dict:
-        return {f: {str(r): float(e) for r, e in c.items()} for f, c in self.sensitivity.items()}
 
     def save(self, path) -> None:
         """safetensors: exact float64 tensors; the token counts travel in the metadata."""
@@ -126,7 +134,8 @@ class CalibrationStats:
             metadata={
                 "format": FORMAT,
                 "sites": json.dumps(tokens),
-                "sensitivity": json.dumps(self._curves()),
+                "sensitivity": json.dumps(_curves(self.sensitivity)),
+                "fisher": json.dumps(_curves(self.fisher)),
                 "index": json.dumps(self.index),
             },
         )
@@ -147,16 +156,14 @@ class CalibrationStats:
                 for i, (fqn, tokens) in json.loads(meta["sites"]).items():
                     cross = f.get_tensor(f"{i}.cross") if f"{i}.cross" in names else None
                     sites[fqn] = SiteStats(f.get_tensor(f"{i}.xtx"), f.get_tensor(f"{i}.abs_sum"), int(tokens), cross)
-                curves = {
-                    fqn: {int(r): float(e) for r, e in c.items()}
-                    for fqn, c in json.loads(meta.get("sensitivity", "{}")).items()
-                }
+                curves = _parse_curves(meta.get("sensitivity", "{}"))
+                fisher = _parse_curves(meta.get("fisher", "{}"))  # absent in files written before it existed
                 index = json.loads(meta.get("index", "{}"))  # absent in files written before it existed
         except Exception:
             raise ValueError(
                 f"lrcompile: {path} is not an lrcompile calibration file (expected {FORMAT} safetensors)"
             ) from None
-        return cls(sites, curves, index)
+        return cls(sites, curves, index, fisher)
 
     def site_list(self, model: nn.Module) -> Optional[list]:
         """(fqn, dense weight (out, in), bias) of every indexed site, resolved on `model`; None without an index
@@ -172,6 +179,21 @@ class CalibrationStats:
         except (AttributeError, KeyError, TypeError):
             return None
         return out
+
+
+def _curves(curves: dict) -> dict:
+    return {f: {str(r): float(e) for r, e in c.items()} for f, c in curves.items()}
+
+
+def _parse_curves(text: str) -> dict[str, dict[int, float]]:
+    """{fqn: {rank: error}} from a file's metadata: finite errors, ranks ≥ 1 (anything else: not our file)."""
+    out = {}
+    for fqn, c in json.loads(text).items():
+        curve = {int(r): float(e) for r, e in c.items()}
+        if any(r < 1 or not math.isfinite(e) for r, e in curve.items()):
+            raise ValueError
+        out[fqn] = curve
+    return out
 
 
 def as_stats(calibration) -> Optional["CalibrationStats"]:

@@ -6,12 +6,12 @@ tie partner never changes silently); an untied one is updated in place (same Par
 state and state_dict keys survive). A compiled model must be compiled again after a merge.
 
 `adapter_state_dict(model)` holds only the adapters' tensors (LoRA A/B, DoRA magnitudes, VeRA λ's and
-projections, and the scaling), keyed by their full `state_dict` names; a tensor reachable under several names
-(VeRA's projections, shared by every site of a pair) appears once, under its first name, so that
-`safetensors.torch.save_file` accepts the dict. `load_adapter_state_dict(model, sd)` maps each saved tensor
-back to every name of its target and copies into the existing tensors in place — a smaller rank is
-zero-padded to the installed one, the scaling comes from the saved value — so a compiled model recompiles
-nothing (the tensors are graph inputs).
+projections, and the scaling; MoE experts' stacked LoRA and nn.MultiheadAttention's too), keyed by their full
+`state_dict` names; a tensor reachable under several names (VeRA's projections, shared by every site of a pair)
+appears once, under its first name, so that `safetensors.torch.save_file` accepts the dict.
+`load_adapter_state_dict(model, sd)` maps each saved tensor back to every name of its target and copies into the
+existing tensors in place — a smaller rank is zero-padded to the installed one, the scaling comes from the saved
+value — so a compiled model recompiles nothing (the tensors are graph inputs).
 """
 
 from __future__ import annotations
@@ -43,11 +43,22 @@ def zero_pad(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    from ..experts.bank import ExpertBank
+    from ..mha.module import Factored
+
     out = {}
     for path, mod in model.named_modules(remove_duplicate=False):
+        pre = f"{path}." if path else ""
         if _is_swappable_adapter(mod):
             for n in mod.adapter_names:
-                out[f"{path}.{n}" if path else n] = getattr(mod, n)
+                out[pre + n] = getattr(mod, n)
+        elif isinstance(mod, ExpertBank):  # per-expert adapters, stacked: `<proj>_lora_A` [experts, r, in]
+            for proj, plan in mod.plans.items():
+                for n in getattr(plan.family, "adapter_names", ()):
+                    out[f"{pre}{proj}_{n}"] = getattr(mod, f"{proj}_{n}")
+        elif isinstance(mod, Factored):  # nn.MultiheadAttention's in_proj / out_proj
+            for n in getattr(mod.family, "adapter_names", ()):
+                out[pre + n] = getattr(mod, n)
     return out
 
 
@@ -130,7 +141,10 @@ def _attached_weight(owner: nn.Module, child: str, struct: Adapter) -> tuple[str
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold LoRA / DoRA / VeRA into the dense weights in place; NOBLE sites stay (not mergeable)."""
+    """Fold LoRA / DoRA / VeRA into the dense weights in place; NOBLE sites stay (not mergeable). MoE experts'
+    adapters fold into their 3-D weights; a bank left with nothing else gives the original experts module back."""
+    _merge_experts(model)
+    merge_mha(model)
     for path, mod in list(model.named_modules()):
         if not isinstance(mod, Adapter) or not mod.mergeable or not path:
             continue
@@ -141,6 +155,24 @@ def merge(model: nn.Module) -> nn.Module:
         else:
             _merge_module(model, mod)
     return model
+
+
+def merge_mha(model: nn.Module) -> None:
+    from ..mha.install import merge_mha as fold
+
+    fold(model)
+
+
+def _merge_experts(model: nn.Module) -> None:
+    from ..experts.bank import ExpertBank
+    from ..plan.rewrite import _replace_module
+
+    for mod in [m for m in model.modules() if isinstance(m, ExpertBank)]:
+        for proj in [p for p, plan in mod.plans.items() if not plan.family.compressing]:
+            mod.fold(proj)
+        if not mod.plans:
+            mod.original.train(mod.training)
+            _replace_module(model, mod, mod.original)
 
 
 def _merge_module(model: nn.Module, mod: Adapter) -> None:

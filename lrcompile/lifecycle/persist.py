@@ -22,7 +22,13 @@ from torch import nn
 
 from ..attention.factors import AttnFactors, SharedBasis, StackedStructure
 from ..errors import PlanError
+from ..experts.bank import ExpertBank
+from ..experts.persist import FAMILY as EXPERTS
+from ..experts.persist import experts_entry, rebuild_experts
 from ..families import FAMILIES, Structure
+from ..mha.install import FAMILY as MHA
+from ..mha.install import mha_entry, rebuild_mha
+from ..mha.module import FactoredMHA
 from ..plan.build import first_line
 from ..plan.rewrite import _replace_module, layout_of
 from ..runtime import attach as store
@@ -44,6 +50,10 @@ def _entries(model: nn.Module) -> list[dict]:
     for path, mod in model.named_modules():
         if isinstance(mod, AttnFactors):
             out.append(_attention_entry(path, mod))
+        if isinstance(mod, ExpertBank) and mod.plans:
+            out.append(experts_entry(path, mod))
+        if isinstance(mod, FactoredMHA):
+            out.append(mha_entry(path, mod))
         if not isinstance(mod, Structure):
             continue
         owner, _, leaf = path.rpartition(".")
@@ -172,6 +182,8 @@ def _rebuild_all(model: nn.Module, plan: dict, plan_path: str, directory: str, u
         try:
             if entry.get("family") in (SHARED, STACKED):
                 _rebuild_attention(model, entry, directory, undo)
+            elif entry.get("family") in (EXPERTS, MHA):
+                _rebuild_experts(model, entry, directory, undo)
             else:
                 _rebuild(model, entry, directory, shared, undo)
         except PlanError:
@@ -185,6 +197,24 @@ def _attach_undoable(owner: nn.Module, child: str, struct: nn.Module, undo: list
     struct.train(owner.training)
     owner.add_module(child, struct)
     undo.append(lambda: owner.add_module(child, had) if had is not _MISSING else delattr(owner, child))
+
+
+def _rebuild_experts(  # ExpertBank or FactoredMHA
+    model: nn.Module, entry: dict, directory: str, undo: list
+) -> None:
+    def swap(old, new, put_back):
+        _replace_module(model, old, new)
+        undo.append(lambda: (_replace_module(model, new, old), put_back()))
+
+    rebuild = rebuild_experts if entry.get("family") == EXPERTS else rebuild_mha
+    rebuild(
+        model,
+        entry,
+        fail=lambda msg: _fail(directory, entry, msg),
+        config=lambda cls, sub: _config(cls, {**sub, "path": entry.get("path")}, directory),
+        dtype=_dtype_of(entry, directory),
+        swap=swap,
+    )
 
 
 def _swap_undoable(model: nn.Module, old: nn.Module, new: nn.Module, undo: list) -> None:

@@ -33,7 +33,31 @@ def unmatched_linear_rules(policy, model: Optional[nn.Module]) -> list:
     if policy is None or model is None:
         return []
     names = candidate_names(model)
-    return [r for r in policy.rules if r.kind == "linear" and not any(r.matches(n) for n in names)]
+    return policy.unmatched(names)
+
+
+def rewrite_only_sites(policy, model: Optional[nn.Module]) -> list[tuple[object, str]]:
+    """(rule, module path) where a non-dense linear rule reaches MoE experts or an nn.MultiheadAttention that
+    `rewrite` has not made sites: the backend sees no linear inside them (grouped matmuls, one opaque MHA call)."""
+    if policy is None or model is None:
+        return []
+    from ..experts.bank import is_experts, projections
+    from ..mha.module import is_mha_site
+
+    out = []
+    for path, mod in model.named_modules():
+        if is_experts(mod):
+            names = [f"{path}.{p}" for p in projections(mod)]
+            names += [f"{n}.{e}" for n in names for e in range(int(mod.num_experts))]
+        elif is_mha_site(mod):
+            names = [f"{path}.in_proj", f"{path}.out_proj"]
+        else:
+            continue
+        for rule in policy.rules:
+            if rule.kind == "linear" and rule.method != "dense" and any(rule.matches(n) for n in names):
+                out.append((rule, path))
+                break
+    return out
 
 
 def _is_softmax(node: fx.Node) -> bool:

@@ -20,9 +20,13 @@ from tqdm.auto import tqdm
 
 from ..attention.apply import install_attention
 from ..attention.factors import AttnFactors
+from ..capture.modules import module_sites
 from ..capture.trace import CapturedSite, capture_sites
+from ..errors import PolicyError
+from ..experts.install import expert_names, install_experts
 from ..factorize.stats import as_stats
 from ..families import Structure
+from ..mha.install import install_mha
 from ..policy.rules import load_policy
 from ..runtime import attach as store
 from .build import TIE_NOTE, build, decide, tie_broken
@@ -100,15 +104,19 @@ def _plan_budget(pol, model: nn.Module, stats, captured):
 def rewrite(
     model: nn.Module,
     policy,
-    example_inputs,
+    example_inputs=None,
     calibration=None,
     *,
     report: Optional[str] = None,
     verbose: bool = False,
     progress: Optional[bool] = None,
 ) -> nn.Module:
-    """Apply `policy` to `model` in place and return it. `example_inputs`: tuple of args or dict of kwargs."""
+    """Apply `policy` to `model` in place and return it. `example_inputs`: tuple of args or dict of kwargs; None:
+    only nn.Linear and Conv1D modules are sites, found by name without running the model (PEFT's reach)."""
     pol = load_policy(policy)
+    if example_inputs is None and (pol.budget or any(r.kind == "attention" for r in pol.rules)):
+        what = "a budget" if pol.budget else "attention rules"
+        raise PolicyError(f"{pol.source}: {what} need example_inputs (rewrite(model, policy, example_inputs))")
     stats = as_stats(calibration)
     progress = sys.stderr.isatty() if progress is None else progress
     # weak: swapped-out dense weights must be free to go (a WeakSet would compare tensors with ==)
@@ -117,12 +125,16 @@ def rewrite(
     attn_rows, claimed = (
         install_attention(model, pol, example_inputs) if any(r.kind == "attention" for r in pol.rules) else ([], set())
     )
-    captured = capture_sites(model, example_inputs)
+    captured = capture_sites(model, example_inputs) if example_inputs is not None else module_sites(model)
+    # MoE experts (3-D weights run per expert) are swapped for ExpertBanks once the linear sites are captured: the
+    # bank's forward is opaque to Dynamo (a graph break per layer), the experts' HF forward is not
+    expert_rows, made_adapter = install_experts(model, pol, stats)
+    mha_rows, mha_adapter = install_mha(model, pol, stats)  # inside F.multi_head_attention_forward: no FX site
+    expert_rows, made_adapter = expert_rows + mha_rows, made_adapter or mha_adapter
     rep = Report()
-    for row in attn_rows:
+    for row in attn_rows + expert_rows:
         rep.add(row)
     seen: set = set()
-    made_adapter = False
     ranks = _plan_budget(pol, model, stats, captured)
     n_sites = len({c.site.fqn for c in captured if c.site.kind == "linear"})
     bar = tqdm(total=n_sites, desc="lrcompile rewrite", unit="site", disable=not progress)
@@ -149,9 +161,8 @@ def rewrite(
             if other.site.fqn == site.fqn and other is not c:
                 other.site.weight = other.module = None
         c.site.weight = c.module = None
-    for rule in pol.rules:
-        if rule.kind == "linear" and not any(rule.matches(f) for f in seen):
-            warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
+    for rule in pol.unmatched(seen | expert_names(expert_rows)):
+        warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
     if made_adapter:  # PEFT-style: only the new branches train (a rule that matched nothing freezes nothing)
         store.freeze_for_adapters(model, before)
     for m in model.modules():  # an attention rule's factors, made by install_attention above

@@ -125,7 +125,9 @@ def _hull(opts: list[tuple[float, float]]) -> list[int]:
     for i, (c, e) in enumerate(opts):
         while len(keep) >= 2:
             (c1, e1), (c2, e2) = opts[keep[-2]], opts[keep[-1]]
-            if (e2 - e1) * (c - c1) >= (e - e1) * (c2 - c1):  # keep[-1] lies on or above the chord: not on the hull
+            # keep[-1] lies above the chord: not on the hull. Points on it stay: a straight stretch of a curve is
+            # then bought a step at a time, not as one long segment that may not fit while worse ones do
+            if (e2 - e1) * (c - c1) > (e - e1) * (c2 - c1):
                 keep.pop()
             else:
                 break
@@ -242,20 +244,27 @@ def _family_curve(c: Candidate, stats, damping: float) -> Callable[[int], float]
     return cls.budget_error(c.weight, stats.get(c.fqn) if stats is not None else None, cfg)
 
 
-ALLOCATORS = ("spectrum", "sensitivity")
+# the first is the default: first-order end-to-end curves (factorize/fisher.py) beat both the whitened spectra and
+# uniform ranks on pretrained MiniLM, near measured sensitivity, for a few backward passes
+ALLOCATORS = ("fisher", "spectrum", "sensitivity")
+
+
+def allocator(budget: dict) -> str:
+    """What a budget allocates by: its `allocate`, else the default."""
+    return budget.get("allocate", ALLOCATORS[0])
 
 
 def _check_budget(budget) -> tuple[str, float]:
-    """(kind, F) of `{params|flops: F[, allocate: spectrum|sensitivity]}`."""
+    """(kind, F) of `{params|flops: F[, allocate: fisher|spectrum|sensitivity]}`."""
     kinds = [k for k in (budget if isinstance(budget, dict) else ()) if k in ("params", "flops")]
     if (
         not isinstance(budget, dict)
         or len(kinds) != 1
         or set(budget) - {kinds[0], "allocate"}
-        or budget.get("allocate", "spectrum") not in ALLOCATORS
+        or allocator(budget) not in ALLOCATORS
     ):
         raise PlanError(
-            f"budget must be {{params: F}} or {{flops: F}} (optionally allocate: spectrum | sensitivity), "
+            f"budget must be {{params: F}} or {{flops: F}} (optionally allocate: {' | '.join(ALLOCATORS)}), "
             f"got {budget!r}"
         )
     return kinds[0], budget[kinds[0]]
@@ -292,7 +301,10 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
     from ..families import FAMILIES
 
     kind, _ = _check_budget(policy.budget)
-    if errors is None and policy.budget.get("allocate") == "sensitivity":
+    how = allocator(policy.budget)
+    if errors is None and how == "fisher":
+        errors = getattr(stats, "fisher", None) or None
+    if errors is None and how == "sensitivity":
         errors = getattr(stats, "sensitivity", None)
         if not errors:
             raise PlanError(
@@ -338,9 +350,27 @@ def plan_ranks(policy, sites, stats=None, errors=None) -> dict[str, Optional[int
     if uniform:  # what they take counts toward the same budget as the fixed-cost sites
         spent, dense = budget_cost(out, uniform, kind)
         res_dense, res_spent = res_dense + dense, res_spent + spent
+    if cands and how == "fisher" and (errors is None or any(c.fqn not in errors for c in cands)):
+        return {**out, **_without_curves(policy, cands, budget, stats, errors)}
     if cands:  # each candidate carries its rule's config: its own whitening damping
         out.update(allocate(cands, budget, stats, errors=errors, reserved=(res_dense, res_spent)))
     return out
+
+
+def _without_curves(policy, cands, budget, stats, errors) -> dict[str, Optional[int]]:
+    """The default allocation where its first-order curves are missing: uniform ranks. Neither spectrum is a safe
+    stand-in on pretrained MiniLM (plain spectra with plain SVD and whitened spectra with whitened SVD both fell
+    below uniform ranks at 50%). Without statistics that is the documented behaviour; statistics without the
+    curves (calibrated without this policy, or sites of other families, which have none) get a warning."""
+    if stats is not None:
+        missing = [c.fqn for c in cands if not errors or c.fqn not in errors]
+        warnings.warn(
+            f"lrcompile: {policy.source}: budget allocate: fisher has no curves for {len(missing)} site(s) (e.g. "
+            f"{missing[0]}): calibrate with this policy (lrcompile.calibrate(model, batches, policy)) to get them; "
+            f"uniform ranks meanwhile",
+            stacklevel=4,
+        )
+    return uniform_ranks(cands, budget)
 
 
 def uniform_ranks(candidates: list[Candidate], budget: dict) -> dict[str, Optional[int]]:

@@ -40,6 +40,7 @@ class Spec:
     dtype: str  # "float32"
     device: str  # "cpu", "cuda"
     grad: bool  # compiled with gradients enabled: inference-only candidates are out
+    size: str = ""  # the family's size option, e.g. "rank 64" (shown by `cache list`; the shapes are in the key)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -50,6 +51,7 @@ class Spec:
     def from_dict(cls, d: dict) -> "Spec":
         d = dict(d)
         d["tensor_shapes"] = tuple(tuple(s) for s in d["tensor_shapes"])
+        d.setdefault("size", "")
         return cls(**d)
 
     def with_tokens(self, tokens: int) -> "Spec":
@@ -121,6 +123,17 @@ def spec_for(
         str(dtype).removeprefix("torch."),
         torch.device(device).type,
         grad,
+        _size(FAMILIES[family], cfg),
+    )
+
+
+def _size(cls, cfg) -> str:
+    """The option a budget would size (`rank`, `blocks`, ...), else the config's non-default numbers."""
+    if cls.budget_knob is not None:
+        return f"{cls.budget_knob} {getattr(cfg, cls.budget_knob)}"
+    fields = getattr(cfg, "__dataclass_fields__", {})
+    return ", ".join(
+        f"{n} {getattr(cfg, n)}" for n in ("rank", "blocks") if n in fields and getattr(cfg, n) is not None
     )
 
 

@@ -7,30 +7,31 @@ not show (e.g. other batch sizes).
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import Iterable, Optional
 
 import torch
 
-from ..compat import dynamo_reset
+from ..compat import discard_compiled
 from ..families import FAMILIES
 from . import shapelog
 from .select import TIME_BUDGET_S, Spec, has_choice, lookup_or_measure
 
 
 def model_specs(model, example_inputs, policy) -> list[Spec]:
+    from ..backend import lrcompile_backend
     from ..capture.trace import call_model
 
-    dynamo_reset()  # a fresh trace: the model may have been compiled with other options in this process
+    # a backend of its own: Dynamo reuses a frame compiled with an equal one (same options), so a compile of the
+    # model made earlier in this process would show no shapes; afterwards only this one's frames are thrown away
+    backend = functools.partial(lrcompile_backend, options={"policy": policy, "inductor": False, "tune": False})
     try:
         with shapelog.collect() as got, torch.no_grad():
-            call_model(
-                torch.compile(model, backend="lrcompile", options={"policy": policy, "inductor": False, "tune": False}),
-                example_inputs,
-            )
+            call_model(torch.compile(model, backend=backend), example_inputs)
     finally:
-        dynamo_reset()
+        discard_compiled(backend)
     return [Spec.from_dict(d) for d in got]
 
 

@@ -58,12 +58,14 @@ class FrozenBaseDoRA(torch.autograd.Function):
     reuses the dm product's buffer for dz and accumulates the branch into dx in place. The one (N, out)
     tensor saved, z, is kept only for a trainable magnitude. Gradients are those of the formula (tested
     against autograd). Not taken (`usable`): dropout, a trainable base or scaling, autocast or mixed dtypes (the
-    formula's ops carry the casts), torch.func transforms. A backward that builds a graph
+    formula's ops carry the casts), torch.func transforms, a Dynamo trace. A backward that builds a graph
     (create_graph=True) differentiates the formula instead, so higher orders are the formula's own.
     """
 
     @staticmethod
     def usable(x, weight, bias, lora_A, lora_B, magnitude, scaling) -> bool:
+        if torch.compiler.is_compiling():
+            return False  # traced: the formula's ops go to the compiler (the checks below would break the graph)
         if weight.requires_grad or getattr(scaling, "requires_grad", False) or autocast_on(x):
             return False
         ts = [t for t in (x, weight, bias, lora_A, lora_B, magnitude, scaling) if t is not None]
@@ -154,8 +156,10 @@ class DoRA(Adapter):
                 A, B, m._residual = pissa_factors(weight, cfg)
                 m.lora_A.copy_(A)
                 m.lora_B.copy_(B)
-            # residual + s·BA is W itself, so the magnitudes are W's row norms either way
-            m.magnitude.copy_(torch.linalg.norm(weight.detach(), dim=1))
+            if cfg.init == "random":  # B is not zero: the magnitudes are those of W + s·BA (as PEFT)
+                m.magnitude.copy_(dora_row_norm(weight, m.lora_A, m.lora_B, m.scaling))
+            else:  # B = 0, or PiSSA's residual + s·BA = W: W's row norms
+                m.magnitude.copy_(torch.linalg.norm(weight.detach(), dim=1))
         return m
 
     @staticmethod

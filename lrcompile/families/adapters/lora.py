@@ -137,7 +137,9 @@ class LoRAConfig(MethodConfig):
     dropout: float = 0.0
     rslora: bool = False
 
-    INITS: ClassVar[tuple[str, ...]] = ("kaiming", "gaussian", "pissa")
+    # random: A and B both drawn as nn.Linear draws its weight (PEFT's init_lora_weights=False: the branch is not
+    # silent at init)
+    INITS: ClassVar[tuple[str, ...]] = ("kaiming", "gaussian", "pissa", "random")
 
     def validate(self) -> None:
         super().validate()
@@ -159,7 +161,10 @@ def lora_init(A: torch.Tensor, B: torch.Tensor, cfg: LoRAConfig) -> None:
             nn.init.normal_(A, std=1.0 / cfg.rank)
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        B.zero_()
+        if cfg.init == "random":
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            B.zero_()
 
 
 def pissa_factors(weight: torch.Tensor, cfg: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,165 @@
+"""First-order (Fisher) end-to-end error curves: every rank of every site from a few backward passes.
+
+The loss is the sensitivity curves' (and heal's): 1 − cosine of the mask-weighted mean-pooled outputs against the
+dense model's. At the dense model it is 0 with zero gradient, and its Hessian in a sentence's pooled output e is
+H = (I − êêᵀ)/‖e‖²; truncating a site (Δ = W − Ŵ_r) raises it by ≈ ½ Σ_s δe_sᵀ H δe_s with δe_s = J_s Δ
+(Gauss-Newton: the model linearised in the site's weight). Probes z_s ~ N(0, H), one per sentence, and
+g = ∇_W Σ_s ⟨z_s, e_s⟩ (one backward pass for every site at once) give E[⟨Δ, g⟩²] = Σ_s δe_sᵀ H δe_s (the
+sentences' cross terms have mean 0). With the site's init as an SVD, W ≈ P·diag(S)·R, every rank follows from the
+same gradient: ⟨Δ_r, g⟩ = ⟨W, g⟩ − Σ_{i<r} S_i·p_iᵀ g r_i.
+Unlike the whitened spectrum (the error at the site's own output) this weighs each site by how much its output
+matters at the model's output; unlike measured sensitivity it costs a few backward passes for all sites together,
+not forward passes per site and rank. Sites are taken alone (the allocator adds their errors), as measured
+curves take them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..capture.trace import call_model
+from .sensitivity import _site_init, _site_weights, site_svd
+from .stats import CalibrationStats
+
+PROBES = 2  # backward passes per batch: more cut the estimate's noise (relative spread ≈ √(2 / probes·batches))
+
+
+def _pooled(out, batch) -> torch.Tensor:
+    """(sentences, features) of the loss: the mask-weighted mean over tokens of the model's output."""
+    from ..lifecycle.heal import _hidden, _mask, _pool
+
+    h = _hidden(out)
+    e = _pool(h, _mask(batch, h)) if h.dim() >= 3 else h
+    return e.reshape(-1, e.shape[-1]) if e.dim() != 2 else e
+
+
+def _probe(e: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """z ~ N(0, (I − êêᵀ)/‖e‖²) per row: the Hessian of 1 − cos(·, e) at e."""
+    e = e.detach().double()
+    n = e.norm(dim=-1, keepdim=True)
+    u = e / n.clamp_min(1e-300)
+    xi = torch.randn(e.shape, generator=gen, dtype=torch.float64)
+    z = (xi - u * (u * xi).sum(-1, keepdim=True)) / n.clamp_min(1e-300)
+    return torch.where(n > 0, z, torch.zeros_like(z))
+
+
+def measure_fisher(
+    model: nn.Module,
+    batches,
+    stats: CalibrationStats,
+    policy=None,
+    *,
+    probes: int = PROBES,
+    seed: int = 0,
+    max_bytes: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, dict[int, float]]:
+    """{fqn: {rank: predicted loss increase}} for ranks 1 … break-even of each low-rank site with statistics (the
+    policy's rules say which sites and with which init; without a policy every site, whitened SVD).
+
+    `max_bytes`: the SVD bases kept at once (default: half the sites' own weights); more sites than that are done
+    in groups, each with its own backward passes."""
+    from tqdm.auto import tqdm
+
+    from ..policy.rules import load_policy
+
+    pol = load_policy(policy)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("lrcompile: Fisher curves need at least one calibration batch")
+    params = {
+        f: pw
+        for f, pw in _site_weights(model, stats, batches[0]).items()
+        if pol is None or getattr(pol.match(f, "linear"), "method", None) == "lowrank"
+    }
+    if max_bytes is None:
+        max_bytes = sum(w.numel() * w.element_size() for w, _ in params.values()) // 2
+    groups, size = [[]], 0
+    for f, (w, _) in params.items():
+        out_f, in_f = w.shape
+        need = 8 * (out_f + in_f) * _top(out_f, in_f)
+        if groups[-1] and size + need > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += need
+    grad_was = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    curves = {}
+    bar = tqdm(total=len(params), desc="lrcompile fisher", disable=not progress)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for group in groups:
+            curves.update(_group(model, batches, stats, pol, {f: params[f] for f in group}, probes, seed))
+            bar.update(len(group))
+    finally:
+        bar.close()
+        for p, g in grad_was.items():
+            p.requires_grad_(g)
+            p.grad = None
+        for mod, training in modes.items():
+            mod.training = training
+    return curves
+
+
+def _top(out_f: int, in_f: int) -> int:
+    """The break-even rank: no budget gives a low-rank site more (it would cost at least its dense weight)."""
+    return max(1, min(out_f, in_f, (in_f * out_f) // (in_f + out_f)))
+
+
+def _group(model, batches, stats, pol, params: dict, probes: int, seed: int) -> dict[str, dict[int, float]]:
+    bases, by_param = {}, {}
+    for fqn, (weight, conv) in params.items():
+        W = (weight.T if conv else weight).detach()
+        P, S, R = site_svd(W, stats.get(fqn), *_site_init(pol, fqn))
+        k = min(_top(*W.shape), S.numel())
+        bases[fqn] = (P[:, :k].contiguous(), S[:k].clone(), R[:k].contiguous(), conv)
+        by_param.setdefault(weight, []).append(fqn)
+        del P, S, R
+    rows: dict[str, list] = {f: [] for f in params}  # per probe: (scale, ⟨W, g⟩, a_0 … a_{k−1})
+    scale = [1.0]
+
+    def consume(p: torch.Tensor) -> None:
+        g = p.grad.detach().double()
+        p.grad = None
+        for fqn in by_param[p]:
+            P, S, R, conv = bases[fqn]
+            G = g.T if conv else g
+            total = float((p.detach().double() * g).sum())
+            a = S * ((P.T @ G) * R).sum(1)
+            rows[fqn].append((scale[0], total, a))
+
+    handles = []
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for p in by_param:
+            p.requires_grad_(True)
+            handles.append(p.register_post_accumulate_grad_hook(consume))
+        for batch in batches:
+            e = _pooled(call_model(model, batch), batch)
+            z = _probe(e, gen)
+            scale[0] = 1.0 / (2 * e.shape[0])  # ½ per sentence: the mean loss increase over the batch
+            for k in range(probes):
+                if k:
+                    z = _probe(e, gen)
+                (e.double() * z).sum().backward(retain_graph=k + 1 < probes)
+    finally:
+        for h in handles:
+            h.remove()
+        for p in by_param:
+            p.requires_grad_(False)
+            p.grad = None
+    out = {}
+    for fqn, got in rows.items():
+        if not got:
+            continue  # the site's weight got no gradient (not on the path to the output)
+        d = torch.stack([t - torch.cat([a.new_zeros(1), torch.cumsum(a, 0)]) for _, t, a in got])  # ⟨Δ_r, g⟩
+        w = torch.tensor([c for c, _, _ in got], dtype=torch.float64)
+        err = (w[:, None] * d.square()).mean(0)
+        out[fqn] = {r: float(err[r]) for r in range(1, err.numel())}
+    return out
