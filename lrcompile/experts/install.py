@@ -147,9 +147,9 @@ def install_experts(model: nn.Module, policy: Policy, stats=None) -> tuple[list[
 
 
 def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    from ..plan.rewrite import _replace_module
+    from ..runtime.attach import replace_module
 
-    _replace_module(model, old, new)
+    replace_module(model, old, new)
 
 
 def expert_names(rows: list[SiteRow]) -> set[str]:

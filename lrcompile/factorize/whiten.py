@@ -217,6 +217,13 @@ def spectrum(W: Tensor, cov=None, damping: float = 1e-2) -> Tensor:
     return torch.linalg.svdvals(whitened_target(W, cov, damping)[0])
 
 
+def spectrum_curve(weight: Tensor, stats=None, damping: float = 1e-2):
+    """error(r) = Σ_{i>r} σᵢ² of the whitened spectrum (plain spectrum without statistics)."""
+    s = spectrum(weight, stats, damping)
+    tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0]).tolist() + [0.0]  # tail[r] = Σ_{i≥r}
+    return lambda r: tail[min(max(r, 0), len(tail) - 1)]
+
+
 def site_quality(struct, weight: Tensor, stats=None, notes: Optional[list] = None) -> dict:
     """Report fields for a compressed site: kept (whitened) spectral energy and calibration-weighted error."""
     out = {}

@@ -114,7 +114,7 @@ class LowRank(Structure):
     def budget_error(cls, weight, stats, cfg: LowRankConfig):
         """Σ_{i>r} σᵢ² of the whitened spectrum (W·L, C = L Lᵀ; plain W without statistics): the mean squared
         output error per token of the truncation, the error the factorisation minimises."""
-        from ..policy.budget import spectrum_curve
+        from ..factorize.whiten import spectrum_curve
 
         return spectrum_curve(weight, stats, cfg.damping)
 

@@ -165,18 +165,19 @@ def merge_mha(model: nn.Module) -> None:
 
 def _merge_experts(model: nn.Module) -> None:
     from ..experts.bank import ExpertBank
-    from ..plan.rewrite import _replace_module
+    from ..runtime.attach import replace_module
 
     for mod in [m for m in model.modules() if isinstance(m, ExpertBank)]:
         for proj in [p for p, plan in mod.plans.items() if not plan.family.compressing]:
             mod.fold(proj)
         if not mod.plans:
             mod.original.train(mod.training)
-            _replace_module(model, mod, mod.original)
+            replace_module(model, mod, mod.original)
 
 
 def _merge_module(model: nn.Module, mod: Adapter) -> None:
-    from ..plan.rewrite import _replace_module, restore_layout
+    from ..plan.rewrite import restore_layout
+    from ..runtime.attach import replace_module
 
     W = mod.weight
     if W is None:
@@ -197,7 +198,7 @@ def _merge_module(model: nn.Module, mod: Adapter) -> None:
         new = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
         new.weight = W
         new.bias = mod.bias
-    _replace_module(model, mod, new)
+    replace_module(model, mod, new)
 
 
 def _merge_attached(model: nn.Module, owner: nn.Module, owner_path: str, leaf: str, mod: Adapter) -> None:

@@ -30,8 +30,9 @@ from ..mha.install import FAMILY as MHA
 from ..mha.install import mha_entry, rebuild_mha
 from ..mha.module import FactoredMHA
 from ..plan.build import first_line
-from ..plan.rewrite import _replace_module, layout_of
+from ..plan.rewrite import layout_of
 from ..runtime import attach as store
+from ..runtime.attach import replace_module
 
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
@@ -203,8 +204,8 @@ def _rebuild_experts(  # ExpertBank or FactoredMHA
     model: nn.Module, entry: dict, directory: str, undo: list
 ) -> None:
     def swap(old, new, put_back):
-        _replace_module(model, old, new)
-        undo.append(lambda: (_replace_module(model, new, old), put_back()))
+        replace_module(model, old, new)
+        undo.append(lambda: (replace_module(model, new, old), put_back()))
 
     rebuild = rebuild_experts if entry.get("family") == EXPERTS else rebuild_mha
     rebuild(
@@ -218,8 +219,8 @@ def _rebuild_experts(  # ExpertBank or FactoredMHA
 
 
 def _swap_undoable(model: nn.Module, old: nn.Module, new: nn.Module, undo: list) -> None:
-    _replace_module(model, old, new)
-    undo.append(lambda: _replace_module(model, new, old))
+    replace_module(model, old, new)
+    undo.append(lambda: replace_module(model, new, old))
 
 
 _MISSING = object()

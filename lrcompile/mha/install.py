@@ -71,20 +71,20 @@ def install_mha(model: nn.Module, policy: Policy, stats=None) -> tuple[list[Site
 
 
 def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    from ..plan.rewrite import _replace_module
+    from ..runtime.attach import replace_module
 
-    _replace_module(model, old, new)
+    replace_module(model, old, new)
 
 
 def merge_mha(model: nn.Module) -> None:
     """Fold the adapters of every FactoredMHA into their weights; one left with no compressed projection gives
     a plain nn.MultiheadAttention back."""
-    from ..plan.rewrite import _replace_module
+    from ..runtime.attach import replace_module
 
     for mha in [m for m in model.modules() if isinstance(m, FactoredMHA)]:
         if any(f.family.compressing for f in _factored_children(mha).values()):
             continue  # compressed projections stay factored (as compressed Structures do)
-        _replace_module(model, mha, mha.restore())
+        replace_module(model, mha, mha.restore())
 
 
 def _factored_children(mha: FactoredMHA) -> dict:

@@ -79,17 +79,6 @@ def restore_layout(layout: tuple, weight: torch.Tensor, bias, requires_grad: boo
     return new
 
 
-def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
-    """Swap every reference to `old` inside `model` for `new`; returns the names it was reachable by."""
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        new.train(old.training)  # the swapped-in module keeps the mode of the one it replaces
-        setattr(parent, attr, new)
-    return names
-
-
 def _plan_budget(pol, model: nn.Module, stats, captured):
     """The policy budget's ranks, allocated once over the whole model (None without a budget): the backend's
     own planner (`budget.plan_model`) over the captured sites — the backend's enumeration — so both paths give
@@ -192,7 +181,7 @@ def _install(model: nn.Module, c: CapturedSite, struct: Structure, row) -> None:
                 else nn.Parameter(site.dense_weight.detach().contiguous(), requires_grad=site.weight.requires_grad)
             )
         tied = struct.compressing and tie_broken(site, model)
-        _replace_module(model, module, struct)
+        store.replace_module(model, module, struct)
         if tied:
             row.notes.append(TIE_NOTE)
     elif module is not None:

@@ -28,7 +28,6 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 
 from ..errors import PlanError, SiteError
-from ..factorize import whiten
 
 ErrorCurve = Union[Callable[[int], float], Mapping[int, float]]
 
@@ -109,13 +108,6 @@ def _curve(values: ErrorCurve, full: int) -> tuple[Callable[[int], float], int]:
         return es[j - 1] + t * (es[j] - es[j - 1])
 
     return f, max(1, rs[0])
-
-
-def spectrum_curve(weight: torch.Tensor, stats=None, damping: float = 1e-2) -> Callable[[int], float]:
-    """error(r) = Σ_{i>r} σᵢ² of the whitened spectrum (plain spectrum without statistics)."""
-    s = whiten.spectrum(weight, stats, damping)
-    tail = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0]).tolist() + [0.0]  # tail[r] = Σ_{i≥r}
-    return lambda r: tail[min(max(r, 0), len(tail) - 1)]
 
 
 def _hull(opts: list[tuple[float, float]]) -> list[int]:

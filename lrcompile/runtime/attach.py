@@ -191,3 +191,14 @@ class Feed:
             if got is not None:
                 self.refit_failed = not got
         return self.struct.tensors()
+
+
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
+    """Swap every reference to `old` inside `model` for `new`; returns the names it was reachable by."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new.train(old.training)  # the swapped-in module keeps the mode of the one it replaces
+        setattr(parent, attr, new)
+    return names
