@@ -198,3 +198,12 @@ def masked_id_batches(n: int, rows: int, seq: int, vocab: int, padded: int, seed
         mask[rows - 1, seq - padded :] = 0
         out.append({"input_ids": torch.randint(low, vocab, (rows, seq), generator=g), "attention_mask": mask})
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: a second OpenMP thread on a shared 2-core machine only adds contention (spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

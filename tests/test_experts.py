@@ -15,13 +15,7 @@ E, H, INTER = 4, 32, 48
 PROJ = ("gate_up_proj", "down_proj")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: a second OpenMP thread only adds spin-waiting on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixtral():

@@ -22,12 +22,7 @@ class Net(nn.Module):
         return self.head(self.attn(x, x, x, need_weights=False)[0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def policy(method, **opts):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..families import FAMILIES
-from .bank import EXPERT_FAMILIES, ExpertBank, Projection, is_experts, projections
+from .bank import EXPERT_FAMILIES, ExpertBank, Projection, projections
 
 FAMILY = "experts"
 
@@ -41,18 +41,12 @@ def experts_entry(path: str, bank: ExpertBank) -> dict:
     }
 
 
-def rebuild_experts(model: nn.Module, entry: dict, fail: Callable, config: Callable, dtype, swap: Callable) -> None:
-    """`fail(msg)` raises the one-line PlanError; `config(cls, sub_entry)` the validated family config; `swap(old,
+def rebuild_experts(
+    target: nn.Module, saved: dict, digest, fail: Callable, config: Callable, dtype, swap: Callable
+) -> None:
+    """The ExpertBank of a plan entry (`saved`: its projections) in place of `target`, with empty tensors.
+    `fail(msg)` raises the one-line PlanError; `config(cls, sub_entry)` the validated family config; `swap(old,
     new, undo_extra)` replaces the module undoably (`undo_extra` puts released 3-D weights back)."""
-    try:
-        target = model.get_submodule(entry["path"])
-    except AttributeError:
-        fail("no such module in this model")
-    if not is_experts(target):
-        fail(f"expected a transformers experts module, found {type(target).__name__}")
-    saved = entry.get("projections")
-    if not isinstance(saved, dict) or not saved:
-        fail("bad entry (no projections)")
     n_exp = int(target.num_experts)
     plans, stacked = {}, {}
     for p, sub in saved.items():
@@ -88,6 +82,6 @@ def rebuild_experts(model: nn.Module, entry: dict, fail: Callable, config: Calla
             ts.append(nn.Parameter(big, requires_grad=True) if isinstance(t, nn.Parameter) else big)
         plans[p], stacked[p] = Projection(cls.name, cfg, tuple(experts), in_f, out_f), ts
     bank = ExpertBank(target, plans, stacked)
-    bank.policy_digest = entry.get("policy")
+    bank.policy_digest = digest
     released = {p: target._parameters.pop(p) for p, plan in plans.items() if plan.family.compressing}
     swap(target, bank, lambda: target._parameters.update(released))

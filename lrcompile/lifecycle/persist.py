@@ -22,13 +22,13 @@ from torch import nn
 
 from ..attention.factors import AttnFactors, SharedBasis, StackedStructure
 from ..errors import PlanError
-from ..experts.bank import ExpertBank
+from ..experts.bank import ExpertBank, is_experts
 from ..experts.persist import FAMILY as EXPERTS
 from ..experts.persist import experts_entry, rebuild_experts
 from ..families import FAMILIES, Structure
 from ..mha.install import FAMILY as MHA
 from ..mha.install import mha_entry, rebuild_mha
-from ..mha.module import FactoredMHA
+from ..mha.module import FactoredMHA, is_mha_site
 from ..plan.build import first_line
 from ..plan.rewrite import layout_of
 from ..runtime import attach as store
@@ -207,11 +207,28 @@ def _rebuild_experts(  # ExpertBank or FactoredMHA
         replace_module(model, old, new)
         undo.append(lambda: (replace_module(model, new, old), put_back()))
 
-    rebuild = rebuild_experts if entry.get("family") == EXPERTS else rebuild_mha
+    def fail(msg):
+        _fail(directory, entry, msg)
+
+    rebuild, accepts, expected = (
+        (rebuild_experts, is_experts, "a transformers experts module")
+        if entry.get("family") == EXPERTS
+        else (rebuild_mha, is_mha_site, "a packed nn.MultiheadAttention")
+    )
+    try:
+        target = model.get_submodule(entry["path"])
+    except AttributeError:
+        fail("no such module in this model")
+    if not accepts(target):
+        fail(f"expected {expected}, found {type(target).__name__}")
+    saved = entry.get("projections")
+    if not isinstance(saved, dict) or not saved:
+        fail("bad entry (no projections)")
     rebuild(
-        model,
-        entry,
-        fail=lambda msg: _fail(directory, entry, msg),
+        target,
+        saved,
+        entry.get("policy"),
+        fail=fail,
         config=lambda cls, sub: _config(cls, {**sub, "path": entry.get("path")}, directory),
         dtype=_dtype_of(entry, directory),
         swap=swap,

@@ -112,17 +112,10 @@ def mha_entry(path: str, mha: FactoredMHA) -> dict:
     }
 
 
-def rebuild_mha(model: nn.Module, entry: dict, fail: Callable, config: Callable, dtype, swap: Callable) -> None:
-    """The FactoredMHA of a plan entry with empty tensors, checked against the model (see experts.persist)."""
-    try:
-        target = model.get_submodule(entry["path"])
-    except AttributeError:
-        fail("no such module in this model")
-    if not is_mha_site(target):
-        fail(f"expected a packed nn.MultiheadAttention, found {type(target).__name__}")
-    saved = entry.get("projections")
-    if not isinstance(saved, dict) or not saved:
-        fail("bad entry (no projections)")
+def rebuild_mha(
+    target: nn.Module, saved: dict, digest, fail: Callable, config: Callable, dtype, swap: Callable
+) -> None:
+    """The FactoredMHA of a plan entry with empty tensors in place of `target` (see experts.persist)."""
     made = {}
     for proj, sub in saved.items():
         if proj not in ("in_proj", "out_proj") or not isinstance(sub, dict):
@@ -142,5 +135,5 @@ def rebuild_mha(model: nn.Module, entry: dict, fail: Callable, config: Callable,
         bias = b if proj == "out_proj" else None
         made[proj] = Factored(cls.name, cfg, in_f, out_f, tensors, None if cls.compressing else w, bias)
     new = factored_mha(target, made.get("in_proj"), made.get("out_proj"))
-    new.policy_digest = entry.get("policy")
+    new.policy_digest = digest
     swap(target, new, lambda: None)
