@@ -810,8 +810,7 @@ def hot_swap_recompiles_nothing(method, compile_fn):
     perturb_adapters(other)
     compiled = compile_fn(m)
     torch.testing.assert_close(compiled(x), m(x), atol=1e-5, rtol=1e-5)
-    if method != "dora":  # DoRA breaks the graph: its sites run eagerly, unreported (the backend never sees them)
-        assert lowered(m) == {t: "installed" for t in TARGETS}  # the graph runs the adapters: a swap must reach it
+    assert lowered(m) == {t: "installed" for t in TARGETS}  # the graph runs the adapters: a swap must reach it
     graphs = counters["stats"]["unique_graphs"]
     lrcompile.load_adapter_state_dict(m, lrcompile.adapter_state_dict(other))
     torch.testing.assert_close(compiled(x), other(x), atol=1e-5, rtol=1e-5)
@@ -889,8 +888,7 @@ def test_installed_adapters_follow_the_models_mode(path, method, tmp_path):
     assert len(installed) == 2 and not any(s.training for s in installed)  # really installed, in the model's mode
     _noisy_branches(m)
     torch.testing.assert_close(c(x), c(x), atol=0, rtol=0)  # deterministic: no dropout at inference
-    if not (method == "dora" and path != "backend"):  # DoRA installed by rewrite / load breaks the graph, unlowered
-        assert set(lowered(m).values()) == {"rewritten" if path == "backend" else "installed"}  # the graph ran them
+    assert set(lowered(m).values()) == {"rewritten" if path == "backend" else "installed"}  # the graph ran them
     m.train()
     assert all(s.training for s in installed)
     assert not torch.equal(c(x), c(x))  # the dropout is there and follows train()
