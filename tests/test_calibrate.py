@@ -465,3 +465,133 @@ def test_site_names_equal_the_backends_on_hf_models(kind, tmp_path):
     assert set(st.keys()) == set(st.index) == names
     if kind == "gpt2":  # Conv1D (weight stored (in, out)) and the head tied to the embedding
         assert st.index["transformer.h.0.attn.c_attn"]["transposed"] and "lm_head" in names
+
+
+class Fan(nn.Module):
+    """q, k, v read one tensor; `solo` reads it in one call and another tensor in a later one."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 3)
+        self.solo = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.q(x) + self.k(x)
+        return torch.cat([y, self.v(x)], -1).sum(-1, keepdim=True) + self.solo(x * 2).sum(-1, keepdim=True)
+
+
+def test_sites_fed_one_tensor_share_their_statistics_exactly(tmp_path):
+    m = Fan()
+    xs = [torch.randn(5, 6) for _ in range(3)]
+    st = lrcompile.calibrate(m, xs, progress=False)
+    x = torch.cat(xs).double()
+    q, k, v = (st.get(n) for n in ("q", "k", "v"))
+    assert q.xtx is k.xtx is v.xtx and q.abs_sum is v.abs_sum  # one tensor for the three sites, not three
+    for s in (q, k, v):
+        assert s.tokens == 15
+        torch.testing.assert_close(s.xtx, x.T @ x)  # added once per batch, not once per site
+    torch.testing.assert_close(st.get("solo").xtx, 4 * x.T @ x)
+    assert st.get("solo").xtx is not q.xtx
+    p = tmp_path / "s.safetensors"
+    st.save(p)
+    back = CalibrationStats.load(p)
+    assert back.get("q").xtx is back.get("k").xtx  # stored once, shared again after loading
+    assert back.digest() == st.digest()
+    for n in st.keys():
+        assert torch.equal(back.get(n).xtx, st.get(n).xtx) and back.get(n).tokens == st.get(n).tokens
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        assert sum(key.endswith(".xtx") for key in f.keys()) == 2  # q/k/v once, solo once
+
+
+def test_a_site_met_in_two_groups_gets_its_own_statistics():
+    from lrcompile.factorize.calibrate import _collect  # noqa: F401  (the accumulation under test)
+
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x, both=True):
+            return self.a(x) + self.b(x) if both else self.a(x) + self.b(2 * x)
+
+    m = Split()
+    xs = [torch.randn(3, 4), torch.randn(3, 4)]
+    st = lrcompile.calibrate(m, [{"x": xs[0]}, {"x": xs[1], "both": False}], progress=False)
+    x0, x1 = xs[0].double(), xs[1].double()
+    torch.testing.assert_close(st.get("a").xtx, x0.T @ x0 + x1.T @ x1)
+    torch.testing.assert_close(st.get("b").xtx, x0.T @ x0 + 4 * x1.T @ x1)
+    assert st.get("a").xtx is not st.get("b").xtx
+
+
+class Wide(nn.Module):
+    """`down` reads 24 inputs and writes 8: its statistics fit in output form (8² instead of 24²)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 24), nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _wide_policy(**extra):
+    return {
+        "defaults": {"min_features": 0},
+        "rules": [{"match": "*", "method": "lowrank", "init": "whitened_svd", "rank": 3, **extra}],
+    }
+
+
+def test_wide_input_sites_keep_output_statistics_and_factorise_the_same(tmp_path):
+    from lrcompile.factorize import whiten
+
+    torch.manual_seed(0)
+    m = Wide()
+    xs = [torch.randn(6, 8) for _ in range(3)]
+    full = lrcompile.calibrate(m, xs, progress=False)  # no policy: input form everywhere
+    small = lrcompile.calibrate(m, xs, _wide_policy(), progress=False)
+    assert not full.get("down").output_form and small.get("down").output_form and not small.get("up").output_form
+    s = small.get("down")
+    assert s.xtx is None and s.yty.shape == (8, 8) and s.tokens == full.get("down").tokens
+    W = m.down.weight.detach().double()
+    torch.testing.assert_close(s.yty, W @ full.get("down").xtx @ W.T, rtol=1e-5, atol=1e-5)  # Σ yᵀy = W XᵀX Wᵀ
+    for r in (1, 3, 6):  # whitened SVD, damping included, is the same factorisation from either form
+        a = whiten.whitened_svd(W, full.get("down"), r)
+        b = whiten.whitened_svd(W, s, r)
+        torch.testing.assert_close(a[0] @ a[1], b[0] @ b[1], rtol=1e-6, atol=1e-6)
+        assert a[2] == pytest.approx(b[2], rel=1e-6)
+    torch.testing.assert_close(whiten.spectrum(W, s), whiten.spectrum(W, full.get("down"))[:8], rtol=1e-6, atol=1e-7)
+    p = tmp_path / "s.safetensors"
+    small.save(p)
+    back = CalibrationStats.load(p)
+    assert back.get("down").output_form and back.digest() == small.digest() != full.digest()
+    assert torch.equal(back.get("down").yty, s.yty) and back.get("down").x_sq == s.x_sq
+    # the report's weighted error from either form
+    pol = _wide_policy()
+    m1, m2 = copy_model(m), copy_model(m)
+    lrcompile.rewrite(m1, pol, (xs[0],), calibration=full, progress=False)
+    lrcompile.rewrite(m2, pol, (xs[0],), calibration=small, progress=False)
+    e1 = {r.fqn: r.weighted_error for r in m1.lrcompile_report.sites()}
+    e2 = {r.fqn: r.weighted_error for r in m2.lrcompile_report.sites()}
+    assert e2["down"] == pytest.approx(e1["down"], rel=1e-4) and e1["down"] > 0
+    torch.testing.assert_close(m1(xs[1]), m2(xs[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_rules_that_need_the_input_moment_keep_it():
+    xs = [torch.randn(6, 8) for _ in range(2)]
+    assert not lrcompile.calibrate(Wide(), xs, _wide_policy(compensate=True), progress=False).get("down").output_form
+    plain = {"defaults": {"min_features": 0}, "rules": [{"match": "*", "method": "btt", "rank": 2}]}
+    assert not lrcompile.calibrate(Wide(), xs, plain, progress=False).get("down").output_form
+    from lrcompile.factorize import whiten
+
+    st = lrcompile.calibrate(Wide(), xs, _wide_policy(), progress=False).get("down")
+    U = torch.randn(8, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="compensate needs input statistics"):
+        assert torch.equal(whiten.compensate(torch.randn(8, 24), U, torch.randn(2, 24), st), U)
+
+
+def copy_model(m):
+    import copy
+
+    return copy.deepcopy(m)

@@ -173,3 +173,25 @@ def test_default_allocation_uses_the_curves_and_falls_back_to_uniform_ranks(tmp_
     st.fisher = {}
     with pytest.warns(UserWarning, match="allocate: fisher has no curves for 2 site"):
         assert B.plan_ranks(pol, sites, st) == uniform
+
+
+def test_module_sites_by_their_rows_equal_the_weight_gradient_path(monkeypatch):
+    """Module sites take their curves from the call's rows and output gradient; functional sites from the weight's
+    gradient. Same probes, same numbers: the row path is only cheaper."""
+    from lrcompile.factorize import fisher
+
+    torch.manual_seed(2)
+    model = Tiny().double()
+    xs = [torch.randn(4, 5, 12, dtype=torch.float64) for _ in range(2)]
+    stats = _stats(model, xs)
+    called = []
+    real = fisher._token_hook
+    monkeypatch.setattr(fisher, "_token_hook", lambda *a: called.append(a[0]) or real(*a))
+    rows = measure_fisher(model, xs, stats, POLICY, probes=3, progress=False)
+    assert sorted(called) == ["a", "b"]  # both sites went the row path
+    monkeypatch.setattr(fisher, "_module_of", lambda *a: None)  # as if both were functional sites
+    grads = measure_fisher(model, xs, stats, POLICY, probes=3, progress=False)
+    for fqn in "ab":
+        assert rows[fqn].keys() == grads[fqn].keys()
+        for r in rows[fqn]:
+            assert rows[fqn][r] == pytest.approx(grads[fqn][r], rel=1e-7, abs=1e-14)

@@ -256,3 +256,41 @@ def test_compensate_without_statistics_warns_naming_the_site():
     }
     with pytest.warns(UserWarning, match=r"site 'fc'.*compensate: true has no calibration statistics"):
         lrcompile.rewrite(M(), pol, (torch.randn(2, 10),), progress=False)
+
+
+def _svd_llm(W, C, rank, damping):
+    """The textbook SVD-LLM solution, float64: trunc_r(W L) L⁻¹ with L = chol(C + damping)."""
+    L = torch.linalg.cholesky(whiten.damped(C, damping))
+    P, S, Qh = torch.linalg.svd(W @ L, full_matrices=False)
+    return (P[:, :rank] * S[:rank]) @ torch.linalg.solve_triangular(L, Qh[:rank], upper=False, left=False), S
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12), (16, 16)])
+def test_basis_is_the_svd_llm_solution_at_every_rank(shape):
+    W = torch.randn(*shape, dtype=torch.float64)
+    C = (lambda x: x.T @ x / 300)(correlated(300, shape[1]))
+    b = whiten.whitened_basis(W, C, 1e-2)
+    for r in (1, 3, min(shape) - 1, min(shape)):
+        want, S = _svd_llm(W, C, r, 1e-2)
+        torch.testing.assert_close(b.A[:, :r] @ b.B[:r], want, atol=1e-8, rtol=1e-8)
+        U, V, kept = whiten.whitened_svd(W, C, r, 1e-2)
+        torch.testing.assert_close(U @ V, want, atol=1e-8, rtol=1e-8)
+        assert kept == pytest.approx(float(S[:r].square().sum() / S.square().sum()), rel=1e-9)
+    torch.testing.assert_close(b.energy[: min(shape)], S.square(), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40)])
+def test_large_sites_factorise_in_float32_to_the_same_answer(shape, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(*shape, generator=g)
+    C = (lambda x: x.T @ x / 500)(correlated(500, shape[1]))
+    exact = {r: _svd_llm(W.double(), C, r, 1e-2)[0] for r in (5, 20)}
+    monkeypatch.setattr(whiten, "FLOAT32_ABOVE", 100)  # this site counts as large
+    b = whiten.whitened_basis(W, C, 1e-2)
+    assert b.A.dtype == torch.float32 and b.energy.dtype == torch.float64
+    x = correlated(500, shape[1])
+    for r, want in exact.items():
+        got = (b.A[:, :r] @ b.B[:r]).double()
+        # the same calibration objective to float32 precision
+        e_got, e_want = objective(W.double(), got, x), objective(W.double(), want, x)
+        assert e_got == pytest.approx(e_want, rel=1e-4)

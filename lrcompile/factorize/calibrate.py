@@ -72,6 +72,26 @@ def module_sites(
     ]
 
 
+# inits whose factorisation needs of the input moment only W C Wᵀ (whitened SVD), |x| (ASVD) or nothing (SVD)
+_OUTPUT_FORM_INITS = ("whitened_svd", "asvd", "svd")
+
+
+def _output_form(policy, fqn: str, out_f: int, in_f: int) -> bool:
+    """Keep this site's statistics in output form (E[yᵀy], out × out) instead of XᵀX (in × in): its input is at
+    least twice as wide as its output (a Llama down-projection: 2048² instead of 5632² entries) and the policy's
+    rule for it needs nothing more (low rank by whitened SVD, ASVD or SVD, no compensation). Without a policy the
+    statistics' use is unknown: input form."""
+    if policy is None or 2 * out_f > in_f:
+        return False
+    rule = policy.match(fqn, "linear")
+    cfg = getattr(rule, "config", None)
+    return (
+        getattr(rule, "method", None) == "lowrank"
+        and (getattr(cfg, "init", None) or "svd") in _OUTPUT_FORM_INITS
+        and not getattr(cfg, "compensate", False)
+    )
+
+
 def _wanted(policy, fqn: str) -> bool:
     rule = policy.match(fqn, "linear")
     return rule is not None and rule.compressing
@@ -186,6 +206,53 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
                 ref_known.add(n)
                 ref_rows.setdefault(n, []).append(r)
 
+    owners: dict[str, tuple] = {}  # site -> the sites whose statistics it shares (fed by one tensor)
+
+    output: dict[str, Optional[torch.Tensor]] = {}  # site -> its dense weight when kept in output form
+
+    def output_weight(n):
+        if n not in output:
+            c = rec.sites.get(n)
+            w = c.site.dense_weight if c is not None and c.site.weight is not None else None
+            output[n] = w if w is not None and _output_form(pol, n, *w.shape) else None
+        return output[n]
+
+    def accumulate(names, x64):
+        """Sites fed by one tensor (q, k, v; gate, up) share one XᵀX: the same tensors, added to once. A site met
+        later in another group gets its own copy first (never double-counted). Sites in output form keep their
+        own E[yᵀy]."""
+        for n in [n for n in names if output_weight(n) is not None]:
+            got = stats.sites.get(n)
+            if got is None:
+                got = stats.sites[n] = SiteStats.empty_output(x64.shape[-1], output[n].shape[0], x64.device)
+            got.add_output(x64, output[n])
+        names = [n for n in names if output[n] is None]
+        if not names:
+            return
+        key = tuple(names)
+        if any(owners.get(n, key) != key for n in names):
+            for m in {m for n in names for m in owners.get(n, (n,))}:
+                got = stats.sites.get(m)
+                if got is not None and len(owners.get(m, ())) > 1:
+                    stats.sites[m] = SiteStats(got.xtx.clone(), got.abs_sum.clone(), got.tokens)
+                owners[m] = (m,)
+            moments = (x64.T @ x64, x64.abs().sum(0)) if len(names) > 1 else None
+            for n in names:
+                got = stats.sites.get(n)
+                if got is None:
+                    got = stats.sites[n] = SiteStats.empty(x64.shape[-1], x64.device)
+                got.add(x64, moments=moments)
+            return
+        head = stats.sites.get(names[0])
+        if head is None:
+            head = SiteStats.empty(x64.shape[-1], x64.device)
+            for n in names:
+                stats.sites[n] = head if n == names[0] else SiteStats(head.xtx, head.abs_sum, 0)
+                owners[n] = key
+        head.add(x64)
+        for n in names[1:]:
+            stats.sites[n].tokens = head.tokens
+
     def observe(names, x):
         names = want(names)
         if not names:
@@ -193,23 +260,24 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
         seen.update(names)
         x = rows(names, x)
         x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        if reference is None:
+            accumulate(names, x64)
+            return
         shared = (x64.T @ x64, x64.abs().sum(0)) if len(names) > 1 else None  # one product for q, k and v
         for n in names:
-            ref = None
-            if reference is not None:
-                if n not in ref_known:
-                    missing.add(n)
-                    continue
-                queue = ref_rows.get(n)
-                ref = queue.pop(0) if queue else None
-                if ref is None or ref.shape != x.shape:
-                    raise ValueError(
-                        f"lrcompile.calibrate: site {n!r} sees {tuple(x.shape)} in the model but "
-                        f"{None if ref is None else tuple(ref.shape)} in the reference"
-                    )
+            if n not in ref_known:
+                missing.add(n)
+                continue
+            queue = ref_rows.get(n)
+            ref = queue.pop(0) if queue else None
+            if ref is None or ref.shape != x.shape:
+                raise ValueError(
+                    f"lrcompile.calibrate: site {n!r} sees {tuple(x.shape)} in the model but "
+                    f"{None if ref is None else tuple(ref.shape)} in the reference"
+                )
             s = stats.sites.get(n)
             if s is None:
-                s = stats.sites[n] = SiteStats.empty(x.shape[-1], x.device, cross=reference is not None)
+                s = stats.sites[n] = SiteStats.empty(x.shape[-1], x.device, cross=True)
             s.add(x64, ref, moments=shared)
 
     # one trace for batches of one shape; dynamic shapes where they differ (a recompile per new shape would be
@@ -271,8 +339,13 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
     # the site list a budget plans over: with `reference=`, the dense reference's (the statistics factorise its
     # weights; the model's installed structures are no sites of it)
     stats.index = _index(reference, ref_rec.sites) if reference is not None else _index(model, rec.sites)
+    moved: dict = {}  # shared statistics stay shared on the CPU
     for s in stats.sites.values():
-        s.xtx, s.abs_sum = s.xtx.cpu(), s.abs_sum.cpu()
+        if s.output_form:
+            s.yty, s.abs_sum = s.yty.cpu(), s.abs_sum.cpu()
+            continue
+        s.xtx = moved.setdefault(id(s.xtx), s.xtx.cpu())
+        s.abs_sum = moved.setdefault(id(s.abs_sum), s.abs_sum.cpu())
         if s.cross is not None:
             s.cross = s.cross.cpu()
     return stats

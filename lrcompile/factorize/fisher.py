@@ -23,6 +23,7 @@ from torch import nn
 from ..capture.trace import call_model
 from .sensitivity import _site_init, _site_weights, site_svd
 from .stats import CalibrationStats
+from .whiten import FLOAT32_ABOVE, whitened_basis
 
 PROBES = 2  # backward passes per batch: more cut the estimate's noise (relative spread ≈ √(2 / probes·batches))
 
@@ -80,7 +81,7 @@ def measure_fisher(
     groups, size = [[]], 0
     for f, (w, _) in params.items():
         out_f, in_f = w.shape
-        need = 8 * (out_f + in_f) * _top(out_f, in_f)
+        need = (out_f + in_f) * _top(out_f, in_f) * (8 if w.numel() <= FLOAT32_ABOVE else 4)
         if groups[-1] and size + need > max_bytes:
             groups.append([])
             size = 0
@@ -112,32 +113,89 @@ def _top(out_f: int, in_f: int) -> int:
     return max(1, min(out_f, in_f, (in_f * out_f) // (in_f + out_f)))
 
 
+def _basis(W: torch.Tensor, s, pol, fqn: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(A, B, projection): W = Σᵢ A[:, i]·B[i] with A[:, :r]·B[:r] the site's rank-r init; projection: A has
+    orthonormal columns and B = AᵀW (whitened SVD of a site no wider out than in)."""
+    init, damping, alpha = _site_init(pol, fqn)
+    if init == "whitened_svd" and s is not None:
+        b = whitened_basis(W, s, damping)
+        return b.A, b.B, b.projection
+    P, S, R = site_svd(W, s, init, damping, alpha)
+    return P * S, R, False
+
+
+def _module_of(model: nn.Module, fqn: str, weight: torch.Tensor, conv: bool) -> Optional[nn.Module]:
+    """The nn.Linear / HF Conv1D whose call is this site (its output is the site's), or None (functional)."""
+    try:
+        m = model.get_submodule(fqn)
+    except AttributeError:
+        return None
+    if getattr(m, "weight", None) is not weight:
+        return None
+    ok = isinstance(m, nn.Linear) if not conv else type(m).__name__ == "Conv1D"
+    return m if ok else None
+
+
+def _token_hook(fqn: str, A: torch.Tensor, B: Optional[torch.Tensor], sums: dict):
+    """Forward hook of a module site: a_i = Σ_t (A_iᵀ gy_t)(B_i x_t) from the call's rows and its output's gradient
+    (B_i x_t = A_iᵀ (y_t − b) for a projection basis), ⟨W, g⟩ = Σ_t gy_t·(y_t − b): per probe O(tokens·k·(out
+    + in)) instead of the k·out·in of projecting the weight's gradient."""
+
+    def hook(mod, inp, out):
+        if not out.requires_grad:
+            return
+        y = out.detach()
+        if getattr(mod, "bias", None) is not None:
+            y = y - mod.bias.detach()
+        y = y.reshape(-1, y.shape[-1]).to(A.dtype)
+        bx = y @ A if B is None else inp[0].detach().reshape(-1, B.shape[1]).to(A.dtype) @ B.T
+
+        def on_grad(gy):
+            g = gy.detach().reshape(-1, gy.shape[-1]).to(A.dtype)
+            a = ((g @ A) * bx).sum(0).double()
+            total = float((g * y).sum())
+            cur = sums.get(fqn)
+            sums[fqn] = (total, a) if cur is None else (cur[0] + total, cur[1] + a)
+
+        out.register_hook(on_grad)
+
+    return hook
+
+
 def _group(model, batches, stats, pol, params: dict, probes: int, seed: int) -> dict[str, dict[int, float]]:
-    bases, by_param = {}, {}
+    """Curves of one group of sites: module sites by their calls' rows and output gradients (`_token_hook`),
+    functional ones by their weight's gradient."""
+    by_param: dict = {}  # functional sites: parameter -> [(fqn, A, B, conv)]
+    rows: dict[str, list] = {f: [] for f in params}  # per probe: (scale, ⟨W, g⟩, a_0 … a_{k−1})
+    sums: dict = {}  # module sites: (⟨W, g⟩, a) of the current backward pass, summed over the site's calls
+    handles, needs_grad = [], set()
     for fqn, (weight, conv) in params.items():
         W = (weight.T if conv else weight).detach()
-        P, S, R = site_svd(W, stats.get(fqn), *_site_init(pol, fqn))
-        k = min(_top(*W.shape), S.numel())
-        bases[fqn] = (P[:, :k].contiguous(), S[:k].clone(), R[:k].contiguous(), conv)
-        by_param.setdefault(weight, []).append(fqn)
-        del P, S, R
-    rows: dict[str, list] = {f: [] for f in params}  # per probe: (scale, ⟨W, g⟩, a_0 … a_{k−1})
+        A, B, projection = _basis(W, stats.get(fqn), pol, fqn)
+        k = min(_top(*W.shape), A.shape[1])
+        mod = _module_of(model, fqn, weight, conv)
+        A = A[:, :k].contiguous()
+        B = None if (projection and mod is not None) else B[:k].contiguous()
+        if mod is not None:
+            handles.append(mod.register_forward_hook(_token_hook(fqn, A, B, sums)))
+        else:
+            by_param.setdefault(weight, []).append((fqn, A, B, conv))
+        needs_grad.add(weight)  # the outputs must carry gradients; the weight's own is dropped unless functional
+        del W
     scale = [1.0]
 
     def consume(p: torch.Tensor) -> None:
-        g = p.grad.detach().double()
+        g = p.grad.detach()
         p.grad = None
-        for fqn in by_param[p]:
-            P, S, R, conv = bases[fqn]
-            G = g.T if conv else g
-            total = float((p.detach().double() * g).sum())
-            a = S * ((P.T @ G) * R).sum(1)
+        for fqn, A, B, conv in by_param.get(p, ()):
+            G = (g.T if conv else g).to(A.dtype)
+            total = float((p.detach().double() * g.double()).sum())
+            a = ((A.T @ G) * B).sum(1).double()
             rows[fqn].append((scale[0], total, a))
 
-    handles = []
     gen = torch.Generator().manual_seed(seed)
     try:
-        for p in by_param:
+        for p in needs_grad:
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(consume))
         for batch in batches:
@@ -147,11 +205,14 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int) -> 
             for k in range(probes):
                 if k:
                     z = _probe(e, gen)
+                sums.clear()
                 (e.double() * z).sum().backward(retain_graph=k + 1 < probes)
+                for fqn, (total, a) in sums.items():
+                    rows[fqn].append((scale[0], total, a))
     finally:
         for h in handles:
             h.remove()
-        for p in by_param:
+        for p in needs_grad:
             p.requires_grad_(False)
             p.grad = None
     out = {}

@@ -28,13 +28,14 @@ def _site_init(pol, fqn: str):
 def site_svd(
     W: torch.Tensor, s: Optional[SiteStats], init: str = "whitened_svd", damping: float = 0.01, alpha: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, S, R), float64, with W = P·diag(S)·R and Ŵ_r = P[:, :r]·diag(S[:r])·R[:r] the site's rank-r init (the
-    same math as the low-rank inits): R = Qᴴ L⁻¹ (whitened), Qᴴ / scale (ASVD) or Qᴴ (plain SVD)."""
+    """(P, S, R) with W = P·diag(S)·R and Ŵ_r = P[:, :r]·diag(S[:r])·R[:r] the site's rank-r init (the same math
+    as the low-rank inits): whitened — `whiten.whitened_basis` (S = 1; float32 for large sites); ASVD — T's SVD
+    with R = Qᴴ / scale; plain SVD — R = Qᴴ (float64)."""
     from . import whiten
 
     if init == "whitened_svd" and s is not None:
-        T, wh = whiten.whitened_target(W, s, damping)
-        post = wh.unright
+        A, B = whiten.whitened_basis(W, s, damping)[:2]
+        return A, torch.ones(A.shape[1], dtype=A.dtype), B
     elif init == "asvd" and s is not None:
         sc = whiten.asvd_scale(s.abs_mean, alpha)
         T, post = W.detach().double() * sc, (lambda V: V / sc)

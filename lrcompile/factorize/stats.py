@@ -16,26 +16,46 @@ from torch import nn
 FORMAT = "lrcompile-calibration-v1"
 
 
+# Moment matrices above this many entries are accumulated and kept in float32: their factorisation runs in float32
+# (whiten.FLOAT32_ABOVE), and float64 would double the largest thing calibration holds.
+FLOAT32_ABOVE = 1 << 21
+
+
+def moment_dtype(n: int) -> torch.dtype:
+    return torch.float64 if n * n <= FLOAT32_ABOVE else torch.float32
+
+
 @dataclasses.dataclass
 class SiteStats:
-    xtx: torch.Tensor  # (in, in) float64, Σ over tokens of xᵀx
+    """Input moments of one site. Input form: `xtx` (in × in). Output form, for a site whose input is wider than
+    its output and whose rule needs nothing else (low rank, no compensation): `yty` = Σ yᵀy of the dense
+    outputs y = x Wᵀ (out × out) and `x_sq` = Σ ‖x‖², from which whitened SVD follows exactly (W C Wᵀ =
+    E[yᵀy]); `xtx` is then None. Both keep `abs_sum` (ASVD) and `tokens`."""
+
+    xtx: Optional[torch.Tensor]  # (in, in), Σ over tokens of xᵀx (float64; float32 when large)
     abs_sum: torch.Tensor  # (in,) float64, Σ over tokens of |x|
     tokens: int
     cross: Optional[torch.Tensor] = None  # (in, in) float64, Σ xᵀ x̃ (reference input x, this model's x̃)
     fqn: Optional[str] = dataclasses.field(default=None, compare=False)  # set by CalibrationStats.get: warnings name it
+    yty: Optional[torch.Tensor] = None  # (out, out), Σ yᵀy (output form)
+    x_sq: float = 0.0  # Σ ‖x‖² (output form: the scale of the whitening's damping)
 
     @property
     def in_features(self) -> int:
-        return self.xtx.shape[0]
+        return self.abs_sum.shape[0]
+
+    @property
+    def output_form(self) -> bool:
+        return self.xtx is None and self.yty is not None
 
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.tokens, 1)
 
     @property
-    def cov(self) -> torch.Tensor:
-        """Mean second moment E[xᵀx] (scale-free across token counts)."""
-        return self.xtx / max(self.tokens, 1)
+    def cov(self) -> Optional[torch.Tensor]:
+        """Mean second moment E[xᵀx] (scale-free across token counts); None in output form."""
+        return None if self.xtx is None else self.xtx / max(self.tokens, 1)
 
     @property
     def cross_mean(self) -> Optional[torch.Tensor]:
@@ -44,24 +64,41 @@ class SiteStats:
     @classmethod
     def empty(cls, in_features: int, device=None, cross: bool = False) -> "SiteStats":
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(z(in_features, in_features), z(in_features), 0, z(in_features, in_features) if cross else None)
+        xtx = torch.zeros(in_features, in_features, dtype=moment_dtype(in_features), device=device)
+        return cls(xtx, z(in_features), 0, z(in_features, in_features) if cross else None)
+
+    @classmethod
+    def empty_output(cls, in_features: int, out_features: int, device=None) -> "SiteStats":
+        yty = torch.zeros(out_features, out_features, dtype=moment_dtype(out_features), device=device)
+        return cls(None, torch.zeros(in_features, dtype=torch.float64, device=device), 0, yty=yty)
 
     def add(self, x: torch.Tensor, ref: Optional[torch.Tensor] = None, moments: Optional[tuple] = None) -> None:
         """Accumulate rows x (…, in); `ref`: the reference model's rows at the same tokens (for `cross`);
         `moments`: (xᵀx, Σ|x|) of these rows already computed (sites that share an input)."""
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         if moments is None:
-            self.xtx.addmm_(x.T, x)
+            xd = x.to(self.xtx.dtype)
+            self.xtx.addmm_(xd.T, xd)
             self.abs_sum.add_(x.abs().sum(0))
         else:
-            self.xtx.add_(moments[0])
+            self.xtx.add_(moments[0].to(self.xtx.dtype))
             self.abs_sum.add_(moments[1])
         self.tokens += x.shape[0]
         if ref is not None:
             r = ref.detach().reshape(-1, ref.shape[-1]).to(torch.float64)
             if self.cross is None:
-                self.cross = torch.zeros_like(self.xtx)
+                self.cross = torch.zeros_like(self.xtx, dtype=torch.float64)
             self.cross.addmm_(r.T, x)
+
+    def add_output(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        """Output form: accumulate y = x Wᵀ's moment for rows x (…, in), W the site's dense (out, in) weight."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        y = x.to(self.yty.dtype) @ weight.detach().to(self.yty.dtype).T
+        self.yty.addmm_(y.T, y)
+        x64 = x.to(torch.float64)
+        self.abs_sum.add_(x64.abs().sum(0))
+        self.x_sq += float(x64.square().sum())
+        self.tokens += x.shape[0]
 
 
 class CalibrationStats:
@@ -101,11 +138,17 @@ class CalibrationStats:
     def digest(self) -> str:
         """Hash of every statistic (factor-cache keys include it)."""
         h = hashlib.sha256()
+        hashed: dict[int, str] = {}  # statistics shared by sites fed one input: hashed once, then named
         for fqn in sorted(self.sites):
             s = self.sites[fqn]
             h.update(fqn.encode())
-            h.update(s.xtx.contiguous().numpy().tobytes())
-            h.update(s.abs_sum.contiguous().numpy().tobytes())
+            for t in (s.xtx, s.abs_sum, s.yty):
+                if t is None:
+                    continue
+                first = hashed.setdefault(id(t), fqn)
+                h.update(t.contiguous().numpy().tobytes() if first == fqn else f"as {first}".encode())
+            if s.yty is not None:
+                h.update(f"x_sq {s.x_sq!r}".encode())
             h.update(str(s.tokens).encode())
             if s.cross is not None:
                 h.update(s.cross.contiguous().numpy().tobytes())
@@ -116,13 +159,25 @@ class CalibrationStats:
         return h.hexdigest()[:16]
 
     def save(self, path) -> None:
-        """safetensors: exact float64 tensors; the token counts travel in the metadata."""
+        """safetensors: the tensors exactly as held (sites sharing statistics: stored once); the token counts
+        travel in the metadata."""
         from safetensors.torch import save_file
 
-        tensors, tokens = {}, {}
+        tensors, tokens, alias, first = {}, {}, {}, {}
         for i, (fqn, s) in enumerate(self.sites.items()):
-            tensors[f"{i}.xtx"] = s.xtx.detach().cpu().contiguous()
-            tensors[f"{i}.abs_sum"] = s.abs_sum.detach().cpu().contiguous()
+            if s.xtx is None:  # output form
+                tensors[f"{i}.yty"] = s.yty.detach().cpu().contiguous()
+                tensors[f"{i}.abs_sum"] = s.abs_sum.detach().cpu().contiguous()
+                tokens[str(i)] = [fqn, s.tokens, s.x_sq]
+                continue
+            j = first.setdefault(id(s.xtx), i)
+            if j != i and first.get(id(s.abs_sum)) == j:  # shared with site j: stored once
+                alias[str(i)] = j
+            else:
+                own = (lambda t: t.clone()) if j != i else (lambda t: t)  # safetensors stores no shared memory
+                tensors[f"{i}.xtx"] = own(s.xtx.detach().cpu().contiguous())
+                tensors[f"{i}.abs_sum"] = own(s.abs_sum.detach().cpu().contiguous())
+                first.setdefault(id(s.abs_sum), i)
             if s.cross is not None:
                 tensors[f"{i}.cross"] = s.cross.detach().cpu().contiguous()
             tokens[str(i)] = [fqn, s.tokens]
@@ -137,6 +192,7 @@ class CalibrationStats:
                 "sensitivity": json.dumps(_curves(self.sensitivity)),
                 "fisher": json.dumps(_curves(self.fisher)),
                 "index": json.dumps(self.index),
+                "shared": json.dumps(alias),
             },
         )
 
@@ -152,10 +208,23 @@ class CalibrationStats:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
                     raise ValueError
-                sites, names = {}, set(f.keys())
-                for i, (fqn, tokens) in json.loads(meta["sites"]).items():
+                sites, names, by_index = {}, set(f.keys()), {}
+                alias = {str(i): int(j) for i, j in json.loads(meta.get("shared", "{}")).items()}
+                for i, (fqn, tokens, *x_sq) in json.loads(meta["sites"]).items():
                     cross = f.get_tensor(f"{i}.cross") if f"{i}.cross" in names else None
-                    sites[fqn] = SiteStats(f.get_tensor(f"{i}.xtx"), f.get_tensor(f"{i}.abs_sum"), int(tokens), cross)
+                    if f"{i}.yty" in names:  # output form
+                        if len(x_sq) != 1 or not math.isfinite(float(x_sq[0])) or float(x_sq[0]) < 0:
+                            raise ValueError
+                        yty, abs_sum = f.get_tensor(f"{i}.yty"), f.get_tensor(f"{i}.abs_sum")
+                        got = SiteStats(None, abs_sum, int(tokens), yty=yty, x_sq=float(x_sq[0]))
+                        sites[fqn] = by_index[int(i)] = got
+                        continue
+                    if i in alias:  # the statistics of an earlier site fed the same input
+                        src = by_index[alias[i]]
+                        xtx, abs_sum = src.xtx, src.abs_sum
+                    else:
+                        xtx, abs_sum = f.get_tensor(f"{i}.xtx"), f.get_tensor(f"{i}.abs_sum")
+                    sites[fqn] = by_index[int(i)] = SiteStats(xtx, abs_sum, int(tokens), cross)
                 curves = _parse_curves(meta.get("sensitivity", "{}"))
                 fisher = _parse_curves(meta.get("fisher", "{}"))  # absent in files written before it existed
                 index = json.loads(meta.get("index", "{}"))  # absent in files written before it existed
