@@ -156,7 +156,7 @@ def calibrate(
     elif how == "fisher" and reference is None:
         from .fisher import measure_fisher
 
-        stats.fisher = measure_fisher(model, batches, stats, pol, probes=fisher_probes, progress=progress)
+        stats.fisher = measure_fisher(model, batches, stats, pol, probes=fisher_probes, spill=True, progress=progress)
     return stats
 
 

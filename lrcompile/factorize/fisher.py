@@ -22,6 +22,7 @@ from torch import nn
 
 from ..capture.trace import call_model
 from .sensitivity import _site_init, _site_weights, site_svd
+from .spill import Spill
 from .stats import CalibrationStats
 from .whiten import FLOAT32_ABOVE, whitened_basis
 
@@ -56,13 +57,15 @@ def measure_fisher(
     probes: int = PROBES,
     seed: int = 0,
     max_bytes: Optional[int] = None,
+    spill: bool = False,
     progress: bool = True,
 ) -> dict[str, dict[int, float]]:
     """{fqn: {rank: predicted loss increase}} for ranks 1 … break-even of each low-rank site with statistics (the
     policy's rules say which sites and with which init; without a policy every site, whitened SVD).
 
     `max_bytes`: the SVD bases kept at once (default: half the sites' own weights); more sites than that are done
-    in groups, each with its own backward passes."""
+    in groups, each with its own backward passes. `spill`: keep each whitened basis on disk for the factorisation
+    (spill.py), so that `rewrite` does not decompose the site again."""
     from tqdm.auto import tqdm
 
     from ..policy.rules import load_policy
@@ -78,10 +81,17 @@ def measure_fisher(
     }
     if max_bytes is None:
         max_bytes = sum(w.numel() * w.element_size() for w, _ in params.values()) // 2
+    if spill:  # the bases, about the sites' weights in size, wait on disk for the factorisation
+        spill = Spill(sum(w.numel() * w.element_size() for w, _ in params.values()))
+        stats.spill = spill  # lives (and its directory with it) as long as the statistics
+    else:
+        spill = None
     groups, size = [[]], 0
-    for f, (w, _) in params.items():
-        out_f, in_f = w.shape
-        need = (out_f + in_f) * _top(out_f, in_f) * (8 if w.numel() <= FLOAT32_ABOVE else 4)
+    for f, (w, conv) in params.items():
+        out_f, in_f = (w.T if conv else w).shape
+        # a module site with a projection basis (whitened, out ≤ in) keeps only A (out × k) during the passes
+        rows_only = out_f <= in_f and _module_of(model, f, w, conv) is not None
+        need = ((0 if rows_only else in_f) + out_f) * _top(out_f, in_f) * (8 if w.numel() <= FLOAT32_ABOVE else 4)
         if groups[-1] and size + need > max_bytes:
             groups.append([])
             size = 0
@@ -96,7 +106,7 @@ def measure_fisher(
         for p in model.parameters():
             p.requires_grad_(False)
         for group in groups:
-            curves.update(_group(model, batches, stats, pol, {f: params[f] for f in group}, probes, seed))
+            curves.update(_group(model, batches, stats, pol, {f: params[f] for f in group}, probes, seed, spill))
             bar.update(len(group))
     finally:
         bar.close()
@@ -113,15 +123,16 @@ def _top(out_f: int, in_f: int) -> int:
     return max(1, min(out_f, in_f, (in_f * out_f) // (in_f + out_f)))
 
 
-def _basis(W: torch.Tensor, s, pol, fqn: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(A, B, projection): W = Σᵢ A[:, i]·B[i] with A[:, :r]·B[:r] the site's rank-r init; projection: A has
-    orthonormal columns and B = AᵀW (whitened SVD of a site no wider out than in)."""
+def _basis(W: torch.Tensor, s, pol, fqn: str):
+    """(A, B, projection, energy): W = Σᵢ A[:, i]·B[i] with A[:, :r]·B[:r] the site's rank-r init; projection: A
+    has orthonormal columns and B = AᵀW (whitened SVD of a site no wider out than in); energy: the whitened
+    spectrum (None for other inits)."""
     init, damping, alpha = _site_init(pol, fqn)
     if init == "whitened_svd" and s is not None:
         b = whitened_basis(W, s, damping)
-        return b.A, b.B, b.projection
+        return b.A, b.B, b.projection, b.energy
     P, S, R = site_svd(W, s, init, damping, alpha)
-    return P * S, R, False
+    return P * S, R, False, None
 
 
 def _module_of(model: nn.Module, fqn: str, weight: torch.Tensor, conv: bool) -> Optional[nn.Module]:
@@ -162,17 +173,19 @@ def _token_hook(fqn: str, A: torch.Tensor, B: Optional[torch.Tensor], sums: dict
     return hook
 
 
-def _group(model, batches, stats, pol, params: dict, probes: int, seed: int) -> dict[str, dict[int, float]]:
+def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spill=None) -> dict[str, dict[int, float]]:
     """Curves of one group of sites: module sites by their calls' rows and output gradients (`_token_hook`),
-    functional ones by their weight's gradient."""
+    functional ones by their weight's gradient. `spill`: where each whitened basis goes for the factorisation."""
     by_param: dict = {}  # functional sites: parameter -> [(fqn, A, B, conv)]
     rows: dict[str, list] = {f: [] for f in params}  # per probe: (scale, ⟨W, g⟩, a_0 … a_{k−1})
     sums: dict = {}  # module sites: (⟨W, g⟩, a) of the current backward pass, summed over the site's calls
     handles, needs_grad = [], set()
     for fqn, (weight, conv) in params.items():
         W = (weight.T if conv else weight).detach()
-        A, B, projection = _basis(W, stats.get(fqn), pol, fqn)
+        A, B, projection, energy = _basis(W, stats.get(fqn), pol, fqn)
         k = min(_top(*W.shape), A.shape[1])
+        if spill is not None and energy is not None:
+            stats.get(fqn).spilled = spill.put(W, _site_init(pol, fqn)[1], A, B, energy, k, projection)
         mod = _module_of(model, fqn, weight, conv)
         A = A[:, :k].contiguous()
         B = None if (projection and mod is not None) else B[:k].contiguous()

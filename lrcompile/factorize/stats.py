@@ -39,6 +39,8 @@ class SiteStats:
     fqn: Optional[str] = dataclasses.field(default=None, compare=False)  # set by CalibrationStats.get: warnings name it
     yty: Optional[torch.Tensor] = None  # (out, out), Σ yᵀy (output form)
     x_sq: float = 0.0  # Σ ‖x‖² (output form: the scale of the whitening's damping)
+    # the whitened basis the allocation's curves computed, on disk (spill.py; in memory only, never saved)
+    spilled: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def in_features(self) -> int:
@@ -119,6 +121,7 @@ class CalibrationStats:
         # every linear site of the calibrated model, as the backend enumerates it (not only those with statistics):
         # {fqn: {"weight": path, "transposed": bool, "bias": path or None}}
         self.index: dict[str, dict] = dict(index or {})
+        self.spill = None  # the whitened bases the default allocation computed, on disk (spill.py; not saved)
 
     def get(self, fqn: str) -> Optional[SiteStats]:
         s = self.sites.get(fqn)

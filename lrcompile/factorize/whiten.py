@@ -225,6 +225,13 @@ def whitened_svd(W: Tensor, cov, rank: int, damping: float = 1e-2) -> tuple[Tens
     """SVD-LLM: Ŵ = trunc_r(T) L⁻¹ (T = W L, or W K L⁻ᵀ with a cross moment), as U V balanced, float64
     (`whitened_basis`). `cov`: a SiteStats or the second moment C. kept energy is the fraction of ‖T‖² the rank
     keeps."""
+    from .spill import take
+
+    got = take(getattr(cov, "spilled", None), W, damping, rank)  # the basis the allocation's curves used
+    if got is not None:
+        U, V, energy = got
+        U, V = balance(U.to(torch.float64), V.to(torch.float64))
+        return U, V, _kept(energy, rank)
     b = whitened_basis(W, cov, damping)
     U, V = balance(b.A[:, :rank].to(torch.float64), b.B[:rank].to(torch.float64))
     return U, V, _kept(b.energy, rank)

@@ -1,0 +1,87 @@
+"""Whitened bases kept on disk between the allocation curves and the factorisation: each site decomposed once.
+
+The default allocation's curves (fisher.py) need every site's whitened basis at every rank, and the factorisation
+then needs the same basis at the one rank the budget gave. Holding every basis in memory until `rewrite` would
+cost about the dense model's size again, so `calibrate` writes each to a private temporary directory (removed
+with its statistics object) and the factorisation reads back the first r components. A basis is used only for
+the weight it was made from (a checksum of its values) at the same damping; any other weight is decomposed anew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import weakref
+from typing import Optional
+
+import torch
+
+
+def fingerprint(W: torch.Tensor) -> tuple:
+    """Shape and two seeded random projections of W's values: changes when any value changes (not a defence
+    against an adversary: the directory is ours and private)."""
+    out_f, in_f = W.shape
+    g = torch.Generator().manual_seed(out_f * 1_000_003 + in_f)
+    u = torch.randn(2, out_f, generator=g, dtype=torch.float64)
+    v = torch.randn(in_f, 2, generator=g, dtype=torch.float64)
+    p = u @ (W.detach().cpu().to(torch.float64) @ v)
+    return (out_f, in_f, float(p[0, 0]), float(p[1, 1]))
+
+
+@dataclasses.dataclass
+class Spilled:
+    path: str
+    fingerprint: tuple
+    damping: float
+    k: int  # components stored
+    projection: bool  # B = AᵀW, not stored
+    energy: torch.Tensor  # every component's whitened energy (for the kept fraction)
+
+
+class Spill:
+    """A private temporary directory of bases; removed when this object is collected (or at exit)."""
+
+    def __init__(self, need_bytes: int):
+        self.dir, self.count = None, 0
+        base = tempfile.gettempdir()
+        if shutil.disk_usage(base).free < 2 * need_bytes + (1 << 30):
+            return  # not enough disk: the sites are decomposed again when factorised
+        self.dir = tempfile.mkdtemp(prefix="lrcompile-bases-")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)
+
+    def put(self, W: torch.Tensor, damping: float, A, B, energy, k: int, projection: bool) -> Optional[Spilled]:
+        """Store the first k components of W = Σ A_i B_i; None when there is no directory."""
+        if self.dir is None:
+            return None
+        from safetensors.torch import save_file
+
+        self.count += 1
+        path = os.path.join(self.dir, f"{self.count}.safetensors")
+        tensors = {"At": A[:, :k].T.contiguous()}
+        if not projection:
+            tensors["B"] = B[:k].contiguous()
+        save_file(tensors, path)
+        return Spilled(path, fingerprint(W), float(damping), k, projection, energy.detach().clone())
+
+
+def take(ref: Optional[Spilled], W: torch.Tensor, damping: float, rank: int):
+    """(U (out × rank), V (rank × in), energy) from a spilled basis made for this weight and damping, else None."""
+    if ref is None or rank > ref.k or float(damping) != ref.damping or not os.path.exists(ref.path):
+        return None
+    if fingerprint(W) != ref.fingerprint:
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(ref.path, framework="pt") as f:
+            At = f.get_slice("At")[:rank]
+            B = None if ref.projection else f.get_slice("B")[:rank]
+    except Exception:  # noqa: BLE001 - a file that cannot be read back: decompose again
+        return None
+    if tuple(At.shape) != (rank, W.shape[0]) or (B is not None and tuple(B.shape) != (rank, W.shape[1])):
+        return None
+    U = At.T
+    V = U.T @ W.detach().to(U.dtype) if B is None else B
+    return U, V, ref.energy
