@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from ..capture.trace import call_model
+from . import whiten
 from .sensitivity import _site_init, _site_weights, site_svd
 from .spill import Spill
 from .stats import CalibrationStats
-from .whiten import FLOAT32_ABOVE, whitened_basis
+from .whiten import FLOAT32_ABOVE
 
 PROBES = 2  # backward passes per batch: more cut the estimate's noise (relative spread ≈ √(2 / probes·batches))
 
@@ -129,7 +130,7 @@ def _basis(W: torch.Tensor, s, pol, fqn: str):
     spectrum (None for other inits)."""
     init, damping, alpha = _site_init(pol, fqn)
     if init == "whitened_svd" and s is not None:
-        b = whitened_basis(W, s, damping)
+        b = whiten.whitened_basis(W, s, damping)
         return b.A, b.B, b.projection, b.energy
     P, S, R = site_svd(W, s, init, damping, alpha)
     return P * S, R, False, None
