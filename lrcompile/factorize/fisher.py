@@ -64,8 +64,9 @@ def measure_fisher(
     """{fqn: {rank: predicted loss increase}} for ranks 1 … break-even of each low-rank site with statistics (the
     policy's rules say which sites and with which init; without a policy every site, whitened SVD).
 
-    `max_bytes`: the SVD bases kept at once (default: half the sites' own weights); more sites than that are done
-    in groups, each with its own backward passes. `spill`: keep each whitened basis on disk for the factorisation
+    `max_bytes`: the bases kept at once (default: a quarter of the sites' own weights, so that calibration stays
+    well under twice the model's memory); more sites than that are done in groups of consecutive sites, each with
+    its own backward passes (which stop at the group's first site). `spill`: keep each whitened basis on disk for the factorisation
     (spill.py), so that `rewrite` does not decompose the site again."""
     from tqdm.auto import tqdm
 
@@ -81,7 +82,7 @@ def measure_fisher(
         if pol is None or getattr(pol.match(f, "linear"), "method", None) == "lowrank"
     }
     if max_bytes is None:
-        max_bytes = sum(w.numel() * w.element_size() for w, _ in params.values()) // 2
+        max_bytes = sum(w.numel() * w.element_size() for w, _ in params.values()) // 4
     if spill:  # the bases, about the sites' weights in size, wait on disk for the factorisation
         spill = Spill(sum(w.numel() * w.element_size() for w, _ in params.values()))
         stats.spill = spill  # lives (and its directory with it) as long as the statistics
