@@ -195,3 +195,51 @@ def test_module_sites_by_their_rows_equal_the_weight_gradient_path(monkeypatch):
         assert rows[fqn].keys() == grads[fqn].keys()
         for r in rows[fqn]:
             assert rows[fqn][r] == pytest.approx(grads[fqn][r], rel=1e-7, abs=1e-14)
+
+
+class Fn(nn.Module):
+    """A functional site (`F.linear(x, self.w)`, no module of its own) before a module one."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(10, 12, dtype=torch.float64) / 3)
+        self.b = nn.Linear(10, 6).double()
+
+    def forward(self, x):
+        return self.b(torch.tanh(F.linear(x, self.w)))
+
+
+def test_spilled_bases_give_the_same_curves_in_one_set_of_passes(monkeypatch):
+    """With the bases on disk every site shares one set of passes (each basis read back when the passes reach
+    its site) and gets the curves that bases held in memory give; functional sites included."""
+    from lrcompile.factorize import fisher
+
+    torch.manual_seed(4)
+    model = Fn()
+    xs = [torch.randn(4, 5, 12, dtype=torch.float64) for _ in range(2)]
+    st = CalibrationStats(
+        index={
+            "fn": {"weight": "w", "transposed": False, "bias": None},
+            "b": {"weight": "b.weight", "transposed": False, "bias": "b.bias"},
+        }
+    )
+    st.sites = {"fn": SiteStats.empty(12), "b": SiteStats.empty(10)}
+    with torch.no_grad():
+        for x in xs:
+            st.sites["fn"].add(x)
+            st.sites["b"].add(torch.tanh(F.linear(x, model.w)))
+    held = measure_fisher(model, xs, st, POLICY, probes=3, progress=False)
+    groups = []
+    real = fisher._group
+    monkeypatch.setattr(
+        fisher, "_group", lambda m, b, s, p, params, *a: groups.append(list(params)) or real(m, b, s, p, params, *a)
+    )
+    spilled = measure_fisher(model, xs, st, POLICY, probes=3, spill=True, progress=False)
+    assert groups == [["fn", "b"]] and st.spill is not None and st.get("fn").spilled is not None
+    for fqn in ("fn", "b"):
+        assert spilled[fqn].keys() == held[fqn].keys()
+        for r in held[fqn]:
+            assert spilled[fqn][r] == pytest.approx(held[fqn][r], rel=1e-7, abs=1e-14)
+    groups.clear()
+    measure_fisher(model, xs, st, POLICY, probes=3, max_bytes=1, progress=False)  # in memory, a site at a time
+    assert groups == [["fn"], ["b"]]

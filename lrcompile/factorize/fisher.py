@@ -23,7 +23,7 @@ from torch import nn
 from ..capture.trace import call_model
 from . import whiten
 from .sensitivity import _site_init, _site_weights, site_svd
-from .spill import Spill
+from .spill import Spill, load
 from .stats import CalibrationStats
 from .whiten import FLOAT32_ABOVE
 
@@ -66,8 +66,10 @@ def measure_fisher(
 
     `max_bytes`: the bases kept at once (default: a quarter of the sites' own weights, so that calibration stays
     well under twice the model's memory); more sites than that are done in groups of consecutive sites, each with
-    its own backward passes (which stop at the group's first site). `spill`: keep each whitened basis on disk for the factorisation
-    (spill.py), so that `rewrite` does not decompose the site again."""
+    its own backward passes (which stop at the group's first site). `spill`: every basis goes to disk instead
+    (spill.py) and the passes read each site's as they reach it, so all sites share one set of passes and hold no
+    basis between them; the whitened ones then serve the factorisation (`rewrite` does not decompose them again).
+    Without room on disk it falls back to groups."""
     from tqdm.auto import tqdm
 
     from ..policy.rules import load_policy
@@ -83,33 +85,35 @@ def measure_fisher(
     }
     if max_bytes is None:
         max_bytes = sum(w.numel() * w.element_size() for w, _ in params.values()) // 4
-    if spill:  # the bases, about the sites' weights in size, wait on disk for the factorisation
-        spill = Spill(sum(w.numel() * w.element_size() for w, _ in params.values()))
+    spill = Spill(sum(w.numel() * w.element_size() for w, _ in params.values())) if spill else None
+    if spill is not None and spill.dir is not None:
         stats.spill = spill  # lives (and its directory with it) as long as the statistics
+        groups = [list(params)]  # bases on disk, read by the hooks as the passes reach each site: one group
     else:
-        spill = None
-    groups, size = [[]], 0
-    for f, (w, conv) in params.items():
-        out_f, in_f = (w.T if conv else w).shape
-        # a module site with a projection basis (whitened, out ≤ in) keeps only A (out × k) during the passes
-        rows_only = out_f <= in_f and _module_of(model, f, w, conv) is not None
-        need = ((0 if rows_only else in_f) + out_f) * _top(out_f, in_f) * (8 if w.numel() <= FLOAT32_ABOVE else 4)
-        if groups[-1] and size + need > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(f)
-        size += need
+        spill, groups, size = None, [[]], 0
+        for f, (w, conv) in params.items():
+            out_f, in_f = (w.T if conv else w).shape
+            # a module site with a projection basis (whitened, out ≤ in) keeps only A (out × k) during the passes
+            rows_only = out_f <= in_f and _module_of(model, f, w, conv) is not None
+            elt = 8 if w.numel() <= FLOAT32_ABOVE else 4
+            need = ((0 if rows_only else in_f) + out_f) * _top(out_f, in_f) * elt
+            if groups[-1] and size + need > max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(f)
+            size += need
     grad_was = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
     model.eval()
     curves = {}
-    bar = tqdm(total=len(params), desc="lrcompile fisher", disable=not progress)
+    # spilled: a step per site decomposed, then per batch passed; else per site, as each group completes
+    bar = tqdm(total=len(params) + (len(batches) if spill else 0), desc="lrcompile fisher", disable=not progress)
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for group in groups:
-            curves.update(_group(model, batches, stats, pol, {f: params[f] for f in group}, probes, seed, spill))
-            bar.update(len(group))
+            part = {f: params[f] for f in group}
+            curves.update(_group(model, batches, stats, pol, part, probes, seed, spill, bar))
     finally:
         bar.close()
         for p, g in grad_was.items():
@@ -149,21 +153,24 @@ def _module_of(model: nn.Module, fqn: str, weight: torch.Tensor, conv: bool) -> 
     return m if ok else None
 
 
-def _token_hook(fqn: str, A: torch.Tensor, B: Optional[torch.Tensor], sums: dict):
+def _token_hook(fqn: str, basis, sums: dict):
     """Forward hook of a module site: a_i = Σ_t (A_iᵀ gy_t)(B_i x_t) from the call's rows and its output's gradient
-    (B_i x_t = A_iᵀ (y_t − b) for a projection basis), ⟨W, g⟩ = Σ_t gy_t·(y_t − b): per probe O(tokens·k·(out
-    + in)) instead of the k·out·in of projecting the weight's gradient."""
+    (B_i x_t = A_iᵀ (y_t − b) for a projection basis, B = None), ⟨W, g⟩ = Σ_t gy_t·(y_t − b): per probe
+    O(tokens·k·(out + in)) instead of the k·out·in of projecting the weight's gradient. `basis()` gives (A, B)."""
 
     def hook(mod, inp, out):
         if not out.requires_grad:
             return
+        A, B = basis()
         y = out.detach()
         if getattr(mod, "bias", None) is not None:
             y = y - mod.bias.detach()
         y = y.reshape(-1, y.shape[-1]).to(A.dtype)
         bx = y @ A if B is None else inp[0].detach().reshape(-1, B.shape[1]).to(A.dtype) @ B.T
+        del A, B
 
         def on_grad(gy):
+            A = basis(False)[0]
             g = gy.detach().reshape(-1, gy.shape[-1]).to(A.dtype)
             a = ((g @ A) * bx).sum(0).double()
             total = float((g * y).sum())
@@ -175,10 +182,18 @@ def _token_hook(fqn: str, A: torch.Tensor, B: Optional[torch.Tensor], sums: dict
     return hook
 
 
-def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spill=None) -> dict[str, dict[int, float]]:
+def _source(ref=None, A=None, B=None):
+    """() -> (A, B): read from disk at each call (spilled) or held in memory."""
+    if ref is not None:
+        return lambda with_b=True: load(ref, with_b)
+    return lambda with_b=True: (A, B)
+
+
+def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spill=None, bar=None):
     """Curves of one group of sites: module sites by their calls' rows and output gradients (`_token_hook`),
-    functional ones by their weight's gradient. `spill`: where each whitened basis goes for the factorisation."""
-    by_param: dict = {}  # functional sites: parameter -> [(fqn, A, B, conv)]
+    functional ones by their weight's gradient. `spill`: each basis goes to disk (the whitened ones also serve
+    the factorisation) and is read back as the passes need it; else the group's bases are held in memory."""
+    by_param: dict = {}  # functional sites: parameter -> [(fqn, basis, conv, W)]
     rows: dict[str, list] = {f: [] for f in params}  # per probe: (scale, ⟨W, g⟩, a_0 … a_{k−1})
     sums: dict = {}  # module sites: (⟨W, g⟩, a) of the current backward pass, summed over the site's calls
     handles, needs_grad = [], set()
@@ -186,23 +201,32 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spi
         W = (weight.T if conv else weight).detach()
         A, B, projection, energy = _basis(W, stats.get(fqn), pol, fqn)
         k = min(_top(*W.shape), A.shape[1])
-        if spill is not None and energy is not None:
-            stats.get(fqn).spilled = spill.put(W, _site_init(pol, fqn)[1], A, B, energy, k, projection)
         mod = _module_of(model, fqn, weight, conv)
-        A = A[:, :k].contiguous()
-        B = None if (projection and mod is not None) else B[:k].contiguous()
-        if mod is not None:
-            handles.append(mod.register_forward_hook(_token_hook(fqn, A, B, sums)))
+        if spill is not None:
+            zeros = torch.zeros(A.shape[1], dtype=torch.float64)
+            ref = spill.put(W, _site_init(pol, fqn)[1], A, B, energy if energy is not None else zeros, k, projection)
+            if energy is not None:
+                stats.get(fqn).spilled = ref  # the factorisation's too
+            basis = _source(ref)
         else:
-            by_param.setdefault(weight, []).append((fqn, A, B, conv))
+            basis = _source(None, A[:, :k].contiguous(), None if projection else B[:k].contiguous())
+        del A, B
+        if mod is not None:
+            handles.append(mod.register_forward_hook(_token_hook(fqn, basis, sums)))
+        else:
+            by_param.setdefault(weight, []).append((fqn, basis, conv))
         needs_grad.add(weight)  # the outputs must carry gradients; the weight's own is dropped unless functional
-        del W
+        if bar is not None:
+            bar.update(1)
     scale = [1.0]
 
     def consume(p: torch.Tensor) -> None:
         g = p.grad.detach()
         p.grad = None
-        for fqn, A, B, conv in by_param.get(p, ()):
+        for fqn, basis, conv in by_param.get(p, ()):
+            A, B = basis()
+            if B is None:  # projection basis: B = AᵀW
+                B = A.T @ (p.T if conv else p).detach().to(A.dtype)
             G = (g.T if conv else g).to(A.dtype)
             total = float((p.detach().double() * g.double()).sum())
             a = ((A.T @ G) * B).sum(1).double()
@@ -224,12 +248,16 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spi
                 (e.double() * z).sum().backward(retain_graph=k + 1 < probes)
                 for fqn, (total, a) in sums.items():
                     rows[fqn].append((scale[0], total, a))
+            if bar is not None and spill is not None:
+                bar.update(1)
     finally:
         for h in handles:
             h.remove()
         for p in needs_grad:
             p.requires_grad_(False)
             p.grad = None
+    if bar is not None and spill is None:
+        bar.update(len(params))
     out = {}
     for fqn, got in rows.items():
         if not got:

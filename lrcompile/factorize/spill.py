@@ -66,6 +66,16 @@ class Spill:
         return Spilled(path, fingerprint(W), float(damping), k, projection, energy.detach().clone())
 
 
+def load(ref: Spilled, with_b: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(A (out × k), B (k × in); B is None for a projection basis or when not asked for) as stored."""
+    from safetensors import safe_open
+
+    with safe_open(ref.path, framework="pt") as f:
+        At = f.get_tensor("At")
+        B = None if ref.projection or not with_b else f.get_tensor("B")
+    return At.T, B
+
+
 def take(ref: Optional[Spilled], W: torch.Tensor, damping: float, rank: int):
     """(U (out × rank), V (rank × in), energy) from a spilled basis made for this weight and damping, else None."""
     if ref is None or rank > ref.k or float(damping) != ref.damping or not os.path.exists(ref.path):
