@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import compat
 from ..capture.trace import Recorder, call_model, model_sites, recording
+from ..runtime.memory import release
 from .stats import FORMAT, CalibrationStats, SiteStats  # noqa: F401  (the statistics it makes)
 
 
@@ -314,6 +315,7 @@ def _collect(model, batches, pol, reference, progress) -> CalibrationStats:
                         f"lrcompile.calibrate: reference has no linear site {names[0]!r} "
                         f"({len(names)} of {len(seen)} sites unmatched)"
                     )
+                release()  # the batch's activations and products: returned, not left as heap fragments
                 if rec.observed == before and stats.sites:
                     raise RuntimeError(
                         "lrcompile.calibrate: a batch ran without the instrumented graphs (Dynamo "

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..capture.trace import call_model
+from ..runtime.memory import release
 from . import whiten
 from .sensitivity import _site_init, _site_weights, site_svd
 from .spill import Spill, load
@@ -211,6 +212,7 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spi
         else:
             basis = _source(None, A[:, :k].contiguous(), None if projection else B[:k].contiguous())
         del A, B
+        release()  # the decomposition's buffers differ in size site to site: unreturned, they fragment the heap
         if mod is not None:
             handles.append(mod.register_forward_hook(_token_hook(fqn, basis, sums)))
         else:
@@ -248,6 +250,8 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spi
                 (e.double() * z).sum().backward(retain_graph=k + 1 < probes)
                 for fqn, (total, a) in sums.items():
                     rows[fqn].append((scale[0], total, a))
+            del e, z
+            release()
             if bar is not None and spill is not None:
                 bar.update(1)
     finally:

@@ -34,8 +34,8 @@ def site_svd(
     from . import whiten
 
     if init == "whitened_svd" and s is not None:
-        A, B = whiten.whitened_basis(W, s, damping)[:2]
-        return A, torch.ones(A.shape[1], dtype=A.dtype), B
+        b = whiten.whitened_basis(W, s, damping)
+        return b.A, torch.ones(b.A.shape[1], dtype=b.A.dtype), b.rows(W, b.A.shape[1])
     elif init == "asvd" and s is not None:
         sc = whiten.asvd_scale(s.abs_mean, alpha)
         T, post = W.detach().double() * sc, (lambda V: V / sc)

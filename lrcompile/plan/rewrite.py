@@ -29,6 +29,7 @@ from ..families import Structure
 from ..mha.install import install_mha
 from ..policy.rules import load_policy
 from ..runtime import attach as store
+from ..runtime.memory import release
 from .build import TIE_NOTE, build, decide, tie_broken
 from .report import Report
 
@@ -150,6 +151,7 @@ def rewrite(
             if other.site.fqn == site.fqn and other is not c:
                 other.site.weight = other.module = None
         c.site.weight = c.module = None
+        release()  # the dense weight and the factorisation's buffers: back to the system, not kept as fragments
     for rule in pol.unmatched(seen | expert_names(expert_rows)):
         warnings.warn(f"lrcompile: {pol.where(rule)} matches no site", stacklevel=2)
     if made_adapter:  # PEFT-style: only the new branches train (a rule that matched nothing freezes nothing)
