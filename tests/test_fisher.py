@@ -243,3 +243,46 @@ def test_spilled_bases_give_the_same_curves_in_one_set_of_passes(monkeypatch):
     groups.clear()
     measure_fisher(model, xs, st, POLICY, probes=3, max_bytes=1, progress=False)  # in memory, a site at a time
     assert groups == [["fn"], ["b"]]
+
+
+def test_gradients_start_at_the_input_embeddings_with_the_same_curves(monkeypatch):
+    """An HF model: the passes start gradients at the input embeddings' output, computing no weight gradient,
+    and get the curves that gradients through every site weight give."""
+    transformers = pytest.importorskip("transformers")
+    import lrcompile
+    from lrcompile.factorize import fisher
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=50,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 50, (2, 6), generator=gen)} for _ in range(2)]
+    pol = {
+        **POLICY,
+        "rules": [
+            {"match": "layers.*", "method": "lowrank", "init": "whitened_svd"},
+            {"match": "*", "method": "dense"},
+        ],
+    }
+    stats = lrcompile.calibrate(model, batches, progress=False)
+    entry = fisher._grad_entry(model, batches[0])
+    assert entry is model.get_input_embeddings()
+    seen = []
+    for p in model.parameters():
+        p.register_hook(lambda g, seen=seen: seen.append(g.shape) or g)
+    by_embeddings = measure_fisher(model, batches, stats, pol, probes=2, progress=False)
+    assert seen == []  # no weight gradient computed
+    monkeypatch.setattr(fisher, "_grad_entry", lambda *a: None)
+    by_weights = measure_fisher(model, batches, stats, pol, probes=2, progress=False)
+    assert seen and set(by_embeddings) == set(by_weights) == set(stats.keys()) and len(by_weights) == 7
+    for fqn in by_weights:
+        for r in by_weights[fqn]:
+            assert by_embeddings[fqn][r] == pytest.approx(by_weights[fqn][r], rel=1e-6, abs=1e-15)

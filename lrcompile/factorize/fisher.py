@@ -183,6 +183,35 @@ def _token_hook(fqn: str, basis, sums: dict):
     return hook
 
 
+def _grad_entry(model: nn.Module, batch):
+    """Where the passes start gradients so that the sites' outputs carry them without any weight gradient being
+    computed (a third of a backward pass): the input embeddings (an HF model), "inputs" (the batch's floating-point
+    tensors), or None (then the sites' weights require grad, their gradients dropped). A site off that path gets
+    no curve (and the allocation says so)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    if isinstance(emb, nn.Module):
+        return emb
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else (batch,)
+    if any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in items):
+        return "inputs"
+    return None
+
+
+def _inputs_with_grad(batch):
+    def grad(t):
+        return t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    if isinstance(batch, dict):
+        return {k: grad(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(grad(t) for t in batch)
+    return grad(batch)
+
+
 def _source(ref=None, A=None, B=None):
     """() -> (A, B): read from disk at each call (spilled) or held in memory."""
     if ref is not None:
@@ -217,7 +246,8 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spi
             handles.append(mod.register_forward_hook(_token_hook(fqn, basis, sums)))
         else:
             by_param.setdefault(weight, []).append((fqn, basis, conv))
-        needs_grad.add(weight)  # the outputs must carry gradients; the weight's own is dropped unless functional
+        if mod is None:
+            needs_grad.add(weight)  # the projected weight gradient is the functional site's curve
         if bar is not None:
             bar.update(1)
     scale = [1.0]
@@ -235,12 +265,17 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spi
             rows[fqn].append((scale[0], total, a))
 
     gen = torch.Generator().manual_seed(seed)
+    entry = _grad_entry(model, batches[0])
+    if entry is None:  # nothing upstream to start gradients from: the module sites' weights carry them
+        needs_grad.update(w for w, _ in params.values())
     try:
         for p in needs_grad:
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(consume))
+        if isinstance(entry, nn.Module):
+            handles.append(entry.register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_()))
         for batch in batches:
-            e = _pooled(call_model(model, batch), batch)
+            e = _pooled(call_model(model, _inputs_with_grad(batch) if entry == "inputs" else batch), batch)
             z = _probe(e, gen)
             scale[0] = 1.0 / (2 * e.shape[0])  # ½ per sentence: the mean loss increase over the batch
             for k in range(probes):
