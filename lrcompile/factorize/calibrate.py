@@ -147,6 +147,7 @@ def calibrate(
     pol = load_policy(policy)
     batches = batches if hasattr(batches, "__len__") else list(batches)
     stats = _collect(model, batches, pol, reference, progress)
+    release()  # the capture's graphs are gone: their memory back to the system before the curves' passes
     how = allocator(pol.budget) if pol is not None and pol.budget else None
     if how == "sensitivity" and reference is None:
         from .sensitivity import measure_sensitivity
