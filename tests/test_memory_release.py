@@ -34,4 +34,5 @@ def test_calibrate_fisher_and_rewrite_release_as_they_go(monkeypatch):
     after_calibrate = len(calls)
     assert after_calibrate >= 2 + 2 + 2  # per batch of statistics, per site decomposed, per batch of passes
     lrcompile.rewrite(model, policy, (xs[0],), calibration=stats, progress=False)
-    assert len(calls) >= after_calibrate + 2  # per site rewritten
+    done = [r for r in model.lrcompile_report.sites() if r.status == "rewritten"]
+    assert done and len(calls) >= after_calibrate + len(done)  # per site rewritten

@@ -29,6 +29,9 @@ from .stats import CalibrationStats
 from .whiten import FLOAT32_ABOVE
 
 PROBES = 2  # backward passes per batch: more cut the estimate's noise (relative spread ≈ √(2 / probes·batches))
+# ...and at least this many in all: on MiniLM (3 calibration batches, selection split) 6 / 24 / 96 probes in all
+# gave 0.764 / 0.793 / 0.800 mean cosine at 50% parameters (0.937 / 0.939 / 0.939 at 75%)
+MIN_PROBES = 16
 
 
 def _pooled(out, batch) -> torch.Tensor:
@@ -63,7 +66,8 @@ def measure_fisher(
     progress: bool = True,
 ) -> dict[str, dict[int, float]]:
     """{fqn: {rank: predicted loss increase}} for ranks 1 … break-even of each low-rank site with statistics (the
-    policy's rules say which sites and with which init; without a policy every site, whitened SVD).
+    policy's rules say which sites and with which init; without a policy every site, whitened SVD). `probes`
+    backward passes per batch, more where the batches are few (MIN_PROBES in all).
 
     `max_bytes`: the bases kept at once (default: a quarter of the sites' own weights, so that calibration stays
     well under twice the model's memory); more sites than that are done in groups of consecutive sites, each with
@@ -79,6 +83,7 @@ def measure_fisher(
     batches = list(batches)
     if not batches:
         raise ValueError("lrcompile: Fisher curves need at least one calibration batch")
+    probes = max(int(probes), -(-MIN_PROBES // len(batches)))
     params = {
         f: pw
         for f, pw in _site_weights(model, stats, batches[0]).items()
