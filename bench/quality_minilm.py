@@ -265,9 +265,12 @@ def main():
     sens_s = None
     if args.stats and os.path.exists(args.stats):
         stats = CalibrationStats.load(args.stats)
-    else:  # XᵀX per site, then each site's sensitivity curve (the policy asks for it)
+    else:  # XᵀX per site (no policy: the input form every init and `compensate` need), then the sensitivity curves
+        from lrcompile.factorize.sensitivity import measure_sensitivity
+
         t0 = time.perf_counter()
-        stats = lrcompile.calibrate(model, cal, policy(0.5))
+        stats = lrcompile.calibrate(model, cal)
+        stats.sensitivity = measure_sensitivity(model, cal[:2], stats, policy(0.5))
         sens_s = time.perf_counter() - t0
         if args.stats:
             stats.save(args.stats)
