@@ -70,3 +70,20 @@ def test_a_changed_weight_is_decomposed_anew(monkeypatch):
     calls = _count(monkeypatch)
     lrcompile.rewrite(model, POLICY, (xs[0],), calibration=stats, progress=False)
     assert calls == [(8, 20)]
+
+
+def test_a_full_disk_keeps_the_bases_in_memory(monkeypatch):
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    torch.manual_seed(2)
+    model = Net()
+    xs = [torch.randn(4, 5, 12) for _ in range(2)]
+    stats = lrcompile.calibrate(model, xs, POLICY, progress=False)
+    assert set(stats.fisher) == set("abc") and all(stats.get(n).spilled is None for n in "abc")
+    calls = _count(monkeypatch)
+    lrcompile.rewrite(model, POLICY, (xs[0],), calibration=stats, progress=False)
+    assert calls  # decomposed again, as without the directory

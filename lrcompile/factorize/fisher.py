@@ -237,13 +237,15 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spi
         A, B, projection, energy = _basis(W, stats.get(fqn), pol, fqn)
         k = min(_top(*W.shape), A.shape[1])
         mod = _module_of(model, fqn, weight, conv)
+        ref = None
         if spill is not None:
             zeros = torch.zeros(A.shape[1], dtype=torch.float64)
             ref = spill.put(W, _site_init(pol, fqn)[1], A, B, energy if energy is not None else zeros, k, projection)
-            if energy is not None:
+            if energy is not None and ref is not None:
                 stats.get(fqn).spilled = ref  # the factorisation's too
+        if ref is not None:
             basis = _source(ref)
-        else:
+        else:  # held in memory (no spill directory, or it could not take this one)
             basis = _source(None, A[:, :k].contiguous(), None if projection else B[:k].contiguous())
         del A, B
         release()  # the decomposition's buffers differ in size site to site: unreturned, they fragment the heap

@@ -45,14 +45,16 @@ class Spill:
 
     def __init__(self, need_bytes: int):
         self.dir, self.count = None, 0
-        base = tempfile.gettempdir()
-        if shutil.disk_usage(base).free < 2 * need_bytes + (1 << 30):
-            return  # not enough disk: the sites are decomposed again when factorised
-        self.dir = tempfile.mkdtemp(prefix="lrcompile-bases-")
+        try:
+            if shutil.disk_usage(tempfile.gettempdir()).free < 2 * need_bytes + (1 << 30):
+                return  # not enough disk: bases stay in memory (in groups) and the factorisation decomposes again
+            self.dir = tempfile.mkdtemp(prefix="lrcompile-bases-")
+        except OSError:
+            return
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)
 
     def put(self, W: torch.Tensor, damping: float, A, B, energy, k: int, projection: bool) -> Optional[Spilled]:
-        """Store the first k components of W = Σ A_i B_i; None when there is no directory."""
+        """Store the first k components of W = Σ A_i B_i; None when there is no directory or it cannot be written."""
         if self.dir is None:
             return None
         from safetensors.torch import save_file
@@ -62,7 +64,10 @@ class Spill:
         tensors = {"At": A[:, :k].T.contiguous()}
         if not projection:
             tensors["B"] = B[:k].contiguous()
-        save_file(tensors, path)
+        try:
+            save_file(tensors, path)
+        except OSError:  # the disk filled up meanwhile: this basis stays in memory
+            return None
         return Spilled(path, fingerprint(W), float(damping), k, projection, energy.detach().clone())
 
 
