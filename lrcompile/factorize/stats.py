@@ -16,8 +16,8 @@ from torch import nn
 FORMAT = "lrcompile-calibration-v1"
 
 
-# Moment matrices above this many entries are accumulated and kept in float32: their factorisation runs in float32
-# (whiten.FLOAT32_ABOVE), and float64 would double the largest thing calibration holds.
+# Matrices above this many entries are worked in float32: moments are accumulated and kept so (float64 would double
+# the largest thing calibration holds), and sites with more weights are factorised so (whiten.py).
 FLOAT32_ABOVE = 1 << 21
 
 
