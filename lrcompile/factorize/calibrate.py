@@ -5,7 +5,9 @@ backend's own site enumeration (`find_sites`) on each graph, and a call before e
 site's input rows to the statistics, the graph itself running eagerly. So every site the backend can rewrite —
 nn.Linear, HF Conv1D and functional ones (`F.linear(x, self.w)`, `x @ self.P`) — gets statistics under the
 backend's name for it. Per site FQN:
-  xtx       Σ xᵀx over tokens, float64 (in × in): the second moment the whitened objective ‖(W−Ŵ)Xᵀ‖ needs;
+  xtx       Σ xᵀx over tokens (in × in; float32 above 1,448 channels): the second moment the whitened objective
+            ‖(W−Ŵ)Xᵀ‖ needs — one tensor for the sites fed by one input (q, k, v), and for a wide-input site
+            whose rule needs no more, its output moment Σ yᵀy instead (stats.SiteStats, output form);
   abs_mean  mean |x| per input channel (ASVD's channel scale);
   tokens    how many token rows were seen;
   cross     with `reference=` (the dense original): Σ xᵀx̃ between the reference's input x and this model's
