@@ -294,3 +294,22 @@ def test_large_sites_factorise_in_float32_to_the_same_answer(shape, monkeypatch)
         # the same calibration objective to float32 precision
         e_got, e_want = objective(W.double(), got, x), objective(W.double(), want, x)
         assert e_got == pytest.approx(e_want, rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(20, 32), (32, 20)])
+def test_report_weighted_error_from_the_energies_equals_the_product(shape):
+    """The report's weighted error of a whitened-SVD site comes from the factorisation's energies and the Frobenius
+    error (no out × in² product), and equals the direct tr(Δ C Δᵀ) / tr(W C Wᵀ) at any damping."""
+    W = torch.randn(*shape, dtype=torch.float64)
+    x = correlated(300, shape[1])
+    st = stats_of(x)
+    for damping in (0.0, 1e-2, 0.3):
+        m = LowRank.from_dense(W, None, LowRankConfig(rank=6, init="whitened_svd", damping=damping), st)
+        rel = float(torch.linalg.norm(W - m.to_dense()) / torch.linalg.norm(W))
+        fast = whiten._from_energy(m, W, st, rel)
+        assert fast is not None
+        assert fast == pytest.approx(whiten.weighted_error(W, m.to_dense(), st.cov), rel=1e-4)
+        assert whiten.site_quality(m, W, st, rel_err=rel)["weighted_error"] == fast
+    m.energy_total = "planted"  # a factor-cache entry is untrusted: the slow way then
+    assert whiten._from_energy(m, W, st, rel) is None
+    assert whiten.site_quality(m, W, st, rel_err=rel)["weighted_error"] > 0

@@ -15,6 +15,7 @@ The inits accept a SiteStats (for the cross moment) or a bare second-moment tens
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple, Optional
 
@@ -231,20 +232,26 @@ def _kept(energy: Tensor, rank: int) -> float:
     return float(energy[:rank].sum()) / tot if tot > 0 else 1.0
 
 
-def whitened_svd(W: Tensor, cov, rank: int, damping: float = 1e-2) -> tuple[Tensor, Tensor, float]:
-    """SVD-LLM: Ŵ = trunc_r(T) L⁻¹ (T = W L, or W K L⁻ᵀ with a cross moment), as U V balanced, float64
-    (`whitened_basis`). `cov`: a SiteStats or the second moment C. kept energy is the fraction of ‖T‖² the rank
-    keeps."""
+def whitened_factors(W: Tensor, cov, rank: int, damping: float = 1e-2) -> tuple[Tensor, Tensor, float, float]:
+    """`whitened_svd` and the whitened energy in all (tr(W C Wᵀ) at this damping, or the target's ‖T‖² with a
+    cross moment), from which the report's weighted error follows without another product."""
     from .spill import take
 
     got = take(getattr(cov, "spilled", None), W, damping, rank)  # the basis the allocation's curves used
     if got is not None:
         U, V, energy = got
         U, V = balance(U.to(torch.float64), V.to(torch.float64))
-        return U, V, _kept(energy, rank)
+        return U, V, _kept(energy, rank), float(energy.sum())
     b = whitened_basis(W, cov, damping)
     U, V = balance(b.A[:, :rank].to(torch.float64), b.rows(W, rank).to(torch.float64))
-    return U, V, _kept(b.energy, rank)
+    return U, V, _kept(b.energy, rank), float(b.energy.sum())
+
+
+def whitened_svd(W: Tensor, cov, rank: int, damping: float = 1e-2) -> tuple[Tensor, Tensor, float]:
+    """SVD-LLM: Ŵ = trunc_r(T) L⁻¹ (T = W L, or W K L⁻ᵀ with a cross moment), as U V balanced, float64
+    (`whitened_basis`). `cov`: a SiteStats or the second moment C. kept energy is the fraction of ‖T‖² the rank
+    keeps."""
+    return whitened_factors(W, cov, rank, damping)[:3]
 
 
 def asvd_scale(abs_mean: Tensor, alpha: float = 0.5) -> Tensor:
@@ -335,7 +342,36 @@ def spectrum_curve(weight: Tensor, stats=None, damping: float = 1e-2):
     return lambda r: tail[min(max(r, 0), len(tail) - 1)]
 
 
-def site_quality(struct, weight: Tensor, stats=None, notes: Optional[list] = None) -> dict:
+def _from_energy(struct, weight: Tensor, stats, rel_err: Optional[float]) -> Optional[float]:
+    """weighted_error of a whitened-SVD site without the out × in² product: the dropped energy is
+    tr(Δ C_d Δᵀ) = (1 − kept)·tr(W C_d Wᵀ) with C_d = C + λ·s·I (s = mean diag C), so
+    tr(Δ C Δᵀ) / tr(W C Wᵀ) = ((1 − kept)·total − λ s ‖Δ‖²) / (total − λ s ‖W‖²), ‖Δ‖ = rel_err·‖W‖. None when
+    a term is missing (a cached entry from before, a cross moment, no statistics)."""
+    total, kept = getattr(struct, "energy_total", None), getattr(struct, "kept_energy", None)
+    if rel_err is None or stats is None or getattr(stats, "cross", None) is not None:
+        return None
+    # both may come from a factor-cache entry: numbers in range, or the slow way
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (total, kept)) or total <= 0:
+        return None
+    if not 0.0 <= kept <= 1.0 + 1e-9:
+        return None
+    n = max(stats.tokens, 1)
+    if getattr(stats, "output_form", False):
+        s = stats.x_sq / n / max(stats.in_features, 1)
+    elif getattr(stats, "xtx", None) is not None:
+        s = float(torch.diagonal(stats.xtx).sum()) / n / max(stats.in_features, 1)
+    else:
+        return None
+    lam = getattr(getattr(struct, "cfg", None), "damping", 0.0) * s
+    w2 = float(weight.detach().double().square().sum())
+    den = total - lam * w2
+    num = (1.0 - kept) * total - lam * (rel_err**2) * w2
+    return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
+
+
+def site_quality(
+    struct, weight: Tensor, stats=None, notes: Optional[list] = None, rel_err: Optional[float] = None
+) -> dict:
     """Report fields for a compressed site: kept (whitened) spectral energy and calibration-weighted error."""
     out = {}
     if not getattr(struct, "compressing", False):
@@ -347,7 +383,10 @@ def site_quality(struct, weight: Tensor, stats=None, notes: Optional[list] = Non
     used = getattr(struct, "init_used", cfg_init)
     if notes is not None and used != cfg_init:
         notes.append(f"init {cfg_init} without calibration statistics: used {used}")
-    if stats is not None and getattr(stats, "xtx", None) is not None:
+    fast = _from_energy(struct, weight, stats, rel_err) if used == "whitened_svd" else None
+    if fast is not None:
+        out["weighted_error"] = fast
+    elif stats is not None and getattr(stats, "xtx", None) is not None:
         with torch.no_grad():
             out["weighted_error"] = weighted_error(weight, struct.to_dense(), stats.cov)
     elif getattr(stats, "output_form", False) and used == "whitened_svd" and hasattr(struct, "U"):

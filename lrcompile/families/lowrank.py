@@ -155,8 +155,9 @@ class LowRank(Structure):
         if init in cfg.ACTIVATION_AWARE and stats is None:
             warnings.warn(f"lrcompile: {where}: lowrank init {init!r} has {why}; using plain svd", stacklevel=3)
             init = "svd"
+        total = None
         if init == "whitened_svd":
-            U, V, kept = whiten.whitened_svd(weight, stats, cfg.rank, cfg.damping)
+            U, V, kept, total = whiten.whitened_factors(weight, stats, cfg.rank, cfg.damping)
         elif init == "asvd":
             U, V, kept = whiten.asvd(weight, stats.abs_mean, cfg.rank, cfg.asvd_alpha)
         else:
@@ -178,6 +179,8 @@ class LowRank(Structure):
             m.U.copy_(U)
             m.V.copy_(V)
         m.kept_energy = kept  # fraction of the (whitened) spectrum's energy the rank keeps: for the report
+        if total is not None and not cfg.compensate:
+            m.energy_total = total  # tr(W C Wᵀ) at the factorisation's damping: the report's weighted error from it
         m.init_used = init
         m.svd_algorithm = algorithm  # 'exact' / 'randomized' for plain svd (lrcompile.svd); None otherwise
         return m
@@ -185,6 +188,10 @@ class LowRank(Structure):
     @staticmethod
     def functional(x, weight, bias, U, V):
         return F.linear(F.linear(x, V), U, bias)
+
+    def to_dense(self) -> torch.Tensor:
+        """U V, built independently of `functional` (and without its in × in identity)."""
+        return self.U @ self.V
 
     @classmethod
     def param_count(cls, in_features, out_features, cfg) -> int:

@@ -133,7 +133,7 @@ def rel_error(struct: Structure, weight: torch.Tensor) -> float:
 
 
 # What `from_dense` leaves on a structure for the report; kept in the factor cache beside the tensors.
-FACTOR_STATS = ("kept_energy", "init_used", "svd_algorithm")
+FACTOR_STATS = ("kept_energy", "init_used", "svd_algorithm", "energy_total")
 
 
 SITE_MARK = "<site>"  # stands for the site's label in the warnings an entry keeps (a hit may be another site)
@@ -298,7 +298,7 @@ def build(
         seconds=seconds,
         allocated_rank=decision.allocated_rank,
         svd=getattr(struct, "svd_algorithm", None),
-        **site_quality(struct, site.dense_weight, stats, notes),
+        **site_quality(struct, site.dense_weight, stats, notes, rel_err=err),
     )
 
 
