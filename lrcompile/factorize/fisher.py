@@ -292,8 +292,8 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spi
                 (e.double() * z).sum().backward(retain_graph=k + 1 < probes)
                 for fqn, (total, a) in sums.items():
                     rows[fqn].append((scale[0], total, a))
+                release()  # each pass's gradients, differently sized site to site
             del e, z
-            release()
             if bar is not None and spill is not None:
                 bar.update(1)
     finally:
