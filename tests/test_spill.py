@@ -87,3 +87,46 @@ def test_a_full_disk_keeps_the_bases_in_memory(monkeypatch):
     calls = _count(monkeypatch)
     lrcompile.rewrite(model, POLICY, (xs[0],), calibration=stats, progress=False)
     assert calls  # decomposed again, as without the directory
+
+
+class Fan(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(12, 10), nn.Linear(12, 10)
+        self.down = nn.Linear(20, 6)  # input twice its output: output-form statistics
+
+    def forward(self, x):
+        return self.down(torch.cat([torch.tanh(self.q(x)), self.k(x)], -1))
+
+
+def test_moments_wait_on_disk_during_the_passes_and_come_back_shared(monkeypatch):
+    from lrcompile.factorize import fisher
+
+    torch.manual_seed(3)
+    model = Fan()
+    xs = [torch.randn(4, 5, 12) for _ in range(2)]
+    no_curves = {**POLICY, "budget": {"params": 0.6, "allocate": "spectrum"}}  # the same statistics, no passes
+    plain = lrcompile.calibrate(model, xs, no_curves, progress=False)
+    seen = []
+    real = fisher._pooled
+    holder = {}
+
+    def spy(out, batch):
+        st = holder["stats"]
+        seen.append(all(s.xtx is None and s.yty is None for s in st.sites.values()))
+        return real(out, batch)
+
+    monkeypatch.setattr(fisher, "_pooled", spy)
+    real_measure = fisher.measure_fisher
+    monkeypatch.setattr(
+        fisher,
+        "measure_fisher",
+        lambda m, b, stats, *a, **k: holder.update(stats=stats) or real_measure(m, b, stats, *a, **k),
+    )
+    stats = lrcompile.calibrate(model, xs, POLICY, progress=False)
+    assert seen and all(seen)  # parked while the passes ran
+    assert stats.get("q").xtx is stats.get("k").xtx and stats.get("down").output_form  # back, shared again
+    for n in ("q", "k"):
+        assert torch.equal(stats.get(n).xtx, plain.get(n).xtx)
+    assert torch.equal(stats.get("down").yty, plain.get("down").yty)
+    assert not [f for f in os.listdir(stats.spill.dir) if f.startswith("parked")]

@@ -24,7 +24,7 @@ from ..capture.trace import call_model
 from ..runtime.memory import release
 from . import whiten
 from .sensitivity import _site_init, _site_weights, site_svd
-from .spill import Spill, load
+from .spill import Parked, Spill, load
 from .stats import CalibrationStats
 from .whiten import FLOAT32_ABOVE
 
@@ -272,6 +272,7 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spi
             rows[fqn].append((scale[0], total, a))
 
     gen = torch.Generator().manual_seed(seed)
+    parked = Parked(spill, stats)  # the moments wait on disk while the passes run (nothing reads them then)
     entry = _grad_entry(model, batches[0])
     if entry is None:  # nothing upstream to start gradients from: the module sites' weights carry them
         needs_grad.update(w for w, _ in params.values())
@@ -302,6 +303,7 @@ def _group(model, batches, stats, pol, params: dict, probes: int, seed: int, spi
         for p in needs_grad:
             p.requires_grad_(False)
             p.grad = None
+        parked.restore()
     if bar is not None and spill is None:
         bar.update(len(params))
     out = {}
