@@ -129,4 +129,4 @@ def test_moments_wait_on_disk_during_the_passes_and_come_back_shared(monkeypatch
     for n in ("q", "k"):
         assert torch.equal(stats.get(n).xtx, plain.get(n).xtx)
     assert torch.equal(stats.get("down").yty, plain.get("down").yty)
-    assert not [f for f in os.listdir(stats.spill.dir) if f.startswith("parked")]
+    assert not [f for f in os.listdir(stats.spill.dir) if f.startswith("parked")]  # files removed

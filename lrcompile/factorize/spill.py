@@ -105,48 +105,46 @@ def take(ref: Optional[Spilled], W: torch.Tensor, damping: float, rank: int):
 class Parked:
     """The statistics' moment matrices (XᵀX, E[yᵀy]: a third of a 1B model's size) moved to the spill directory
     while the curves' backward passes run — the bases are already decomposed, so nothing reads them then — and
-    put back afterwards, sites that shared a tensor sharing it again. `restore` is safe to call more than once."""
+    put back afterwards, sites that shared a tensor sharing it again. A file per tensor: safetensors builds a
+    file's bytes in memory. `restore` is safe to call more than once."""
 
     FIELDS = ("xtx", "yty")
 
     def __init__(self, spill: Spill, stats):
-        self.stats, self.path, self.refs = stats, None, {}
+        self.stats, self.files = stats, {}  # path -> [(fqn, field)]
         if spill is None or spill.dir is None:
             return
         from safetensors.torch import save_file
 
-        tensors: dict = {}
-        for fqn, s in stats.sites.items():
-            for field in self.FIELDS:
-                t = getattr(s, field, None)
-                if t is None:
-                    continue
-                key = f"t{id(t)}"
-                tensors.setdefault(key, t.detach().contiguous())
-                self.refs.setdefault(key, []).append((fqn, field))
-        if not tensors:
-            return
-        path = os.path.join(spill.dir, "parked-moments.safetensors")
+        done: dict[int, str] = {}
         try:
-            save_file(tensors, path)
+            for fqn, s in stats.sites.items():
+                for field in self.FIELDS:
+                    t = getattr(s, field, None)
+                    if t is None:
+                        continue
+                    path = done.get(id(t))
+                    if path is None:
+                        path = done[id(t)] = os.path.join(spill.dir, f"parked-{len(done)}.safetensors")
+                        save_file({"t": t.detach().contiguous()}, path)
+                    self.files.setdefault(path, []).append((fqn, field))
         except OSError:  # no room: they stay in memory
-            self.refs = {}
+            for path in self.files:
+                if os.path.exists(path):
+                    os.remove(path)
+            self.files = {}
             return
-        self.path = path
-        del tensors
-        for refs in self.refs.values():
+        for refs in self.files.values():
             for fqn, field in refs:
                 setattr(stats.sites[fqn], field, None)
 
     def restore(self) -> None:
-        if self.path is None:
-            return
         from safetensors import safe_open
 
-        with safe_open(self.path, framework="pt") as f:
-            for key, refs in self.refs.items():
-                t = f.get_tensor(key).clone()  # own memory, not the file's mapping
-                for fqn, field in refs:
-                    setattr(self.stats.sites[fqn], field, t)
-        os.remove(self.path)
-        self.path = None
+        for path, refs in self.files.items():
+            with safe_open(path, framework="pt") as f:
+                t = f.get_tensor("t").clone()  # own memory, not the file's mapping
+            for fqn, field in refs:
+                setattr(self.stats.sites[fqn], field, t)
+            os.remove(path)
+        self.files = {}
