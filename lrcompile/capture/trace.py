@@ -45,6 +45,13 @@ class Call:
     kwargs: dict
 
 
+def batch_items(batch) -> tuple:
+    """The values of a batch as `call_model` passes them: a dict's values, a tuple's items, or the one tensor."""
+    if isinstance(batch, dict):
+        return tuple(batch.values())
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
 def call_model(model: nn.Module, example_inputs):
     """`example_inputs` is a tuple of positional arguments, a dict of keyword arguments or a Call."""
     if isinstance(example_inputs, Call):

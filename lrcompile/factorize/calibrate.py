@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..capture.trace import Recorder, call_model, model_sites, recording
+from ..capture.trace import Recorder, batch_items, call_model, model_sites, recording
 from ..runtime.memory import release
 from .stats import FORMAT, CalibrationStats, SiteStats  # noqa: F401  (the statistics it makes)
 
@@ -165,7 +165,7 @@ def calibrate(
 
 
 def _shapes(batch) -> tuple:
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else (batch,)
+    items = batch_items(batch)
     return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in items)
 
 

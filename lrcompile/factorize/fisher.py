@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..capture.trace import call_model
+from ..capture.trace import batch_items, call_model
 from ..runtime.memory import release
 from . import whiten
 from .sensitivity import _site_init, _site_weights, site_svd
@@ -200,7 +200,7 @@ def _grad_entry(model: nn.Module, batch):
         emb = None
     if isinstance(emb, nn.Module):
         return emb
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else (batch,)
+    items = batch_items(batch)
     if any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in items):
         return "inputs"
     return None

@@ -172,6 +172,12 @@ def _descending_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     return e.flip(0).to(torch.float64).clamp_min(0), Q.flip(1)
 
 
+def _projection(M: Tensor, dt: torch.dtype) -> Basis:
+    """The out-space basis from M = W C_d Wᵀ: its eigenvectors P, Ŵ_r = P_r P_rᵀ W."""
+    e, P = _descending_eigh(M)
+    return Basis(P.to(dt), None, e, True)
+
+
 def whitened_basis(W: Tensor, stats, damping: float = 1e-2) -> Basis:
     """The SVD-LLM solution at every rank from one eigendecomposition of the smaller Gram matrix of T = W L
     (C = L Lᵀ, damped). Since trunc_r(T) L⁻¹ = P_r P_rᵀ W (P: left singular vectors of T), a site with out ≤ in
@@ -190,9 +196,7 @@ def whitened_basis(W: Tensor, stats, damping: float = 1e-2) -> Basis:
     out_f, in_f = Wd.shape
     if out_f <= in_f:
         c = damped(cov, damping).to(dt)
-        e, P = _descending_eigh(Wd @ c @ Wd.T)
-        P = P.to(dt)
-        return Basis(P, None, e, True)
+        return _projection(Wd @ c @ Wd.T, dt)
     wh = Whitener(cov, damping)
     if wh.L is not None:
         wh.L = wh.L.to(dt)
@@ -222,9 +226,7 @@ def _output_basis(W: Tensor, stats, damping: float) -> Basis:
         warnings.warn("lrcompile: calibration statistics are all zero or non-finite: plain SVD", stacklevel=3)
         P, S, Qh = torch.linalg.svd(W.detach().to(torch.float64), full_matrices=False)
         return Basis(P * S, Qh, S**2)
-    e, P = _descending_eigh(M)
-    P = P.to(dt)
-    return Basis(P, None, e, True)
+    return _projection(M, dt)
 
 
 def _kept(energy: Tensor, rank: int) -> float:
