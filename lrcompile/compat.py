@@ -319,6 +319,20 @@ def is_functorch_wrapped(t: torch.Tensor) -> bool:
     return bool(fn(t))
 
 
+def storage_identity(t: torch.Tensor) -> Optional[int]:
+    """Which storage t lives in: the same number while the storage object lives, even when it is resized to
+    another address (FSDP2 frees and refills unsharded parameters that way). Private: UntypedStorage._cdata
+    (2.11-2.14); without it, or for a tensor with no storage of its own (wrapper subclasses), its data address
+    (None when it has none)."""
+    try:
+        return t.untyped_storage()._cdata
+    except (AttributeError, RuntimeError, NotImplementedError):
+        try:
+            return t.data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return None
+
+
 def active_ddp_module() -> Optional[torch.nn.Module]:
     """The DistributedDataParallel module whose forward is being compiled, or None. Private:
     DistributedDataParallel._get_active_ddp_module (a classmethod in 2.11-2.14). Without it DDP cannot be

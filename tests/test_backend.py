@@ -11,7 +11,7 @@ from conftest import all_lowrank, compile_eager, lowered
 from torch import nn
 
 import lrcompile
-from lrcompile.families.lowrank import LowRank
+from lrcompile.families.lowrank import LowRank, LowRankConfig
 
 
 def test_full_rank_reproduces(toy):
@@ -417,6 +417,43 @@ def test_trained_factors_are_kept_when_weight_changes():
     U = m.lrcompile.U.detach().clone()
     c(x)
     torch.testing.assert_close(m.lrcompile.U.detach(), U)
+
+
+def refill_elsewhere(t: torch.Tensor, values: torch.Tensor) -> None:
+    """What FSDP2 does to an unsharded parameter around every forward: free its storage, allocate it again (here
+    at another address, the freed one held by `blocker` meanwhile) and copy the gathered values in, version
+    counter kept."""
+    s, before = t.untyped_storage(), t.data_ptr()
+    nbytes = s.nbytes()
+    s.resize_(0)
+    blocker = torch.empty(nbytes, dtype=torch.uint8)  # noqa: F841 - takes the freed address
+    s.resize_(nbytes)
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(t):
+        t.copy_(values)
+    assert t.data_ptr() != before  # the case under test: the same storage at another address
+
+
+def test_a_storage_refilled_at_another_address_is_not_a_change():
+    """Under FSDP2 the dense weight and the trained factors are refilled by all-gathers before every forward,
+    versions kept. The weight landing elsewhere while the factors did not must not look like a stale weight: a
+    refit would overwrite the trained factors with the dense weight's SVD. (Dynamo makes a compiled model's
+    storages unresizable, so this drives the feed the compiled graph calls directly.)"""
+    from lrcompile.runtime.attach import Feed
+
+    weight = nn.Parameter(torch.randn(16, 16))
+    struct = LowRank.from_dense(weight.detach(), None, LowRankConfig(rank=4))
+    feed = Feed(struct, weight, transposed=False)
+    trained = struct.U.detach() * 2
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(struct.U):
+        struct.U.copy_(trained)  # the trained factor gathered in place
+    refill_elsewhere(weight, weight.detach().clone())
+    feed.tensors()
+    torch.testing.assert_close(struct.U.detach(), trained)  # not refit
+    with torch.no_grad():
+        weight.mul_(2)  # a real change of the dense weight (its version moves): refit
+    feed.tensors()
+    u, sv, vh = torch.linalg.svd(weight.detach())
+    torch.testing.assert_close(struct.to_dense().detach(), u[:, :4] @ torch.diag(sv[:4]) @ vh[:4], atol=1e-4, rtol=1e-4)
 
 
 def test_no_policy_keeps_everything_dense(toy, tmp_path):

@@ -9,8 +9,14 @@ makes the factors stale, unless the factors' own stamp moved too: they were trai
 truth. Stale factors are refit from the current weights. A failed refit is one warning, never an error inside
 the user's forward; the feed then says `failed` and the caller runs the dense weights' function.
 
+A storage is known by its identity, not its address: FSDP2 frees every unsharded parameter's storage after the
+forward and refills the same storage (version counter preserved) before the next, often at another address.
+Were the address stamped, a dense weight that moved while its factors happened to land where they were would
+look stale, and trained factors would be overwritten by the dense weights' refit.
+
 What no stamp sees: in-place writes through `.data` (`param.data.mul_(2)`), which bypass the version counter
-and keep the storage. `lrcompile.refresh(model)` refits on demand (README, update paths).
+and keep the storage, and, under FSDP2, writes to the sharded parameters (the unsharded ones are refilled with
+their version preserved). `lrcompile.refresh(model)` refits on demand (README, update paths).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..compat import storage_identity
 from ..errors import first_line
 
 
@@ -29,7 +36,10 @@ def _version(t: torch.Tensor) -> Optional[int]:
 
 
 def stamp(tensors: Sequence[torch.Tensor]) -> tuple:
-    return tuple((id(t), _version(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors)
+    return tuple(
+        (id(t), _version(t), storage_identity(t), t.storage_offset(), t.dtype, t.device, tuple(t.shape))
+        for t in tensors
+    )
 
 
 def record(factors, sources: Sequence[torch.Tensor]) -> None:
