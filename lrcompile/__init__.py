@@ -13,7 +13,8 @@ from .lifecycle.param_groups import param_groups
 from .lifecycle.peft_format import load_adapter, save_adapter
 from .lifecycle.persist import load, save
 from .plan.rewrite import rewrite
-from .policy.rules import Policy, load_policy
+from .policy.load import load_policy
+from .policy.rules import Policy
 from .policy.typed import BLAST, BTT, NOBLE, SDPA, DoRA, FusedQKV, LoRA, LowRank, Monarch, SharedKV, VeRA
 from .runtime.refresh import refresh
 

@@ -70,7 +70,7 @@ def cmd_check(args) -> int:
 
     from .capture.trace import call_model, capture_sites
     from .plan.build import decide
-    from .policy.rules import load_policy
+    from .policy.load import load_policy
 
     if args.examples:
         return _list_examples()
@@ -170,7 +170,7 @@ def _token_counts(text: str) -> list[int]:
 
 
 def cmd_warmup(args) -> int:
-    from .policy.rules import load_policy
+    from .policy.load import load_policy
     from .tune import warmup
 
     tokens = _token_counts(args.shapes) if args.shapes else None

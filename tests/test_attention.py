@@ -16,7 +16,7 @@ from lrcompile.attention.factors import SharedBasis, StackedStructure
 from lrcompile.backend import lrcompile_backend
 from lrcompile.families import FAMILIES
 from lrcompile.policy import examples
-from lrcompile.policy.rules import load_policy
+from lrcompile.policy.load import load_policy
 
 transformers = pytest.importorskip("transformers")
 

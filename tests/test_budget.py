@@ -9,7 +9,7 @@ from torch import nn
 
 from lrcompile.factorize.calibrate import CalibrationStats, SiteStats
 from lrcompile.policy import budget as B
-from lrcompile.policy.rules import load_policy
+from lrcompile.policy.load import load_policy
 
 
 def weight(out_f, in_f, decay, seed):

@@ -240,7 +240,7 @@ SENS_POLICY = {
 
 
 def test_sensitivity_curves_are_measured_round_trip_and_drive_the_budget(tmp_path):
-    from lrcompile.factorize.calibrate import module_sites
+    from lrcompile.capture.modules import site_weights
     from lrcompile.factorize.sensitivity import factorised
     from lrcompile.lifecycle.heal import loss_of
     from lrcompile.policy import budget as B
@@ -266,7 +266,7 @@ def test_sensitivity_curves_are_measured_round_trip_and_drive_the_budget(tmp_pat
     back = CalibrationStats.load(p)
     assert back.sensitivity == st.sensitivity and back.digest() == st.digest()
     # the budget reads them: make "a" look catastrophic at every rank and it stays dense
-    from lrcompile.policy.rules import load_policy
+    from lrcompile.policy.load import load_policy
 
     pol = load_policy({**SENS_POLICY, "budget": {"params": 0.9, "allocate": "sensitivity"}})
     back.sensitivity = {"a": {1: 9.0, 3: 9.0}, "inner.b": {1: 0.01, 2: 0.0}}
@@ -277,7 +277,7 @@ def test_sensitivity_curves_are_measured_round_trip_and_drive_the_budget(tmp_pat
     from lrcompile.errors import PlanError
 
     with pytest.raises(PlanError, match="allocate: sensitivity needs calibration statistics"):
-        B.plan_ranks(pol, module_sites(m), CalibrationStats())
+        B.plan_ranks(pol, site_weights(m), CalibrationStats())
 
 
 def test_bench_calibration_and_held_out_text_are_disjoint(monkeypatch):

@@ -152,7 +152,7 @@ def test_default_allocation_uses_the_curves_and_falls_back_to_uniform_ranks(tmp_
     """`budget: {params: F}` allocates by the statistics' Fisher curves (saved and loaded with them); without
     statistics it gives uniform ranks, and with statistics but no curves uniform ranks with a warning."""
     from lrcompile.policy import budget as B
-    from lrcompile.policy.rules import load_policy
+    from lrcompile.policy.load import load_policy
 
     torch.manual_seed(0)
     sites = [("p", torch.randn(32, 32), None), ("q", torch.randn(32, 32), None)]

@@ -12,7 +12,7 @@ import lrcompile
 from lrcompile import PlanError
 from lrcompile.factorize import svd
 from lrcompile.families import lowrank
-from lrcompile.policy.rules import load_policy
+from lrcompile.policy.load import load_policy
 
 
 def no_svd(monkeypatch):

@@ -15,7 +15,7 @@ from lrcompile.families import FAMILIES
 from lrcompile.families.blast import CHECK, EXACT, ITERS, fit_blast
 from lrcompile.families.btt import even_split
 from lrcompile.lifecycle.param_groups import param_groups
-from lrcompile.policy.rules import load_policy
+from lrcompile.policy.load import load_policy
 
 D = torch.float64
 CFGS = {"monarch": {"blocks": 3}, "btt": {"rank": 2}, "blast": {"blocks": [3, 2], "rank": 4}}

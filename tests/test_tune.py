@@ -215,7 +215,7 @@ def test_pick_honours_the_guard_and_the_noise_margin():
 
 
 def test_rule_level_guard_and_adapters_never_fall_back():
-    from lrcompile.policy.rules import load_policy
+    from lrcompile.policy.load import load_policy
 
     p = load_policy(
         {"rules": [{"match": "a", "method": "lowrank", "rank": 4, "guard": "dense"}, {"match": "*", "method": "lora"}]}
@@ -456,7 +456,7 @@ def test_when_the_dense_layer_may_be_chosen(monkeypatch, rank, guard, why):
 
 def test_guard_values_are_checked():
     from lrcompile.errors import PolicyError
-    from lrcompile.policy.rules import load_policy
+    from lrcompile.policy.load import load_policy
 
     with pytest.raises(PolicyError, match="guard must be one of 'dense', 'off', got 'never'"):
         load_policy({"defaults": {"guard": "never"}, "rules": []})

@@ -16,7 +16,8 @@ backend's name for it. Per site FQN:
 Padded positions (attention_mask == 0 in a batch dict) are left out: pad tokens are not the distribution the
 model serves, and for right-padded batches they would dominate short sentences.
 The statistics also keep the site list itself (`index`: each site's weight path and layout), so that a budget
-planned from them (`budget.plan_model`) counts the same sites without another trace.
+planned from them (`budget.plan_model`, through `capture.modules.site_weights`) counts the same sites without
+another trace.
 """
 
 from __future__ import annotations
@@ -29,51 +30,9 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..capture.trace import Recorder, batch_items, call_model, model_sites, recording
+from ..capture.trace import Recorder, batch_items, call_model, recording
 from ..runtime.memory import release
 from .stats import FORMAT, CalibrationStats, SiteStats  # noqa: F401  (the statistics it makes)
-
-
-def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """nn.Linear and HF Conv1D modules by path (a module reachable twice is one site, under its first name): the
-    site list of last resort, for a budget with neither example inputs nor indexed statistics."""
-    from ..families import Structure
-
-    found = {}
-    for name, m in model.named_modules():
-        if isinstance(m, Structure):
-            continue  # installed by lrcompile: never a site for another rewrite
-        if isinstance(m, nn.Linear) or (
-            type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2
-        ):
-            found[name] = m
-    return found
-
-
-def module_sites(
-    model: nn.Module, example_inputs=None, stats: Optional[CalibrationStats] = None, *, nested: bool = False
-) -> list[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
-    """(fqn, dense weight (out, in), bias) of every linear site of `model` as the backend enumerates and names them
-    (nn.Linear, Conv1D and functional sites): from the site list of `stats` (`calibrate` records it), else a
-    trace of `model(example_inputs)` (`nested`: from inside a backend call). With neither, only nn.Linear /
-    Conv1D modules can be listed — functional sites are then missing, and a warning says so."""
-    got = stats.site_list(model) if stats is not None else None
-    if got is not None:
-        return got
-    if example_inputs is not None:
-        return [(s.fqn, s.dense_weight, s.bias) for s in model_sites(model, example_inputs, nested=nested)]
-    mods = _linear_modules(model)
-    if any(p.dim() == 2 and not any(p is m.weight for m in mods.values()) for p in model.parameters()):
-        warnings.warn(
-            "lrcompile: sites listed from nn.Linear / Conv1D modules only (no example inputs or indexed "
-            "calibration statistics to trace the model with): functional sites are left out",
-            stacklevel=2,
-        )
-    return [
-        (name, m.weight if isinstance(m, nn.Linear) else m.weight.T, getattr(m, "bias", None))
-        for name, m in mods.items()
-    ]
-
 
 # inits whose factorisation needs of the input moment only W C Wᵀ (whitened SVD), |x| (ASVD) or nothing (SVD)
 _OUTPUT_FORM_INITS = ("whitened_svd", "asvd", "svd")
@@ -144,7 +103,7 @@ def calibrate(
     the first `sensitivity_batches` batches); one with the default `allocate: fisher` gets first-order estimates
     of the same curves from `fisher_probes` backward passes per batch (`fisher.measure_fisher`, every batch)."""
     from ..policy.budget import allocator
-    from ..policy.rules import load_policy
+    from ..policy.load import load_policy
 
     pol = load_policy(policy)
     batches = batches if hasattr(batches, "__len__") else list(batches)

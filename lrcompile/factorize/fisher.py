@@ -77,7 +77,7 @@ def measure_fisher(
     Without room on disk it falls back to groups."""
     from tqdm.auto import tqdm
 
-    from ..policy.rules import load_policy
+    from ..policy.load import load_policy
 
     pol = load_policy(policy)
     batches = list(batches)

@@ -69,7 +69,7 @@ def measure_sensitivity(
     from tqdm.auto import tqdm
 
     from ..lifecycle.heal import _hidden, loss_of
-    from ..policy.rules import load_policy
+    from ..policy.load import load_policy
 
     pol = load_policy(policy)
     batches = list(batches)

@@ -86,7 +86,7 @@ def load_compressed(directory: str):
 def block_lists(model: nn.Module) -> list[str]:
     """Paths of the model's stacks of repeated blocks holding linears (an encoder's layers; an encoder-decoder's
     two stacks): every nn.ModuleList of ≥ 2 elements of one class, outside any list already found."""
-    from ..factorize.calibrate import _linear_modules
+    from ..capture.modules import linear_modules
 
     found = []
     for name, mod in model.named_modules():
@@ -94,7 +94,7 @@ def block_lists(model: nn.Module) -> list[str]:
             continue
         if any(name.startswith(f + ".") for f in found):
             continue
-        if _linear_modules(mod):
+        if linear_modules(mod):
             found.append(name)
     return found
 

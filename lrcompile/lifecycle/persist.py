@@ -254,7 +254,7 @@ def _check_size(directory: str, entry: dict, params: int, in_f: int, out_f: int)
 def _check_policy(plan: dict, policy, plan_path: str) -> None:
     import warnings
 
-    from ..policy.rules import load_policy
+    from ..policy.load import load_policy
 
     pol = load_policy(policy)
     saved = plan.get("policies") or []

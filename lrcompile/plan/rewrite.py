@@ -27,7 +27,7 @@ from ..experts.install import expert_names, install_experts
 from ..factorize.stats import as_stats
 from ..families import Structure
 from ..mha.install import install_mha
-from ..policy.rules import load_policy
+from ..policy.load import load_policy
 from ..runtime import attach as store
 from ..runtime.memory import release
 from .build import TIE_NOTE, build, decide, tie_broken

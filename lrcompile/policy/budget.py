@@ -387,12 +387,12 @@ def plan_model(
     """`plan_ranks` over every linear site of `model` as the backend enumerates and names them — nn.Linear, Conv1D
     and functional sites: the one site list that the backend (once per session), `rewrite` and `calibrate` share,
     so all give the same ranks. `sites`: the sites already captured (Site objects, e.g. `rewrite`'s); else the
-    list `calibrate` recorded in `stats`, else a trace of `model(example_inputs)` (calibrate.module_sites)."""
+    list `calibrate` recorded in `stats`, else a trace of `model(example_inputs)` (capture.modules.site_weights)."""
+    from ..capture.modules import site_weights
     from ..capture.trace import linear_sites
-    from ..factorize.calibrate import module_sites
 
     if sites is not None:
         listed = [(s.fqn, s.dense_weight, s.bias) for s in linear_sites(sites)]
     else:
-        listed = module_sites(model, example_inputs, stats, nested=nested)
+        listed = site_weights(model, example_inputs, stats, nested=nested)
     return plan_ranks(policy, listed, stats, errors)

@@ -246,6 +246,3 @@ def nested_repeat(pattern: str) -> bool:
         return walk(sre_parse.parse(pattern), False)
     except Exception:  # noqa: BLE001 - re.compile already accepted it; be conservative
         return False
-
-
-from .load import load_policy  # noqa: E402, F401  (the loader builds on the rules above; re-exported)

@@ -20,7 +20,8 @@ from torch import nn
 from ..families import Structure
 from ..options import Options
 from ..plan.report import Report
-from ..policy.rules import Policy, load_policy
+from ..policy.load import load_policy
+from ..policy.rules import Policy
 
 
 class Session:
