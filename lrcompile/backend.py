@@ -21,7 +21,7 @@ from .lifecycle.distributed import check_new_factors
 from .options import Options
 from .passes.rewrite import rewrite_graph
 from .plan import coverage
-from .plan.graph import plan_graph
+from .plan.graph import plan_graph, report_structures
 from .runtime.instances import Instances, Runner
 from .runtime.session import plan_budget, session_for
 
@@ -67,6 +67,7 @@ def lrcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
     claimed = attention.claimed_ids(plans)
     linear = [s for s in sites if s.kind == "linear" and id(s) not in claimed]
     chosen, feeds = plan_graph(linear, session, model, f_locals, tune=opts.tune)
+    report_structures(gm, session, root, f_locals, prefix)
     by_struct = {id(struct): (site, rel[id(site)]) for site, struct, _ in chosen}
     attn_feeds = []
     if plans:

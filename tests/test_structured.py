@@ -624,3 +624,31 @@ def test_btt_eager_row_tiles_match_one_pass(monkeypatch, in_f, out_f, t):
     tiles.clear()
     btt.btt_matmul(x.requires_grad_(), w1, w2, bias, out_f).sum().backward()
     assert tiles == [201] and x.grad is not None
+
+
+def test_a_no_policy_compile_reports_every_installed_structure(tmp_path):
+    """Monarch / BTT / BLAST compute with batched block products, not a linear call: after `rewrite`, a compile
+    without a policy still lists them (installed, their own parameter counts) beside the low-rank site."""
+    import json
+
+    from conftest import structures
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(*[torch.nn.Linear(24, 24) for _ in range(4)])
+    rules = [{"match": str(i), "method": k, **CFGS[k]} for i, k in enumerate(("monarch", "btt", "blast"))]
+    pol = {"defaults": {"min_features": 0}, "rules": [*rules, {"match": "3", "method": "lowrank", "rank": 4}]}
+    x = torch.randn(5, 24)
+    lrcompile.rewrite(m, pol, (x,), progress=False)
+    assert structures(m) == {"0": "Monarch", "1": "BTT", "2": "Blast", "3": "LowRank"}
+    rep = tmp_path / "r.json"
+    out = compile_eager(m, report=str(rep))(x)
+    torch.testing.assert_close(out, m(x))
+    rows = {r["fqn"]: r for r in json.loads(rep.read_text())["sites"]}
+    assert {f: (r["method"], r["status"]) for f, r in rows.items()} == {
+        "0": ("monarch", "installed"),
+        "1": ("btt", "installed"),
+        "2": ("blast", "installed"),
+        "3": ("lowrank", "installed"),
+    }
+    for f, r in rows.items():
+        assert r["params_after"] == m.get_submodule(f).params() < r["params_before"] == 24 * 24 + 24, f

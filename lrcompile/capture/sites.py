@@ -106,6 +106,19 @@ def innermost_module(node: fx.Node) -> tuple[Optional[str], Optional[type]]:
     return path, mtype
 
 
+def installed_modules(gm: fx.GraphModule) -> dict[str, type]:
+    """{module expression: class} of the lrcompile structures whose forward is in the graph (the outermost one
+    in each node's module stack). A structured family (Monarch, BTT, BLAST) computes with batched block products,
+    not a linear call a site is found by; the report still owes the user its row."""
+    found: dict[str, type] = {}
+    for node in gm.graph.nodes:
+        for path, mtype in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(mtype, type) and issubclass(mtype, Structure):
+                found.setdefault(path, mtype)
+                break
+    return found
+
+
 def _placeholder_tensor(node, real: dict) -> Optional[torch.Tensor]:
     """The tensor a placeholder stands for: the backend's example input, unless that is a fake tensor and the
     grapharg still holds the real one (DDPOptimizer compiles its split subgraphs with fake inputs; a

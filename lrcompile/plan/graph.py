@@ -12,8 +12,9 @@ import warnings
 import weakref
 from typing import Optional
 
+from ..capture.names import eval_root, strip_root
 from ..capture.resolve import site_module
-from ..capture.sites import Site
+from ..capture.sites import Site, installed_modules
 from ..families import FAMILIES, Structure
 from ..lifecycle.distributed import check_new_factors
 from ..runtime import attach as store
@@ -165,10 +166,31 @@ def keep_factors(site: Site, struct: Structure, module, session: Session, row: S
 def report_installed(site: Site, session: Session, root, f_locals, module=None) -> None:
     if module is None:
         module = site_module(site, root, f_locals) if root is not None else None
-    if not isinstance(module, Structure):
-        return  # an lrcompile parameter used functionally: its owner module reports it
-    row = SiteRow(
-        fqn=site.fqn,
+    if isinstance(module, Structure):  # else an lrcompile parameter used functionally: its owner module reports it
+        session.report.add(installed_row(site.fqn, module))
+
+
+def report_structures(gm, session: Session, root, f_locals, prefix: str) -> None:
+    """Rows for the installed structures of this graph that no linear site stood for (capture.installed_modules)."""
+    if root is None:
+        return
+    for expr in installed_modules(gm):
+        rel = strip_root(expr)
+        fqn = prefix + rel if rel else prefix[:-1]
+        if ("linear", fqn) in session.report.rows:
+            continue
+        base = eval_root(expr, f_locals) if f_locals is not None else root
+        try:
+            module = base.get_submodule(rel) if rel else base
+        except (AttributeError, TypeError):
+            continue
+        if isinstance(module, Structure):
+            session.report.add(installed_row(fqn, module))
+
+
+def installed_row(fqn: str, module: Structure) -> SiteRow:
+    return SiteRow(
+        fqn=fqn,
         kind="linear",
         method=module.name,
         status="installed",
@@ -182,4 +204,3 @@ def report_installed(site: Site, session: Session, root, f_locals, module=None) 
         flops_after=module.flops_per_token(module.in_features, module.out_features, module.cfg),
         reason="installed by lrcompile.rewrite/load",
     )
-    session.report.add(row)
