@@ -151,9 +151,11 @@ def spy_launches(monkeypatch) -> list:
     return seen
 
 
-def tiny_hf(kind: str, width: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int, tokens: int):
+def tiny_hf(
+    kind: str, width: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int, tokens: int, bare=False
+):
     """(model in eval mode, inputs) for a random-weight HF BERT / GPT-2 / Llama built from a config; inputs are
-    a (2, tokens) batch (BERT also gets an all-ones attention mask)."""
+    a (2, tokens) batch (BERT also gets an all-ones attention mask). `bare`: a Llama without its LM head."""
     import transformers
 
     ids = {"input_ids": torch.randint(0, vocab, (2, tokens))}
@@ -179,7 +181,7 @@ def tiny_hf(kind: str, width: int, inter: int, layers: int, heads: int, kv_heads
         num_key_value_heads=kv_heads,
         max_position_embeddings=64,
     )
-    return transformers.LlamaForCausalLM(cfg).eval(), ids
+    return (transformers.LlamaModel if bare else transformers.LlamaForCausalLM)(cfg).eval(), ids
 
 
 def hf_output(out) -> torch.Tensor:

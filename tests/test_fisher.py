@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_hf
 from torch import nn
 
 from lrcompile.factorize.fisher import measure_fisher
@@ -248,21 +249,12 @@ def test_spilled_bases_give_the_same_curves_in_one_set_of_passes(monkeypatch):
 def test_gradients_start_at_the_input_embeddings_with_the_same_curves(monkeypatch):
     """An HF model: the passes start gradients at the input embeddings' output, computing no weight gradient,
     and get the curves that gradients through every site weight give."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import lrcompile
     from lrcompile.factorize import fisher
 
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=50,
-        max_position_embeddings=32,
-    )
     torch.manual_seed(0)
-    model = transformers.LlamaModel(cfg).eval()
+    model, _ = tiny_hf("llama", width=32, inter=64, layers=1, heads=4, kv_heads=4, vocab=50, tokens=6, bare=True)
     gen = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 50, (2, 6), generator=gen)} for _ in range(2)]
     pol = {

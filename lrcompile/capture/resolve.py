@@ -40,14 +40,20 @@ def _weight_source_name(site: Site) -> Optional[str]:
 
 def site_module(site: Site, root: nn.Module, f_locals: Optional[dict]) -> Optional[nn.Module]:
     """The module whose forward makes the site's call (the root itself for a call made at the root)."""
+    if site.module_expr is not None:
+        return module_at(site.module_expr, root, f_locals)
     try:
-        if site.module_expr is not None:
-            base = eval_root(site.module_expr, f_locals) if f_locals is not None else root
-            path = strip_root(site.module_expr)
-        else:
-            name = _weight_source_name(site)
-            base = eval_root(name, f_locals) if (name and f_locals is not None) else root
-            path = ""
+        name = _weight_source_name(site)
+        return eval_root(name, f_locals) if (name and f_locals is not None) else root
+    except Exception:
+        return None
+
+
+def module_at(expr: str, root: nn.Module, f_locals: Optional[dict]) -> Optional[nn.Module]:
+    """The module Dynamo's module expression `expr` names (resolved in the frame's locals), or None."""
+    try:
+        base = eval_root(expr, f_locals) if f_locals is not None else root
+        path = strip_root(expr)
         return base.get_submodule(path) if path else base
     except Exception:
         return None
@@ -100,9 +106,14 @@ def relative_names(site: Site) -> tuple:
 def prefixed(site: Site, prefix: str) -> Site:
     return dataclasses.replace(
         site,
-        fqn=prefix + site.fqn if site.fqn else prefix[:-1],
+        fqn=prefixed_name(site.fqn, prefix),
         weight_path=prefix + site.weight_path if site.weight_path else None,
     )
+
+
+def prefixed_name(fqn: str, prefix: str) -> str:
+    """A name relative to the frame's module, in the compiled model (`prefix`: the frame module's path + '.')."""
+    return prefix + fqn if fqn else prefix[:-1]
 
 
 def remapped(site: Site, vm: dict) -> Site:

@@ -12,8 +12,8 @@ import warnings
 import weakref
 from typing import Optional
 
-from ..capture.names import eval_root, strip_root
-from ..capture.resolve import site_module
+from ..capture.names import strip_root
+from ..capture.resolve import module_at, prefixed_name, site_module
 from ..capture.sites import Site, installed_modules
 from ..families import FAMILIES, Structure
 from ..lifecycle.distributed import check_new_factors
@@ -175,15 +175,8 @@ def report_structures(gm, session: Session, root, f_locals, prefix: str) -> None
     if root is None:
         return
     for expr in installed_modules(gm):
-        rel = strip_root(expr)
-        fqn = prefix + rel if rel else prefix[:-1]
-        if ("linear", fqn) in session.report.rows:
-            continue
-        base = eval_root(expr, f_locals) if f_locals is not None else root
-        try:
-            module = base.get_submodule(rel) if rel else base
-        except (AttributeError, TypeError):
-            continue
+        fqn = prefixed_name(strip_root(expr), prefix)
+        module = module_at(expr, root, f_locals) if ("linear", fqn) not in session.report.rows else None
         if isinstance(module, Structure):
             session.report.add(installed_row(fqn, module))
 
